@@ -1,0 +1,81 @@
+# finqa-trl — every command a user runs. `make help` lists them.
+SHELL := /bin/bash
+
+# The virtual environment every target runs in; `make VENV= ...` uses the current python instead.
+VENV ?= .venv
+# torch is installed first and on its own: a bare `torch` requirement can pull a build that does not
+# fit the machine. 2.13.0 is the CUDA build on Linux/PyPI and the CPU build where a local CPU wheel
+# is configured; override with e.g. TORCH="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128".
+TORCH ?= torch==2.13.0
+
+RECIPE ?= smoke
+ACCELERATE_CONFIG ?= single_gpu
+NUM_GPUS ?= 1
+SPLIT ?= test
+OUTPUT_DIR ?= outputs/$(RECIPE)
+ARGS ?=
+EVAL_ARGS ?=
+
+ifeq ($(strip $(VENV)),)
+PY := python
+STAMP :=
+else
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+endif
+
+.PHONY: help install demo test lint data recipes train eval merge report bench clean
+
+help:
+	@echo "make demo                      train the smoke recipe on the bundled fixture, evaluate, print metrics (CPU, offline)"
+	@echo "make test                      lint + unit/integration tests"
+	@echo "make data [FINQA_DIR=data/finqa]   download + verify the official FinQA splits"
+	@echo "make recipes                   list the training recipes"
+	@echo "make train RECIPE=qdora-3b [ACCELERATE_CONFIG=deepspeed_zero3] [NUM_GPUS=2] [ARGS='--learning_rate 5e-5']"
+	@echo "make eval RECIPE=qdora-3b [SPLIT=test] [EVAL_ARGS='--batch_size 64']"
+	@echo "make merge RECIPE=qdora-3b     merge the adapter into a standalone bf16 model"
+	@echo "make report                    results table (markdown) + bar chart from outputs/*/metrics_*.json"
+
+install: $(STAMP)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m ruff check finqa_trl tests
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check finqa_trl tests
+
+data: $(STAMP)
+	$(PY) -m finqa_trl.data download --dir $(or $(FINQA_DIR),data/finqa)
+
+recipes: $(STAMP)
+	@$(PY) -m finqa_trl.recipes list
+
+train: $(STAMP)
+	@$(PY) -m finqa_trl.recipes check $(RECIPE)
+	$(PY) -m accelerate.commands.launch --config_file accelerate_configs/$(ACCELERATE_CONFIG).yaml \
+	  --num_processes $(NUM_GPUS) -m finqa_trl.train --config recipes/$(RECIPE).yaml \
+	  --output_dir $(OUTPUT_DIR) $(ARGS)
+
+eval: $(STAMP)
+	$(PY) -m finqa_trl.predict --model $(OUTPUT_DIR) --split $(SPLIT) $(EVAL_ARGS)
+
+merge: $(STAMP)
+	$(PY) -m finqa_trl.merge $(OUTPUT_DIR) --output $(OUTPUT_DIR)/merged
+
+report: $(STAMP)
+	$(PY) -m finqa_trl.report
+
+demo: $(STAMP)
+	$(PY) -m finqa_trl.train --config recipes/smoke.yaml --output_dir outputs/demo
+	$(PY) -m finqa_trl.predict --model outputs/demo --split test
+
+clean:
+	rm -rf outputs/demo .pytest_cache .ruff_cache
