@@ -32,3 +32,26 @@ def sample_dir() -> Path:
     if SAMPLE_DIR is None:
         pytest.skip("real FinQA sample not available (set FINQA_SAMPLE_DIR)")
     return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """The Llama 3 tokenizer (with its chat template), loaded offline from TOKENIZER_DIR.
+
+    The folder ships tokenizer.json xz-compressed; it is decompressed once per session into a temp dir.
+    """
+    if TOKENIZER_DIR is None:
+        pytest.skip("Llama 3 tokenizer not available (set LLAMA3_TOKENIZER_DIR)")
+    import lzma
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("llama3-tokenizer")
+    for src in TOKENIZER_DIR.iterdir():
+        if src.name.endswith(".json.xz"):
+            with lzma.open(src) as fin, (out / src.name[: -len(".xz")]).open("wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        elif src.suffix == ".json":
+            shutil.copy(src, out / src.name)
+    return AutoTokenizer.from_pretrained(out)
