@@ -32,6 +32,7 @@ help:
 	@echo "make data [FINQA_DIR=data/finqa]   download + verify the official FinQA splits"
 	@echo "make recipes                   list the training recipes"
 	@echo "make train RECIPE=qdora-3b [ACCELERATE_CONFIG=deepspeed_zero3] [NUM_GPUS=2] [ARGS='--learning_rate 5e-5']"
+	@echo "                               (CPU, two processes: ACCELERATE_CONFIG=cpu_ddp NUM_GPUS=2)"
 	@echo "make eval RECIPE=qdora-3b [SPLIT=test] [EVAL_ARGS='--batch_size 64']"
 	@echo "make merge RECIPE=qdora-3b     merge the adapter into a standalone bf16 model"
 	@echo "make report                    results table (markdown) + bar chart from outputs/*/metrics_*.json"

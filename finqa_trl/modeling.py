@@ -1,0 +1,553 @@
+"""One place to load a tokenizer + causal LM, shared by training and inference.
+
+A model source is one of
+  * a Hub id (`meta-llama/Llama-3.2-1B-Instruct`),
+  * a local directory written by `save_pretrained` (a base model, or a merged fine-tune),
+  * a local `.gguf` file (or a directory/Hub id plus `gguf_file=`), loaded *dequantized* so the result can be
+    trained and saved like any other model (for 4-bit loading it is dequantized once into the cache first),
+  * `builtin:smoke-llama`: a tiny Llama built offline (random weights, BPE tokenizer trained on the bundled
+    fixture) for CPU tests and the demo. It is built once into the cache and then loaded like a local model.
+
+Padding: Llama 3 models pad with `<|finetune_right_pad_id|>` (id 128004), never with the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # keep `import finqa_trl.modeling` cheap; torch/transformers load on first use
+    import torch
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+SMOKE_MODEL = "builtin:smoke-llama"
+# Bump when the smoke architecture/tokenizer recipe changes: the cached copy is rebuilt.
+_SMOKE_VERSION = 1
+_SMOKE_VOCAB = 2048
+
+# End-of-turn tokens of the chat templates we know, most specific first.
+_END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+# Llama 3.1/3.2 reserve id 128004 for padding; older Llama 3 tokenizer files call it reserved_special_token_2.
+_LLAMA3_PAD = "<|finetune_right_pad_id|>"
+_LLAMA3_PAD_ID = 128004
+
+# The plain Llama 3 chat template (the one Llama-3-Instruct ships, without 3.1's date/tool system block).
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+_LLAMA3_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    _LLAMA3_PAD,
+)
+# Llama 3's pre-tokenizer split: contractions, words, 1-3 digit groups, punctuation runs, newlines, spaces.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# FinQA's program vocabulary, so that every operation is one token in the smoke tokenizer.
+_PROGRAM_WORDS = (
+    "add subtract multiply divide exp greater table_sum table_average table_max table_min "
+    "const_1 const_2 const_3 const_4 const_5 const_10 const_100 const_1000 const_10000 const_100000 "
+    "const_1000000 const_10000000 const_1000000000 const_m1 #0 #1 #2 #3 #4 #5 none yes no"
+)
+
+
+class ModelError(Exception):
+    """A model source or precision request that cannot work here; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights and tokenizer come from. `path` is what `from_pretrained` gets."""
+
+    kind: str  # "hub" | "local" | "gguf" | "smoke"
+    path: str
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.gguf_file})" if self.gguf_file else self.path
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def cache_dir() -> Path:
+    """`$FINQA_TRL_CACHE`, else `$XDG_CACHE_HOME/finqa-trl`, else `~/.cache/finqa-trl`."""
+    if os.environ.get("FINQA_TRL_CACHE"):
+        return Path(os.environ["FINQA_TRL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "finqa-trl"
+
+
+def resolve_source(name_or_path: str, gguf_file: str | None = None) -> ModelSource:
+    """Classify `name_or_path`. A `.gguf` path, or any source plus `gguf_file`, is a GGUF source."""
+    if not name_or_path:
+        raise ModelError("no model given: set model_name_or_path in the recipe or pass --model_name_or_path")
+    if name_or_path == SMOKE_MODEL:
+        return ModelSource("smoke", str(build_smoke_model()))
+    path = Path(name_or_path).expanduser()
+    if gguf_file is None and name_or_path.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {name_or_path}")
+        return ModelSource("gguf", str(path.resolve().parent), path.name)
+    if gguf_file is not None:
+        return ModelSource("gguf", str(path.resolve()) if path.is_dir() else name_or_path, gguf_file)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{name_or_path} is a directory without config.json: not a saved model")
+        return ModelSource("local", str(path.resolve()))
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelError(f"model path not found: {name_or_path}")
+    return ModelSource("hub", name_or_path)
+
+
+# ----------------------------------------------------------------------------------------------- precision
+
+
+def bf16_supported() -> bool:
+    """True where bf16 training runs natively (an Ampere+ CUDA GPU, or XPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
+def default_dtype() -> torch.dtype:
+    import torch
+
+    return torch.bfloat16 if bf16_supported() else torch.float32
+
+
+def to_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
+    """'bfloat16' -> torch.bfloat16; 'auto'/None pass through."""
+    import torch
+
+    if name is None or name == "auto" or isinstance(name, torch.dtype):
+        return name
+    try:
+        dtype = getattr(torch, name)
+    except AttributeError:
+        raise ModelError(f"unknown dtype {name!r}: use bfloat16, float16, float32 or auto") from None
+    if not isinstance(dtype, torch.dtype):
+        raise ModelError(f"unknown dtype {name!r}: use bfloat16, float16, float32 or auto")
+    return dtype
+
+
+def check_4bit_supported() -> None:
+    """Raise ModelError (one line) unless bitsandbytes can run 4-bit layers on a device present here."""
+    import importlib
+
+    try:
+        bnb = importlib.import_module("bitsandbytes")
+    except Exception as err:  # ImportError, or a broken CUDA setup raising at import time
+        raise ModelError(
+            f"4-bit loading (QLoRA/QDoRA) needs bitsandbytes, which cannot be imported here ({err}); "
+            "pick a lora/dora recipe or install bitsandbytes"
+        ) from None
+    import torch
+
+    devices = {"cpu"}
+    if torch.cuda.is_available():
+        devices.add("cuda")
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        devices.add("xpu")
+    if torch.backends.mps.is_available():
+        devices.add("mps")
+    supported = set(getattr(bnb, "supported_torch_devices", ()))
+    if not devices & supported:
+        raise ModelError(
+            f"4-bit loading (QLoRA/QDoRA) needs a device bitsandbytes {getattr(bnb, '__version__', '?')} "
+            f"supports ({', '.join(sorted(supported)) or 'none'}); "
+            f"this machine has {', '.join(sorted(devices))}. Pick a lora/dora recipe"
+        )
+
+
+def bnb_4bit_config(
+    compute_dtype: torch.dtype,
+    storage_dtype: torch.dtype | None = None,
+    double_quant: bool = True,
+    quant_type: str = "nf4",
+) -> BitsAndBytesConfig:
+    """NF4 + double quantization. A float `storage_dtype` (bf16) lets FSDP/ZeRO-3 shard the 4-bit base."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage_dtype if storage_dtype is not None else compute_dtype,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The token that closes an assistant turn: what the model must learn to emit, and generation stops on."""
+    vocab = tokenizer.get_vocab()
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    for token in _END_OF_TURN:
+        if token in vocab and (token in template or not template):
+            return token
+    return tokenizer.eos_token
+
+
+def configure_padding(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token that is not the end-of-turn/eos token.
+
+    Llama 3: `<|finetune_right_pad_id|>` (id 128004; older files name that id `<|reserved_special_token_2|>`).
+    Others: keep an existing pad that differs from eot/eos, else the first known special token that is
+    neither. As a last resort pad == eos is left as is: TRL builds the labels before padding and pads them
+    with -100, so the end-of-turn token is still trained, but a warning says so.
+    """
+    vocab = tokenizer.get_vocab()
+    eot = end_of_turn_token(tokenizer)
+    taken = {eot, tokenizer.eos_token}
+    if _LLAMA3_PAD in vocab:
+        tokenizer.pad_token = _LLAMA3_PAD
+    elif "<|eot_id|>" in vocab and len(vocab) > _LLAMA3_PAD_ID:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(_LLAMA3_PAD_ID)
+    elif tokenizer.pad_token is None or tokenizer.pad_token in taken:
+        for candidate in (
+            "<|endoftext|>",
+            "<|end_of_text|>",
+            "<pad>",
+            "<|pad|>",
+            "<unk>",
+            tokenizer.unk_token,
+        ):
+            if candidate and candidate in vocab and candidate not in taken:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            logger.warning("no pad token distinct from %s: padding with it (labels still train it)", eot)
+            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    # Right padding for training; generation code switches to left padding itself.
+    tokenizer.padding_side = "right"
+
+
+def load_tokenizer(
+    source: ModelSource, *, revision: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except OSError as err:
+        raise ModelError(f"cannot load tokenizer {source.describe()}: {_first_line(err)}") from None
+    if not tokenizer.chat_template:
+        raise ModelError(f"{source.describe()} has no chat template: use an instruct/chat model")
+    configure_padding(tokenizer)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def load_model(
+    source: ModelSource,
+    *,
+    dtype: str | torch.dtype | None = None,
+    load_in_4bit: bool = False,
+    quant_type: str = "nf4",
+    quant_storage: str | torch.dtype | None = None,
+    double_quant: bool = True,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    device_map: Any = None,
+) -> PreTrainedModel:
+    """Load a causal LM. `dtype=None` means bf16 where the hardware has it, else fp32.
+
+    With `load_in_4bit` the linear layers become NF4 (double quant) computing in `dtype`; the model's
+    other weights are loaded in `quant_storage` (default: `dtype`) so that every parameter has one float
+    dtype, which FSDP and ZeRO-3 need to shard a 4-bit base.
+    """
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    torch_dtype = to_dtype(dtype) if dtype is not None else default_dtype()
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype}
+    if revision:
+        kwargs["revision"] = revision
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if load_in_4bit:
+        check_4bit_supported()
+        if source.gguf_file:  # bitsandbytes quantizes while loading safetensors, not GGUF blocks
+            source = materialize_gguf(source)
+        compute = torch_dtype if torch_dtype != "auto" else default_dtype()
+        storage = to_dtype(quant_storage) if quant_storage else compute
+        kwargs["quantization_config"] = bnb_4bit_config(compute, storage, double_quant, quant_type)
+        kwargs["dtype"] = storage
+    if source.gguf_file:
+        # A bare gguf_file load keeps the weights packed in GGUF blocks: neither trainable nor saveable.
+        # dequantize=True unpacks into plain tensors and drops the quantizer, giving a normal model.
+        kwargs["gguf_file"] = source.gguf_file
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except OSError as err:  # gated, misspelled, or not cached while offline
+        raise ModelError(f"cannot load model {source.describe()}: {_first_line(err)}") from None
+
+
+def materialize_gguf(source: ModelSource) -> ModelSource:
+    """A GGUF source dequantized once into a safetensors directory in the cache (for 4-bit loading).
+
+    Keyed by the file's name, size and mtime; built in a temp dir and renamed into place, so concurrent
+    ranks are safe. Other sources are returned unchanged.
+    """
+    if not source.gguf_file:
+        return source
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = Path(source.path) / source.gguf_file
+    if not gguf.is_file():
+        raise ModelError(f"4-bit loading of a GGUF model needs a local file; not found: {gguf}")
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if not (dest / "config.json").is_file():
+        logger.info("dequantizing %s once into %s (for 4-bit loading)", gguf, dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=dest.parent))
+        try:
+            kwargs = {"gguf_file": source.gguf_file}
+            model = AutoModelForCausalLM.from_pretrained(  # bf16: what the 4-bit path computes in anyway
+                source.path, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True), **kwargs
+            )
+            model.save_pretrained(str(tmp))
+            AutoTokenizer.from_pretrained(source.path, **kwargs).save_pretrained(str(tmp))
+            del model
+            try:
+                tmp.rename(dest)
+            except OSError:  # another rank finished first
+                if not (dest / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ModelSource("local", str(dest))
+
+
+def sync_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make the model's config and generation config agree with the tokenizer on pad / end-of-turn."""
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    gen = model.generation_config
+    if gen is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+        eos = gen.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if eot_id not in eos:
+            gen.eos_token_id = [eot_id, *eos]
+
+
+def prepare_4bit_for_training(
+    model: PreTrainedModel,
+    *,
+    gradient_checkpointing: bool,
+    gradient_checkpointing_kwargs: dict | None,
+    sharded: bool,
+) -> PreTrainedModel:
+    """PEFT's k-bit preparation (freeze base, fp32 norms/embeddings, checkpointing) for one-device/DDP runs.
+
+    Under FSDP or ZeRO-3 the base is sharded, and the fp32 upcast would break the single-dtype requirement of
+    the shards, so only checkpointing is switched on there (Trainer does that from the training arguments).
+    """
+    from peft import prepare_model_for_kbit_training
+
+    if sharded:
+        return model
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False},
+    )
+
+
+def load(
+    name_or_path: str,
+    *,
+    gguf_file: str | None = None,
+    **model_kwargs: Any,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Tokenizer + model from any source, with padding configured and mirrored on the model."""
+    source = resolve_source(name_or_path, gguf_file)
+    tokenizer = load_tokenizer(
+        source,
+        revision=model_kwargs.get("revision"),
+        trust_remote_code=model_kwargs.get("trust_remote_code", False),
+    )
+    model = load_model(source, **model_kwargs)
+    sync_special_tokens(model, tokenizer)
+    return model, tokenizer
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | None = None,
+    gguf_file: str | None = None,
+    dtype: str = "bfloat16",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Merge a LoRA/DoRA adapter into its base and save a standalone model + tokenizer to `out_dir`.
+
+    The base is loaded in `dtype` (never 4-bit, also for QLoRA/QDoRA adapters). It is `base`, else the
+    `model_name_or_path` / `gguf_file` of the `recipe.yaml` that training saved beside the adapter, else the
+    base recorded in the adapter config.
+    """
+    import yaml
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoTokenizer
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    recipe_file = adapter_dir / "recipe.yaml"
+    if base is None and recipe_file.is_file():
+        recipe = yaml.safe_load(recipe_file.read_text()) or {}
+        base, gguf_file = recipe.get("model_name_or_path"), gguf_file or recipe.get("gguf_file")
+    if base is None:
+        base = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    model = load_model(resolve_source(base, gguf_file), dtype=dtype, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    sync_special_tokens(model, tokenizer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------- smoke model
+
+
+def _smoke_corpus() -> list[str]:
+    """Text of the bundled fixture (all splits) + the program vocabulary: the smoke BPE's training data."""
+    from .data import load_split
+
+    fixture = Path(__file__).resolve().parent / "fixtures"
+    texts = [_PROGRAM_WORDS]
+    for split in ("train", "dev", "test"):
+        for ex in load_split(fixture, split):
+            texts.extend(ex.get("pre_text", []))
+            texts.extend(ex.get("post_text", []))
+            texts.extend(" | ".join(str(c) for c in row) for row in ex.get("table", []))
+            qa = ex.get("qa", {})
+            texts.append(str(qa.get("question", "")))
+            texts.append(str(qa.get("program", "")))
+    return texts
+
+
+def _build_smoke(dest: Path, corpus: list[str]) -> None:
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_SMOKE_VOCAB,
+        special_tokens=list(_LLAMA3_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    bos = "<|begin_of_text|>"
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bpe.token_to_id(bos))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=bos,
+        eos_token="<|eot_id|>",
+        pad_token=_LLAMA3_PAD,
+        chat_template=LLAMA3_CHAT_TEMPLATE,
+        model_max_length=8192,
+    )
+    ids = {t: bpe.token_to_id(t) for t in _LLAMA3_SPECIALS}
+    config = LlamaConfig(
+        vocab_size=bpe.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        tie_word_embeddings=True,
+        # Wide init: a random 64-wide model's logits are otherwise near uniform and LoRA barely moves them.
+        initializer_range=0.25,
+        bos_token_id=ids[bos],
+        eos_token_id=ids["<|eot_id|>"],
+        pad_token_id=ids[_LLAMA3_PAD],
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = [ids["<|eot_id|>"], ids["<|end_of_text|>"]]
+    model.generation_config.pad_token_id = ids[_LLAMA3_PAD]
+    model.save_pretrained(str(dest))
+    tokenizer.save_pretrained(str(dest))
+
+
+def build_smoke_model() -> Path:
+    """Build the smoke model into the cache once (keyed by builder version + corpus) and return its directory.
+
+    Safe under concurrent callers (several ranks): each builds into a temp dir and renames it into place.
+    """
+    corpus = _smoke_corpus()
+    digest = hashlib.sha256(json.dumps([_SMOKE_VERSION, _SMOKE_VOCAB, corpus]).encode()).hexdigest()[:12]
+    dest = cache_dir() / f"smoke-llama-{digest}"
+    if (dest / "config.json").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smoke-", dir=dest.parent))
+    try:
+        _build_smoke(tmp, corpus)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process won the race; its copy is identical
+            if not (dest / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("built the smoke model in %s", dest)
+    return dest

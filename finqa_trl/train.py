@@ -1,0 +1,669 @@
+"""Fine-tune a chat model to write FinQA programs with TRL's SFTTrainer + PEFT (LoRA, DoRA, QLoRA, QDoRA).
+
+    python -m finqa_trl.train --config recipes/qdora-3b.yaml [--output_dir DIR] [--model_name_or_path M]
+        [--data_dir D] [--merge] [--any SFTConfig / ModelConfig / FinQAArguments field VALUE]
+    accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 2 -m finqa_trl.train ...
+
+Modelled on TRL's `trl/scripts/sft.py`: one `TrlParser` over (FinQAArguments, SFTConfig, ModelConfig) reads
+the recipe -- its `base:` chain resolved first (finqa_trl.recipes) -- and then the command line, which wins.
+
+* Data: FinQA records -> TRL's conversational prompt/completion format (finqa_trl.prompts). TRL's own
+  completion-only loss masks every prompt token (label -100); the program and the end-of-turn token after it
+  are trained.
+* Where there is no bf16 GPU (CPU), bf16 and the bf16 model dtype become fp32, and a log line says so.
+* A run resumes from the last `checkpoint-*` in output_dir. The adapter, tokenizer and the fully resolved
+  recipe (`recipe.yaml`) land in output_dir; `--merge` also writes a merged bf16 model to output_dir/merged.
+* Hub pushes (each epoch + final) only with `--push_to_hub true --hub_model_id USER/NAME`; tracking only via
+  `--report_to` (e.g. wandb).
+* Bad input (unknown recipe or setting, missing data, 4-bit without bitsandbytes support, an output_dir
+  holding another recipe's run) -> one line on stderr, exit code 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import DataError, load_split, resolve_data_dir
+from .modeling import (
+    ModelError,
+    bf16_supported,
+    check_4bit_supported,
+    end_of_turn_token,
+    load_model,
+    load_tokenizer,
+    materialize_gguf,
+    prepare_4bit_for_training,
+    resolve_source,
+    sync_special_tokens,
+)
+from .recipes import Recipe, RecipeError, available, check_keys, method_name, resolve
+
+logger = logging.getLogger("finqa_trl.train")
+# bitsandbytes' CPU backend warns at import, on AVX512-bf16 CPUs, that an optional Hub kernel is missing and
+# falls back to its bundled one; the advice (install `kernels`, fetch from the Hub) does not apply offline.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+RECIPE_FILE = "recipe.yaml"
+# Settings that make two runs "the same recipe" for the purpose of sharing (resuming in) an output_dir.
+IDENTITY = (
+    "recipe",
+    "model_name_or_path",
+    "gguf_file",
+    "use_peft",
+    "use_dora",
+    "load_in_4bit",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "context",
+    "eg_k",
+)
+
+
+class UsageError(Exception):
+    """A bad command line or setting; `str()` is one line."""
+
+
+@dataclass
+class FinQAArguments:
+    """The FinQA side of a run: which data, how prompts are built, what happens after training."""
+
+    recipe: str | None = field(
+        default=None, metadata={"help": "Recipe name; set from --config and recorded in recipe.yaml."}
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "FinQA folder; default $FINQA_DIR, else the bundled fixture."}
+    )
+    train_splits: list[str] = field(
+        default_factory=lambda: ["train"], metadata={"help": "Splits to train on, e.g. train dev."}
+    )
+    eval_splits: list[str] = field(
+        default_factory=lambda: ["dev"],
+        metadata={"help": "Splits for the eval loss (when eval_strategy != no)."},
+    )
+    context: str = field(
+        default="full", metadata={"help": "Prompt context: full or gold.", "choices": ["full", "gold"]}
+    )
+    eg_k: int = field(default=0, metadata={"help": "Few-shot examples per prompt."})
+    max_prompt_tokens: int | None = field(
+        default=None, metadata={"help": "Trim context (never the question) until each prompt fits."}
+    )
+    trim: str = field(
+        default="gold",
+        metadata={
+            "help": "What trimming drops first: see finqa_trl.prompts.",
+            "choices": ["gold", "question"],
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on the first N examples only."}
+    )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file inside model_name_or_path (a .gguf path works too)."}
+    )
+    merge: bool = field(
+        default=False, metadata={"help": "After training, write a merged bf16 model to output_dir/merged."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir holding another run (its checkpoints are deleted)."},
+    )
+
+
+def known_settings() -> set[str]:
+    """Every key a recipe or the command line may set."""
+    from trl import ModelConfig, SFTConfig
+
+    return {f.name for cls in (FinQAArguments, SFTConfig, ModelConfig) for f in fields(cls) if f.init}
+
+
+def _parser() -> Any:  # a TrlParser subclass, built lazily (importing trl is slow)
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    class Parser(TrlParser):
+        def error(self, message: str):  # argparse would print usage + message and exit: make it one line
+            raise UsageError(message)
+
+    return Parser((FinQAArguments, SFTConfig, ModelConfig), prog="python -m finqa_trl.train")
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+
+class _MainRankOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return os.environ.get("RANK", "0") == "0"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (pytest swaps it per test)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _setup_logging() -> None:
+    if logger.handlers:
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("[finqa_trl] %(message)s"))
+    handler.addFilter(_MainRankOnly())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def _pop_config(argv: list[str]) -> tuple[str, list[str]]:
+    rest, config = [], None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config":
+            config = next(it, None)
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if not config:
+        raise UsageError(f"--config recipes/NAME.yaml is required; available: {', '.join(available())}")
+    return config, rest
+
+
+def _cli_keys(argv: Sequence[str]) -> list[str]:
+    return [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")]
+
+
+def _no_accelerator() -> bool:
+    import torch
+
+    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return not (torch.cuda.is_available() or xpu or torch.backends.mps.is_available())
+
+
+def _cpu_defaults(values: dict[str, Any], cli: Sequence[str]) -> None:
+    """Adapt a GPU recipe to a machine without bf16 (CPU, older GPUs), unless the command line says otherwise.
+
+    SFTConfig's bf16 would fail there: train in fp32 instead, and say so. Without any accelerator, also set
+    use_cpu, which is what makes a multi-process launch (torchrun, accelerate) form a gloo process group
+    instead of silently running N independent single-process trainings.
+    """
+    if bf16_supported():
+        return
+    changed = []
+    if "bf16" not in cli and values.get("bf16", True):  # SFTConfig's bf16=None means True
+        values["bf16"] = False
+        changed.append("bf16=false")
+    if "dtype" not in cli and values.get("dtype") in ("bfloat16", "float16"):
+        values["dtype"] = "float32"
+        changed.append("dtype=float32")
+    if "use_cpu" not in cli and _no_accelerator() and not values.get("use_cpu"):
+        values["use_cpu"] = True
+    if changed:
+        logger.info("no bf16-capable GPU here: training in fp32 (%s)", ", ".join(changed))
+        # An accelerate config asking for bf16 would turn bf16 autocast on regardless.
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+
+
+def _plain(value: Any) -> Any:
+    """Make a parsed argument value YAML-friendly (enums -> their value)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+@dataclass
+class Run:
+    script: FinQAArguments
+    training: Any  # trl.SFTConfig
+    model: Any  # trl.ModelConfig
+    recipe: Recipe
+    resolved: dict[str, Any]  # the fully resolved recipe: recipe keys + command-line overrides, final values
+
+    @property
+    def method(self) -> str:
+        return method_name(self.resolved)
+
+
+def parse(argv: Sequence[str]) -> Run:
+    """Resolve the recipe, apply the command line, build (FinQAArguments, SFTConfig, ModelConfig)."""
+    config, rest = _pop_config(list(argv))
+    recipe = resolve(config)
+    known = known_settings()
+    check_keys(recipe, known)
+    unknown = [k for k in _cli_keys(rest) if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        raise UsageError(f"unknown option --{unknown[0]}{hint}")
+
+    values = {"recipe": recipe.name, "output_dir": f"outputs/{recipe.name}", **recipe.values}
+    _cpu_defaults(values, _cli_keys(rest))
+    with tempfile.TemporaryDirectory(prefix="finqa-recipe-") as tmp:
+        resolved_file = Path(tmp) / f"{recipe.name}.yaml"
+        resolved_file.write_text(yaml.safe_dump(values, sort_keys=False))
+        try:
+            script, training, model, remaining = _parser().parse_args_and_config(
+                ["--config", str(resolved_file), *rest], return_remaining_strings=True
+            )
+        except ValueError as err:  # raised by the dataclasses' __post_init__ checks
+            raise UsageError(" ".join(str(err).split())) from None
+    if remaining:
+        raise UsageError(f"unexpected argument(s): {' '.join(remaining)}")
+
+    objs = (script, training, model)
+    keys = list(dict.fromkeys([*values, *_cli_keys(rest)]))
+    final = {}
+    for key in keys:
+        for obj in objs:
+            if hasattr(obj, key):
+                final[key] = _plain(getattr(obj, key))
+                break
+    return Run(script, training, model, recipe, final)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _validate(run: Run) -> None:
+    m, s = run.model, run.script
+    if not m.model_name_or_path:
+        raise UsageError(f"{run.recipe.path}: no model_name_or_path (set it or pass --model_name_or_path)")
+    if m.load_in_8bit:
+        raise UsageError("load_in_8bit is not supported: use load_in_4bit (QLoRA/QDoRA recipes)")
+    if m.load_in_4bit and not m.use_peft:
+        raise UsageError("a 4-bit base can only be trained through an adapter: set use_peft true")
+    if s.eg_k < 0:
+        raise UsageError(f"eg_k must be >= 0, got {s.eg_k}")
+    if s.max_prompt_tokens is not None and s.max_prompt_tokens <= 0:
+        raise UsageError(f"max_prompt_tokens must be positive, got {s.max_prompt_tokens}")
+    if run.training.push_to_hub and not run.training.hub_model_id:
+        raise UsageError("push_to_hub needs --hub_model_id USER/NAME")
+
+
+def check_output_dir(output_dir: Path, resolved: dict[str, Any], overwrite: bool) -> None:
+    """Refuse an output_dir that holds another recipe's run, or unknown files, unless `overwrite`."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise UsageError(f"output_dir {output_dir} exists and is not a directory")
+    saved_file = output_dir / RECIPE_FILE
+    if not saved_file.is_file():
+        if any(output_dir.iterdir()):  # even with overwrite: it may be anything (`--output_dir .`)
+            raise UsageError(
+                f"output_dir {output_dir} is not empty and holds no {RECIPE_FILE} (not a run of this "
+                "project): pick another --output_dir"
+            )
+        return
+    try:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+    except yaml.YAMLError:
+        saved = {}
+    diff = [k for k in IDENTITY if _norm(saved.get(k)) != _norm(resolved.get(k))]
+    if diff and not overwrite:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {resolved.get(k)!r}" for k in diff)
+        raise UsageError(
+            f"output_dir {output_dir} holds a run of recipe {saved.get('recipe')!r} that differs "
+            f"({changes}); pick another --output_dir, or pass --overwrite_output_dir true to start over there"
+        )
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, list) and len(value) == 1:  # ModelConfig turns [x] into x
+        return value[0]
+    return value
+
+
+def _write_recipe(output_dir: Path, resolved: dict[str, Any]) -> None:
+    """The fully resolved recipe; itself a valid --config (rerunning it resumes this run)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / f".{RECIPE_FILE}.tmp"
+    tmp.write_text(
+        f"# {method_name(resolved)} run of recipe {resolved.get('recipe')}: the fully resolved recipe\n"
+        "# (recipe + command line), written by finqa_trl.train. `--config` accepts it as it is.\n"
+        + yaml.safe_dump(resolved, sort_keys=False)
+    )
+    os.replace(tmp, output_dir / RECIPE_FILE)  # atomic: other ranks may be reading it
+
+
+def _is_sharded(training: Any) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: the base model's parameters are sharded across ranks."""
+    fsdp = bool(training.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    ds = getattr(training, "deepspeed_plugin", None)
+    return fsdp or (ds is not None and ds.zero_stage == 3)
+
+
+def describe_weights(model: Any) -> str:
+    """E.g. "4-bit nf4 linear layers, float32 elsewhere" or "bfloat16"."""
+    cfg = getattr(model, "hf_quantizer", None)
+    cfg = getattr(cfg, "quantization_config", None)
+    dtypes = sorted(
+        {
+            str(p.dtype).removeprefix("torch.")
+            for p in model.parameters()
+            if p.dtype.is_floating_point and type(p).__name__ != "Params4bit"  # packed 4-bit storage
+        }
+    )
+    if cfg is not None and getattr(cfg, "load_in_4bit", False):
+        return f"4-bit {cfg.bnb_4bit_quant_type} linear layers, {'/'.join(dtypes)} elsewhere"
+    return "/".join(dtypes)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def load_records(data_dir: str | None, splits: Sequence[str], limit: int | None = None) -> list[dict]:
+    """The FinQA records of `splits`, concatenated (the first `limit` only). DataError if any is missing."""
+    records = [ex for split in splits for ex in load_split(data_dir, split)]
+    return records if limit is None else records[:limit]
+
+
+def build_dataset(
+    script: FinQAArguments, records: list[dict], tokenizer: Any, shots_from: list[dict] | None = None
+) -> Any:
+    """FinQA records -> a `datasets.Dataset` of TRL conversational prompt/completion rows (+ "id")."""
+    from datasets import Dataset
+
+    from .prompts import format_split
+
+    try:
+        rows = format_split(
+            records,
+            context=script.context,
+            eg_k=script.eg_k,
+            train_examples=shots_from if shots_from is not None else records,
+            tokenizer=tokenizer,
+            max_prompt_tokens=script.max_prompt_tokens,
+            trim=script.trim,
+        )
+    except ValueError as err:
+        raise UsageError(" ".join(str(err).split())) from None
+    rows = [r for r in rows if "completion" in r]  # unlabelled records cannot be trained on
+    if not rows:
+        raise DataError("no labelled examples to train on")
+    return Dataset.from_list(rows)
+
+
+def build_trainer(
+    run: Run,
+    model: Any,
+    tokenizer: Any,
+    train_ds: Any,
+    eval_ds: Any = None,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """TRL's SFTTrainer with the recipe's LoRA/DoRA adapter. Tokenization, completion-only labels and
+    collation are TRL's own: prompt tokens get label -100; the program and its end-of-turn token train."""
+    from trl import SFTTrainer, get_peft_config
+
+    return SFTTrainer(
+        model=model,
+        args=run.training,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(run.model),
+        callbacks=list(callbacks),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ hub
+
+
+def _hub_callback(training: Any, output_dir: Path) -> Any:  # a TrainerCallback, built lazily
+    from huggingface_hub import HfApi
+    from transformers import TrainerCallback
+
+    class HubPushCallback(TrainerCallback):
+        """Push the adapter at the end of every epoch (forcing a checkpoint there) and after the final save.
+
+        Trainer's own pushing is switched off (push_to_hub=False on the trainer) so nothing is pushed twice.
+        Epoch pushes run on the main process only and a failure there is logged, not fatal.
+        """
+
+        ignore = [
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state*",
+            "training_args.bin",
+            "checkpoint-*",
+            "merged/*",
+        ]
+
+        def __init__(self) -> None:
+            self.api = HfApi(token=training.hub_token)
+            self.repo_id = training.hub_model_id
+            self.private = training.hub_private_repo
+            self.epoch_end = False
+            self.created = False
+
+        def _push(self, folder: Path, message: str) -> None:
+            if not self.created:
+                self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+                self.created = True
+            self.api.upload_folder(
+                repo_id=self.repo_id,
+                folder_path=str(folder),
+                commit_message=message,
+                ignore_patterns=self.ignore,
+            )
+            recipe_file = output_dir / RECIPE_FILE
+            if recipe_file.is_file() and not (folder / RECIPE_FILE).is_file():
+                self.api.upload_file(
+                    path_or_fileobj=str(recipe_file),
+                    path_in_repo=RECIPE_FILE,
+                    repo_id=self.repo_id,
+                    commit_message=message,
+                )
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            # force a checkpoint: what Trainer writes there (gathered under FSDP/ZeRO-3) is what we push
+            control.should_save = True
+            self.epoch_end = True
+            return control
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if self.epoch_end and state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                try:
+                    self._push(ckpt, f"epoch {state.epoch:.0f} (step {state.global_step})")
+                    logger.info("pushed epoch %.0f to https://huggingface.co/%s", state.epoch, self.repo_id)
+                except Exception as err:  # a network hiccup must not kill a long run
+                    logger.warning("hub push of epoch %.0f failed: %s", state.epoch, err)
+            self.epoch_end = False
+            return control
+
+        def push_final(self) -> None:
+            self._push(output_dir, "final adapter")
+            logger.info("pushed the final adapter to https://huggingface.co/%s", self.repo_id)
+
+    return HubPushCallback()
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+@dataclass
+class Prepared:
+    """Everything `train` needs, ready: what `prepare` returns (also used by finqa_trl.bench)."""
+
+    run: Run
+    trainer: Any  # trl.SFTTrainer
+    resume: str | None  # the checkpoint training resumes from
+    hub: Any = None  # the HubPushCallback, when pushing
+
+
+def prepare(run: Run) -> Prepared:
+    """Check the input (before anything is written), record the recipe, load tokenizer + data + model, and
+    build the trainer."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    script, training, margs = run.script, run.training, run.model
+    output_dir = Path(training.output_dir)
+
+    # -- every check that can fail on user input comes before anything is written or loaded
+    _validate(run)
+    records = load_records(script.data_dir, script.train_splits, script.max_train_samples)
+    run.resolved["data_dir"] = str(resolve_data_dir(script.data_dir))  # record where the data came from
+    eval_records = None
+    if str(getattr(training.eval_strategy, "value", training.eval_strategy)) != "no":
+        eval_records = load_records(script.data_dir, script.eval_splits)
+    if margs.load_in_4bit:
+        check_4bit_supported()
+    check_output_dir(output_dir, run.resolved, script.overwrite_output_dir)
+
+    state = training.distributed_state  # initialised by SFTConfig
+    with training.main_process_first(desc="model source"):  # builds smoke/GGUF copies once, not per rank
+        source = resolve_source(margs.model_name_or_path, script.gguf_file)
+        if margs.load_in_4bit:
+            source = materialize_gguf(source)
+    if state.is_main_process:
+        if script.overwrite_output_dir and output_dir.is_dir():
+            for ckpt in output_dir.glob("checkpoint-*"):
+                logger.info("--overwrite_output_dir: deleting %s", ckpt)
+                shutil.rmtree(ckpt)
+        _write_recipe(output_dir, run.resolved)
+    state.wait_for_everyone()
+
+    # -- tokenizer, data, model
+    tokenizer = load_tokenizer(
+        source, revision=margs.model_revision, trust_remote_code=training.trust_remote_code
+    )
+    train_ds = build_dataset(script, records, tokenizer)
+    eval_ds = None if eval_records is None else build_dataset(script, eval_records, tokenizer, records)
+    model = load_model(
+        source,
+        dtype=margs.dtype,
+        load_in_4bit=margs.load_in_4bit,
+        quant_type=margs.bnb_4bit_quant_type,
+        quant_storage=margs.bnb_4bit_quant_storage,
+        double_quant=margs.use_bnb_nested_quant,
+        revision=margs.model_revision,
+        trust_remote_code=training.trust_remote_code,
+        attn_implementation=margs.attn_implementation,
+    )
+    sync_special_tokens(model, tokenizer)
+    if margs.load_in_4bit:
+        model = prepare_4bit_for_training(
+            model,
+            gradient_checkpointing=training.activation_checkpointing,
+            gradient_checkpointing_kwargs=training.activation_checkpointing_kwargs,
+            sharded=_is_sharded(training),
+        )
+    logger.info(
+        "%s: %s of %s (%s, %s), %d training examples (%s), %d process(es), end-of-turn %s, pad %s",
+        run.recipe.name,
+        run.method,
+        source.describe(),
+        describe_weights(model),
+        "bf16 mixed precision" if training.bf16 else "fp16" if training.fp16 else "fp32",
+        len(train_ds),
+        "+".join(script.train_splits),
+        state.num_processes,
+        end_of_turn_token(tokenizer),
+        tokenizer.pad_token,
+    )
+
+    hub = None
+    if training.push_to_hub:
+        hub = _hub_callback(training, output_dir)
+        training.push_to_hub = False  # our callback pushes; Trainer's own pushing would duplicate it
+    trainer = build_trainer(run, model, tokenizer, train_ds, eval_ds, [hub] if hub else [])
+    dropped = len(train_ds) - len(trainer.train_dataset)
+    if dropped:
+        logger.warning(
+            "%d examples dropped: max_length=%s cut off their whole program", dropped, training.max_length
+        )
+
+    # -- resume from the last checkpoint of this recipe's output_dir
+    resume = training.resume_from_checkpoint
+    if resume is None and not script.overwrite_output_dir and output_dir.is_dir():
+        resume = get_last_checkpoint(str(output_dir))
+        if resume:
+            logger.info("resuming from %s", resume)
+    return Prepared(run, trainer, resume, hub)
+
+
+def train(run: Run) -> int:
+    """prepare + train + save the adapter (+ merge, + final Hub push). Returns the exit code."""
+    prepared = prepare(run)
+    trainer, hub, script = prepared.trainer, prepared.hub, run.script
+    output_dir, state = Path(run.training.output_dir), run.training.distributed_state
+    trainer.train(resume_from_checkpoint=prepared.resume)
+
+    if trainer.is_fsdp_enabled:  # a loadable adapter, not per-rank shards
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(output_dir))
+    logger.info("adapter, tokenizer and %s saved in %s", RECIPE_FILE, output_dir)
+
+    # -- after training, on the main process only; a failure here is reported after the other ranks are
+    # released (raising on rank 0 alone would leave them waiting at the barrier)
+    failed = None
+    state.wait_for_everyone()
+    if state.is_main_process:
+        try:
+            if script.merge:  # on the CPU, from a fresh bf16 copy of the base (never the 4-bit one)
+                from .merge import merge
+
+                merged = merge(output_dir, output_dir / "merged", dtype="bfloat16", overwrite=True)
+                logger.info("merged bf16 model saved in %s", merged)
+            if hub is not None:
+                hub.push_final()
+        except Exception as err:
+            failed = f"training finished and the adapter is saved in {output_dir}, but: {err}"
+    state.wait_for_everyone()
+    if hasattr(trainer, "end"):  # transformers >= 5.18: close trackers, destroy the process group
+        trainer.end()
+    if failed:
+        print(f"error: {' '.join(failed.split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _one_gpu_unless_launched() -> None:
+    """A single process that sees several GPUs would make Trainer wrap the model in nn.DataParallel, which
+    SFTTrainer refuses. Without a distributed launcher (torchrun/accelerate set WORLD_SIZE), train on the
+    first visible GPU only. Must run before CUDA is initialised; a CUDA_VISIBLE_DEVICES already set wins."""
+    if "WORLD_SIZE" not in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _setup_logging()
+    _one_gpu_unless_launched()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        _parser().parse_args(["--help"])  # prints every FinQAArguments / SFTConfig / ModelConfig field
+    try:
+        run = parse(argv)
+        return train(run)
+    except (UsageError, RecipeError, DataError, ModelError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,533 @@
+"""Training: the smoke recipe through the real entry point (LoRA, DoRA, QLoRA, QDoRA), TRL's completion-only
+labels on a real FinQA example with the Llama 3 tokenizer, resume, merge, Hub pushes (faked), GGUF sources,
+every bad-input message, and a two-process CPU run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finqa_trl import modeling
+from finqa_trl.data import FIXTURE_DIR
+from finqa_trl.recipes import method_name
+from finqa_trl.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+# A few steps on a tiny model: the pipeline, not the accuracy.
+FAST = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1"]
+LLAMA3_PAD, LLAMA3_EOT = 128004, 128009
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Offline, and a private model cache (the smoke model is built into it once per module)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINQA_TRL_CACHE", str(tmp_path_factory.mktemp("finqa-trl-cache")))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TOKENIZERS_PARALLELISM", "false")
+        mp.delenv("FINQA_DIR", raising=False)
+        mp.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # main() may set it; restored afterwards
+        yield
+
+
+def smoke_args(out: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        "recipes/smoke.yaml",
+        "--data_dir",
+        str(FIXTURE_DIR),
+        "--output_dir",
+        str(out),
+        *FAST,
+        *extra,
+    ]
+
+
+def adapter_keys(out: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in path.rglob("*")
+        if p.is_file()
+    }
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_smoke_lora_via_python_m(tmp_path: Path) -> None:
+    """`python -m finqa_trl.train`: adapter, tokenizer, checkpoint and the resolved recipe in output_dir."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "finqa_trl.train", *smoke_args(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[finqa_trl] smoke: LoRA of " in proc.stderr and "1 process(es)" in proc.stderr
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_dora"]) == (16, 32, 0.05, False)
+    assert {m.rsplit(".", 1)[-1] for m in cfg["target_modules"]} == {  # all-linear, resolved by PEFT
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["recipe"] == "smoke" and method_name(recipe) == "LoRA"
+    assert recipe["model_name_or_path"] == modeling.SMOKE_MODEL and recipe["max_steps"] == 2
+    assert recipe["output_dir"] == str(out)
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and all(
+        "loss" in h for h in state["log_history"] if "train_runtime" not in h
+    )
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("DoRA", ["--use_dora", "true"]),
+        (
+            "QLoRA",
+            [
+                "--load_in_4bit",
+                "true",
+                "--bnb_4bit_quant_storage",
+                "bfloat16",
+                "--use_bnb_nested_quant",
+                "true",
+            ],
+        ),
+        (
+            "QDoRA",
+            ["--use_dora", "true", "--load_in_4bit", "true", "--bnb_4bit_quant_storage", "bfloat16"],
+        ),
+    ],
+)
+def test_smoke_dora_qlora_qdora(method: str, extra: list[str], tmp_path: Path, capsys) -> None:
+    out = tmp_path / method
+    assert main(smoke_args(out, *extra)) == 0
+    err = capsys.readouterr().err
+    assert f"smoke: {method} of " in err
+    if method.startswith("Q"):  # the base really was NF4 while training
+        assert "4-bit nf4 linear layers" in err
+    keys = adapter_keys(out)
+    assert any("lora_A" in k for k in keys)
+    assert any("lora_magnitude_vector" in k for k in keys) is method.endswith("DoRA")
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert method_name(recipe) == method and recipe["load_in_4bit"] is method.startswith("Q")
+
+
+def test_resume_from_last_checkpoint(tmp_path: Path, capsys) -> None:
+    """Rerunning the same recipe in its output_dir resumes; the saved recipe.yaml is itself a --config."""
+    out = tmp_path / "run"
+    assert main(smoke_args(out, "--save_strategy", "steps", "--save_steps", "2")) == 0
+    assert (out / "checkpoint-2").is_dir()
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["data_dir"] == str(FIXTURE_DIR) and saved["save_steps"] == 2
+    capsys.readouterr()
+    assert main(["--config", str(out / "recipe.yaml"), "--max_steps", "3"]) == 0
+    assert f"resuming from {out / 'checkpoint-2'}" in capsys.readouterr().err
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["max_steps"] == 3
+
+
+def test_merge_writes_a_standalone_bf16_model(tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    assert main(smoke_args(out, "--max_steps", "1", "--merge")) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert merged.dtype == torch.bfloat16 and (out / "merged" / "tokenizer.json").is_file()
+    assert yaml.safe_load((out / "merged" / "recipe.yaml").read_text())["recipe"] == "smoke"
+    # the same function as base + adapter, up to bf16 rounding
+    base, tok = modeling.load(modeling.SMOKE_MODEL, dtype="float32")
+    ref = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = tok("net revenue grew 5% in 2019", return_tensors="pt")
+    with torch.no_grad():
+        got, want = merged.float()(**ids).logits, ref(**ids).logits
+    assert (got - want).abs().max() < 0.03 * want.abs().max()
+
+
+def test_hub_push_each_epoch_and_final(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--push_to_hub + --hub_model_id: one push per epoch (its checkpoint) and one of the final adapter."""
+    from huggingface_hub import HfApi
+
+    calls: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, ""))
+    )
+    monkeypatch.setattr(
+        HfApi,
+        "upload_folder",
+        lambda self, **kw: calls.append(("folder", Path(kw["folder_path"]).name, kw["commit_message"])),
+    )
+    monkeypatch.setattr(
+        HfApi, "upload_file", lambda self, **kw: calls.append(("file", kw["path_in_repo"], ""))
+    )
+    out = tmp_path / "run"
+    args = ["--config", "recipes/smoke.yaml", "--data_dir", str(FIXTURE_DIR), "--output_dir", str(out)]
+    args += ["--max_train_samples", "4", "--per_device_train_batch_size", "4", "--num_train_epochs", "2"]
+    assert main([*args, "--push_to_hub", "true", "--hub_model_id", "me/finqa-smoke"]) == 0
+    folders = [c for c in calls if c[0] == "folder"]
+    assert calls[0] == ("create", "me/finqa-smoke", "")
+    assert folders == [
+        ("folder", "checkpoint-1", "epoch 1 (step 1)"),
+        ("folder", "checkpoint-2", "epoch 2 (step 2)"),
+        ("folder", "run", "final adapter"),
+    ]
+    assert ("file", "recipe.yaml", "") in calls  # beside each epoch's adapter
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["push_to_hub"] is True
+
+
+# ------------------------------------------------------------------------------------------ labels
+
+
+def test_completion_only_labels_on_a_real_finqa_example(
+    sample_dir: Path, llama3_tokenizer, tmp_path: Path
+) -> None:
+    """TRL's own tokenization + collation: every prompt token is -100; exactly the program tokens and the
+    <|eot_id|> after them are trained; padding is <|finetune_right_pad_id|> (128004) and never trained."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finqa_trl.train import build_dataset, build_trainer, load_records, parse
+
+    tok = llama3_tokenizer
+    modeling.configure_padding(tok)
+    assert (tok.pad_token_id, tok.convert_tokens_to_ids(modeling.end_of_turn_token(tok))) == (
+        LLAMA3_PAD,
+        LLAMA3_EOT,
+    )
+    run = parse(
+        ["--config", "recipes/lora-1b.yaml", "--data_dir", str(sample_dir), "--output_dir", str(tmp_path)]
+    )
+    records = load_records(run.script.data_dir, ["train"], 4)
+    dataset = build_dataset(run.script, records, tok)
+    tiny = LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = LlamaForCausalLM(tiny)
+    modeling.sync_special_tokens(model, tok)
+    trainer = build_trainer(run, model, tok, dataset)
+
+    rows = [trainer.train_dataset[i] for i in range(len(records))]
+    for row, rec, formatted in zip(rows, records, dataset, strict=True):
+        ids, labels = row["input_ids"], row["labels"]
+        prompt = tok.apply_chat_template(formatted["prompt"], add_generation_prompt=True)["input_ids"]
+        assert ids[: len(prompt)] == prompt
+        assert all(label == -100 for label in labels[: len(prompt)])  # system, question, context, header
+        trained = labels[len(prompt) :]
+        assert trained == ids[len(prompt) :] and -100 not in trained
+        program = rec["qa"]["program"]
+        assert trained == tok(program, add_special_tokens=False)["input_ids"] + [LLAMA3_EOT]
+        assert tok.decode(trained) == program + "<|eot_id|>"
+
+    batch = trainer.data_collator(rows)
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert len(set(lengths)) > 1  # some rows really are padded
+    for i, n in enumerate(lengths):
+        assert torch.all(batch["input_ids"][i, n:] == LLAMA3_PAD)
+        assert torch.all(batch["labels"][i, n:] == -100) and torch.all(batch["attention_mask"][i, n:] == 0)
+        assert batch["labels"][i, n - 1] == LLAMA3_EOT  # the end-of-turn token is a training target
+        assert int((batch["labels"][i] == LLAMA3_EOT).sum()) == 1
+
+
+# ------------------------------------------------------------------------------------------ modeling
+
+
+def test_padding_for_chatml_tokenizers() -> None:
+    """SmolLM2-style (ChatML) tokenizers pad with <|endoftext|>, not their end-of-turn <|im_end|>."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b"])}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="a")),
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        chat_template="{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}",
+    )
+    modeling.configure_padding(tok)
+    assert modeling.end_of_turn_token(tok) == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+
+
+def test_smoke_model_is_built_once_and_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = modeling.build_smoke_model()
+    assert modeling.build_smoke_model() == first  # cached
+    monkeypatch.setenv("FINQA_TRL_CACHE", str(tmp_path))
+    again = modeling.build_smoke_model()
+    assert again != first and again.name == first.name
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (again / name).read_bytes() == (first / name).read_bytes(), name
+    model, tok = modeling.load(modeling.SMOKE_MODEL)
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 2
+    assert tok.pad_token == "<|finetune_right_pad_id|>" and tok.eos_token == "<|eot_id|>"
+    assert "<|start_header_id|>assistant<|end_header_id|>" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def _export_gguf(model_dir: Path, out: Path) -> Path:
+    """Write a Llama model + byte-level BPE tokenizer as an F32 GGUF file, as llama.cpp's converter does."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok_json = json.loads((model_dir / "tokenizer.json").read_text())
+    c, sd = model.config, model.state_dict()
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_vocab_size(c.vocab_size)
+    added = {t["id"]: t["content"] for t in tok_json["added_tokens"]}
+    tokens = [added.get(i, t) for t, i in sorted(tok_json["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in added else 1 for i in range(len(tokens))])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]])
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_add_bos_token(True)
+    w.add_eos_token_id(c.eos_token_id)
+    w.add_pad_token_id(c.pad_token_id)
+    w.add_chat_template(modeling.LLAMA3_CHAT_TEMPLATE)
+
+    def rope_permute(t: torch.Tensor, heads: int) -> torch.Tensor:  # llama.cpp's q/k layout
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
+    for i in range(c.num_hidden_layers):
+        for hf, name in names.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if name in ("attn_q", "attn_k"):
+                t = rope_permute(t, c.num_attention_heads if name == "attn_q" else c.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{name}.weight", t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def test_gguf_source_loads_dequantized_trains_and_merges(tmp_path: Path, capsys) -> None:
+    """A .gguf file loads as a plain (trainable, saveable) model equal to the original; LoRA and QLoRA train
+    on it, and --merge rebuilds the base from the GGUF."""
+    import torch
+
+    gguf_file = _export_gguf(modeling.build_smoke_model(), tmp_path / "smoke.gguf")
+    ref, ref_tok = modeling.load(modeling.SMOKE_MODEL, dtype="float32")
+    model, tok = modeling.load(str(gguf_file), dtype="float32")
+    assert getattr(model, "hf_quantizer", None) is None  # dequantized: no GGUF quantizer left
+    assert tok.pad_token == "<|finetune_right_pad_id|>" and modeling.end_of_turn_token(tok) == "<|eot_id|>"
+    text = "what was the change in net revenue from 2018 to 2019?"
+    assert tok(text)["input_ids"] == ref_tok(text)["input_ids"]
+    ids = ref_tok(text, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(model(**ids).logits, ref(**ids).logits, atol=1e-5)
+
+    out = tmp_path / "lora"
+    assert main(smoke_args(out, "--model_name_or_path", str(gguf_file), "--max_steps", "1", "--merge")) == 0
+    assert (out / "merged" / "model.safetensors").is_file()
+    out = tmp_path / "qlora"
+    assert (
+        main(
+            smoke_args(
+                out, "--model_name_or_path", str(gguf_file), "--max_steps", "1", "--load_in_4bit", "true"
+            )
+        )
+        == 0
+    )
+    assert "4-bit nf4 linear layers" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    return errors[0]
+
+
+def test_unknown_recipe(tmp_path: Path, capsys) -> None:
+    assert main(["--config", "recipes/qlora-7b.yaml", "--output_dir", str(tmp_path / "o")]) == 2
+    line = one_line_error(capsys)
+    assert "unknown recipe 'qlora-7b'" in line and "available: dora-1b, dora-3b" in line and "smoke" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_misspelled_yaml_key(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "mine.yaml"
+    bad.write_text(f"base: {ROOT / 'recipes' / 'smoke.yaml'}\nlora_rank: 8\n")
+    assert main(["--config", str(bad), "--output_dir", str(tmp_path / "o")]) == 2
+    line = one_line_error(capsys)
+    assert "unknown setting 'lora_rank'" in line and "mine.yaml" in line and "did you mean" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_command_line_option(tmp_path: Path, capsys) -> None:
+    assert main(smoke_args(tmp_path / "o", "--lora_rank", "8")) == 2
+    assert "unknown option --lora_rank" in one_line_error(capsys)
+    assert main(smoke_args(tmp_path / "o", "--learning_rate", "fast")) == 2
+    assert "invalid float value: 'fast'" in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_dir(tmp_path: Path, capsys) -> None:
+    args = smoke_args(tmp_path / "o")
+    args[args.index("--data_dir") + 1] = str(tmp_path / "nowhere")
+    assert main(args) == 2
+    line = one_line_error(capsys)
+    assert "nowhere" in line and "does not exist" in line and "make data" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_4bit_without_bitsandbytes(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    import peft  # noqa: F401 - imported (with its bitsandbytes parts) before bitsandbytes "disappears"
+    import trl  # noqa: F401
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    assert main(smoke_args(tmp_path / "o", "--load_in_4bit", "true")) == 2
+    line = one_line_error(capsys)
+    assert "needs bitsandbytes" in line and "lora/dora recipe" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_dir_of_another_recipe_is_refused(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.yaml").write_text(
+        yaml.safe_dump({"recipe": "qdora-3b", "model_name_or_path": "m", "use_dora": True})
+    )
+    (out / "adapter_model.safetensors").write_bytes(b"precious")
+    (out / "checkpoint-9").mkdir()
+    before = snapshot(out)
+    assert main(smoke_args(out)) == 2
+    line = one_line_error(capsys)
+    assert f"output_dir {out} holds a run of recipe 'qdora-3b'" in line and "--overwrite_output_dir" in line
+    assert snapshot(out) == before  # nothing overwritten
+
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "README.md").write_text("not a run")
+    assert main(smoke_args(stranger)) == 2
+    assert "is not empty and holds no recipe.yaml" in one_line_error(capsys)
+    assert snapshot(stranger) == {"README.md": hashlib.sha256(b"not a run").hexdigest()}
+
+    # the escape hatch: start over there (the other run's checkpoints go, so nothing resumes from them)
+    assert main(smoke_args(out, "--max_steps", "1", "--overwrite_output_dir", "true")) == 0
+    assert not (out / "checkpoint-9").exists() and (out / "checkpoint-1").is_dir()
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["recipe"] == "smoke"
+
+
+def test_push_to_hub_needs_a_repo_id(tmp_path: Path, capsys) -> None:
+    assert main(smoke_args(tmp_path / "o", "--push_to_hub", "true")) == 2
+    assert "push_to_hub needs --hub_model_id" in one_line_error(capsys)
+
+
+def test_single_process_uses_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a launcher, one process would see every GPU and Trainer would wrap the model in DataParallel
+    (which SFTTrainer refuses): main() pins it to the first GPU, unless the user or a launcher decided."""
+    from finqa_trl.train import _one_gpu_unless_launched
+
+    for env, expected in (({}, "0"), ({"CUDA_VISIBLE_DEVICES": "3"}, "3"), ({"WORLD_SIZE": "2"}, None)):
+        for key in ("CUDA_VISIBLE_DEVICES", "WORLD_SIZE"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        _one_gpu_unless_launched()
+        assert os.environ.get("CUDA_VISIBLE_DEVICES") == expected, env
+
+
+def test_missing_config(capsys) -> None:
+    assert main(["--learning_rate", "1e-4"]) == 2
+    assert "--config recipes/NAME.yaml is required" in one_line_error(capsys)
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+        # what `make train ACCELERATE_CONFIG=cpu_ddp NUM_GPUS=2` runs
+        [
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            "accelerate_configs/cpu_ddp.yaml",
+            "--num_processes",
+            "2",
+        ],
+    ],
+    ids=["torchrun", "accelerate-cpu_ddp"],
+)
+def test_two_process_cpu_run(launcher: list[str], tmp_path: Path) -> None:
+    """Two CPU processes (gloo): one process group of 2, the data sharded, one adapter saved."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *launcher, "-m", "finqa_trl.train", *smoke_args(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr
+    assert proc.stderr.count("adapter, tokenizer and recipe.yaml saved") == 1  # logged by rank 0 only
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    # 2 steps x 2 examples x 2 processes = 8 of the 12 fixture examples: the data is sharded, not repeated
+    assert state["global_step"] == 2 and abs(state["epoch"] - 8 / 12) < 1e-6
+    assert (out / "adapter_model.safetensors").is_file()
