@@ -36,6 +36,7 @@ help:
 	@echo "make eval RECIPE=qdora-3b [SPLIT=test] [EVAL_ARGS='--batch_size 64']"
 	@echo "make merge RECIPE=qdora-3b     merge the adapter into a standalone bf16 model"
 	@echo "make report                    results table (markdown) + bar chart from outputs/*/metrics_*.json"
+	@echo "make bench FINQA_DIR=... LLAMA3_TOKENIZER=...   training/eval throughput vs plain TRL (GPU)"
 
 install: $(STAMP)
 
@@ -74,9 +75,16 @@ merge: $(STAMP)
 report: $(STAMP)
 	$(PY) -m finqa_trl.report
 
+# Needs a CUDA GPU, the real FinQA data (FINQA_DIR) and the Llama 3 tokenizer folder (LLAMA3_TOKENIZER).
+bench: $(STAMP)
+	$(PY) -m finqa_trl.bench --data_dir $(FINQA_DIR) --tokenizer $(LLAMA3_TOKENIZER) --eval $(BENCH_ARGS)
+
 demo: $(STAMP)
 	$(PY) -m finqa_trl.train --config recipes/smoke.yaml --output_dir outputs/demo
-	$(PY) -m finqa_trl.predict --model outputs/demo --split test
+	@echo "demo: the smoke model memorises its 12 train examples (proof that train -> generate -> parse -> score agree);"
+	@echo "demo: a 2-layer random-init model cannot generalise, so expect ~0 on test. Real results: README.md."
+	$(PY) -m finqa_trl.predict --model outputs/demo --split train --overwrite
+	$(PY) -m finqa_trl.predict --model outputs/demo --split test --overwrite
 
 clean:
 	rm -rf outputs/demo .pytest_cache .ruff_cache

@@ -1,0 +1,815 @@
+"""Generate FinQA programs with a base model, a merged fine-tune or a PEFT adapter, then score them.
+
+    python -m finqa_trl.predict --model PATH_OR_ID [--base BASE] [--split test] [--data_dir D]
+        [--output_dir DIR] [--eg_k 0] [--context full|gold] [--load_in_4bit [true|false]]
+        [--batch_size N|auto] [--max_new_tokens 64] [--do_sample --temperature T --top_p P --seed S]
+        [--num_samples N] [--limit N] [--max_prompt_tokens N] [--overwrite]
+
+`--model` is a Hub id, `builtin:smoke-llama`, a saved (merged) model directory, a `.gguf` file, or an
+unmerged adapter directory (`adapter_config.json`), whose base comes from the `recipe.yaml` training saved
+beside it, else from the adapter config; `--base` overrides it and must name the same model (`--force`).
+Adapters are merged in memory before generating (faster) unless the base is 4-bit.
+
+Writes, in `--output_dir` (default: the model directory for runs of this project, else
+`outputs/<model name>-<k>shot`), files tagged `<split>[_<k>shot][_gold][_4bit|_bf16][_sc<N>|_sample]`:
+  predictions_<tag>.json  official format [{"id", "predicted": [tokens..., "EOF"], "raw"}] (+ "samples")
+  metrics_<tag>.json      finqa_trl.score's metrics + model / settings / timing fields
+  details_<tag>.json      per example: question, gold and predicted program, values, invalid reason
+Resumable: ids already in predictions_<tag>.json are skipped; the file is rewritten atomically after every
+`--save_every` batches. Bad input: one line on stderr, exit code 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from .data import DataError, load_split, resolve_data_dir
+from .dsl import Execution, execute, parse_generation
+from .score import ScoreError, score, write_json_atomic
+
+if TYPE_CHECKING:  # torch/transformers load only once a model is needed, after every input check
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger("finqa_trl.predict")
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see train.py: offline advice
+
+RECIPE_FILE = "recipe.yaml"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+DEFAULT_MAX_PROMPT_TOKENS = 3072  # the training default (recipes/_base.yaml)
+SHOT_TOKENS = 512  # budget added per few-shot example, so shots never crowd out the question's context
+CPU_TOKEN_BUDGET = 8192
+MAX_BATCH_ROWS = 256  # past this, decoding is bound by KV-cache reads and bigger batches stop paying
+
+
+class PredictError(Exception):
+    """Bad input for a prediction run; `str()` is one line."""
+
+
+@dataclass
+class PredictArguments:
+    model: str = field(metadata={"help": "Hub id, builtin:smoke-llama, model dir, .gguf, or adapter dir."})
+    base: str | None = field(default=None, metadata={"help": "Base model of an adapter (default: recorded)."})
+    force: bool = field(
+        default=False, metadata={"help": "Accept a --base that differs from the recorded one."}
+    )
+    split: str = field(default="test", metadata={"help": "Split to predict: train, dev, test, private_test."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "FinQA folder (default: the run's recipe, $FINQA_DIR, the fixture)."}
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Where predictions/metrics go."})
+    eg_k: int | None = field(
+        default=None, metadata={"help": "Few-shot examples (default: recipe's, else 0)."}
+    )
+    context: str | None = field(
+        default=None,
+        metadata={"help": "full or gold (default: recipe's, else full).", "choices": ["full", "gold"]},
+    )
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={"help": f"Trim context to fit (default: recipe's, else {DEFAULT_MAX_PROMPT_TOKENS})."},
+    )
+    load_in_4bit: bool | None = field(
+        default=None,
+        metadata={
+            "help": "NF4 base (default: as trained for adapters, else no).",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    dtype: str | None = field(
+        default=None, metadata={"help": "bfloat16/float16/float32 (default: bf16 on GPU)."}
+    )
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model (or the base)."})
+    merge_in_memory: bool = field(
+        default=True, metadata={"help": "Merge an adapter into a non-4-bit base before generating (faster)."}
+    )
+    batch_size: str = field(default="auto", metadata={"help": "Prompts per batch, or auto (token budget)."})
+    max_batch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "auto: tokens (prompt + new, x samples) per batch; default from memory."},
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest program generated, in tokens."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling."})
+    seed: int = field(default=42, metadata={"help": "Seed (sampling is reseeded per batch from it)."})
+    num_samples: int = field(default=1, metadata={"help": "Self-consistency: N samples, majority vote."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N examples of the split."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flash_attention_2."})
+    save_every: int = field(default=1, metadata={"help": "Checkpoint predictions every N batches."})
+    overwrite: bool = field(default=False, metadata={"help": "Ignore (and replace) existing predictions."})
+
+
+# ------------------------------------------------------------------------------------------- model source
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What `--model` names, resolved before anything heavy is loaded."""
+
+    kind: str  # "adapter" | "model"
+    model: str  # as given
+    load_from: str  # what modeling.load gets: the base for adapters
+    gguf_file: str | None
+    recipe: dict[str, Any]  # recipe.yaml of the run this model came from ({} for other models)
+    run_dir: Path | None  # the local directory of a run of this project (default output_dir)
+
+    @property
+    def adapter(self) -> str | None:
+        return self.model if self.kind == "adapter" else None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise PredictError(f"{path}: cannot read ({' '.join(str(err).split())})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PredictError(f"{path}: cannot read ({' '.join(str(err).split())})") from None
+
+
+def _is_local(name: str) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two names of one base: equal, the same local path, or a local copy of a Hub model (same last name)."""
+
+    def norm(x: str) -> str:
+        return str(Path(x).expanduser().resolve()) if _is_local(x) else x.strip().rstrip("/")
+
+    if norm(a) == norm(b):
+        return True
+    # `/models/Llama-3.2-1B-Instruct` vs `meta-llama/Llama-3.2-1B-Instruct`; two local dirs must be equal.
+    if _is_local(a) != _is_local(b):
+        return Path(norm(a)).name.lower() == Path(norm(b)).name.lower()
+    return False
+
+
+def inspect_model(
+    model: str, base: str | None = None, force: bool = False, gguf_file: str | None = None
+) -> ModelSpec:
+    """Classify `--model` and find an adapter's base, without loading anything. PredictError on bad input."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        if base is not None:
+            raise PredictError(f"--base applies to adapter directories only; {model} is not one")
+        if path.exists() and not path.name.endswith(".gguf"):
+            raise PredictError(f"{model} is a file, not a model directory, adapter directory or .gguf file")
+        if not path.exists() and "/" in model and path.parent.is_dir() and str(path.parent) != ".":
+            raise PredictError(f"model path not found: {model}")  # `outputs/typo`, not a Hub id
+        from .modeling import ModelError, resolve_source
+
+        try:
+            resolve_source(model, gguf_file)  # classifies (and builds the smoke model); loads nothing
+        except ModelError as err:
+            raise PredictError(str(err)) from None
+        return ModelSpec("model", model, model, gguf_file, {}, None)
+
+    recipe = _read_yaml(path / RECIPE_FILE) if (path / RECIPE_FILE).is_file() else {}
+    parent_recipe = path.parent / RECIPE_FILE  # outputs/<run>/merged: the run's recipe is one level up
+    run_dir = path if recipe or parent_recipe.is_file() else None
+    if (path / ADAPTER_CONFIG).is_file():
+        config = _read_json(path / ADAPTER_CONFIG)
+        recorded = [n for n in (recipe.get("model_name_or_path"), config.get("base_model_name_or_path")) if n]
+        if base is not None and recorded and not force and not any(same_model(base, r) for r in recorded):
+            raise PredictError(
+                f"--base {base} does not match the base {recorded[0]} that the adapter in {model} was "
+                "trained on; pass --force to load it anyway"
+            )
+        chosen = base or (recorded[0] if recorded else None)
+        if not chosen:
+            raise PredictError(f"{path / ADAPTER_CONFIG} names no base model: pass --base")
+        gguf = gguf_file or (recipe.get("gguf_file") if chosen == recipe.get("model_name_or_path") else None)
+        return ModelSpec("adapter", str(path), chosen, gguf, recipe, path)
+    weights = [f for f in ADAPTER_WEIGHTS if (path / f).is_file()]
+    if weights:
+        raise PredictError(
+            f"{model} holds {weights[0]} but no {ADAPTER_CONFIG}: an incomplete adapter (copy its "
+            f"{ADAPTER_CONFIG} from the training output_dir)"
+        )
+    if (path / "config.json").is_file() or gguf_file or any(path.glob("*.gguf")):
+        if base is not None:
+            raise PredictError(f"--base applies to adapter directories only; {model} is a full model")
+        if not recipe and parent_recipe.is_file():
+            recipe = _read_yaml(parent_recipe)
+        return ModelSpec("model", str(path), str(path), gguf_file, recipe, run_dir)
+    checkpoints = sorted(
+        path.glob("checkpoint-*"),
+        key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
+    )
+    hint = f" (training has not finished? its last checkpoint is {checkpoints[-1]})" if checkpoints else ""
+    raise PredictError(
+        f"{model} is neither a saved model (config.json) nor a PEFT adapter ({ADAPTER_CONFIG}){hint}"
+    )
+
+
+def quant_label(load_in_4bit: bool, dtype: Any) -> str:
+    return "4-bit NF4" if load_in_4bit else str(dtype).replace("torch.", "")
+
+
+def method_label(spec: ModelSpec, eg_k: int) -> str:
+    """LoRA/DoRA/QLoRA/QDoRA (as trained) for fine-tunes, "base (k-shot)" for everything else."""
+    if spec.recipe:
+        from .recipes import method_name
+
+        method = spec.recipe.get("method") or method_name(spec.recipe)
+        return method if spec.kind == "adapter" else f"{method} (merged)"
+    return f"base ({eg_k}-shot)"
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The command line with every default resolved (recipe values, data dir, output files)."""
+
+    spec: ModelSpec
+    split: str
+    data_dir: Path
+    eg_k: int
+    context: str
+    max_prompt_tokens: int
+    load_in_4bit: bool
+    num_samples: int
+    do_sample: bool
+    output_dir: Path
+    tag: str
+
+    def path(self, kind: str) -> Path:
+        return self.output_dir / f"{kind}_{self.tag}.json"
+
+
+def _sanitize(name: str) -> str:
+    name = name.removeprefix("builtin:").rstrip("/")
+    stem = Path(name).name.removesuffix(".gguf") or name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-") or "model"
+
+
+def resolve_settings(args: PredictArguments) -> Settings:
+    spec = inspect_model(args.model, args.base, args.force, args.gguf_file)
+    recipe = spec.recipe
+    eg_k = args.eg_k if args.eg_k is not None else int(recipe.get("eg_k") or 0)
+    context = args.context or recipe.get("context") or "full"
+    if eg_k < 0:
+        raise PredictError(f"--eg_k must be >= 0, got {eg_k}")
+    if context not in ("full", "gold"):
+        raise PredictError(f"--context must be full or gold, got {context!r}")
+    max_prompt = args.max_prompt_tokens or recipe.get("max_prompt_tokens") or DEFAULT_MAX_PROMPT_TOKENS
+    max_prompt = int(max_prompt) + (SHOT_TOKENS * eg_k if args.max_prompt_tokens is None else 0)
+    trained_4bit = spec.kind == "adapter" and bool(recipe.get("load_in_4bit"))
+    load_in_4bit = trained_4bit if args.load_in_4bit is None else bool(args.load_in_4bit)
+    if args.num_samples < 1:
+        raise PredictError(f"--num_samples must be >= 1, got {args.num_samples}")
+    do_sample = args.do_sample or args.num_samples > 1  # N greedy samples would all be the same
+    if args.max_new_tokens < 1 or args.save_every < 1 or (args.limit is not None and args.limit < 1):
+        raise PredictError("--max_new_tokens, --save_every and --limit must be >= 1")
+    if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
+        raise PredictError(f"--batch_size must be a positive integer or auto, got {args.batch_size!r}")
+    if not args.split.strip():
+        raise PredictError("--split is empty: use train, dev, test or private_test")
+
+    data_dir = args.data_dir or recipe.get("data_dir")  # evaluate on the data the run was trained on
+    data_dir = resolve_data_dir(data_dir)
+
+    if args.output_dir:
+        output_dir = Path(args.output_dir)
+    elif spec.run_dir is not None:
+        output_dir = spec.run_dir
+    else:
+        name = _sanitize(spec.model) + ("-4bit" if load_in_4bit else "")
+        output_dir = Path("outputs") / f"{name}-{eg_k}shot"
+
+    parts = [args.split]
+    if eg_k:
+        parts.append(f"{eg_k}shot")
+    if context != "full":
+        parts.append(context)
+    if load_in_4bit != trained_4bit:  # evaluated unlike it was trained / unlike the plain model
+        parts.append("4bit" if load_in_4bit else "bf16")
+    if args.num_samples > 1:
+        parts.append(f"sc{args.num_samples}")
+    elif do_sample:
+        parts.append("sample")
+    return Settings(
+        spec,
+        args.split,
+        data_dir,
+        eg_k,
+        context,
+        max_prompt,
+        load_in_4bit,
+        args.num_samples,
+        do_sample,
+        output_dir,
+        "_".join(parts),
+    )
+
+
+# ------------------------------------------------------------------------------------------- predictions
+
+
+def load_existing(path: Path, split_ids: set[str], split: str) -> list[dict[str, Any]]:
+    """Predictions already made (to resume from); refuse a file of another split instead of mixing."""
+    if not path.is_file():
+        return []
+    data = _read_json(path)
+    if not isinstance(data, list) or not all(
+        isinstance(p, dict) and "id" in p and "predicted" in p for p in data
+    ):
+        raise PredictError(f"{path} is not a predictions list: delete it or pass --overwrite")
+    foreign = [p["id"] for p in data if p["id"] not in split_ids]
+    if foreign:
+        raise PredictError(
+            f"{path} holds {len(foreign)} id(s) not in split {split!r} (e.g. {foreign[0]!r}): it belongs to "
+            "another split or data set; pick another --output_dir or pass --overwrite"
+        )
+    seen: dict[str, dict[str, Any]] = {}
+    for p in data:
+        seen.setdefault(p["id"], p)
+    return list(seen.values())
+
+
+def _check_not_stale(pred_path: Path, spec: ModelSpec) -> None:
+    """Refuse to resume predictions of weights that have changed since (a retrained run in the same dir)."""
+    model_dir = Path(spec.model)
+    if not model_dir.is_dir():
+        return
+    weights = [p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]
+    newer = [p for p in weights if p.stat().st_mtime > pred_path.stat().st_mtime]
+    if newer:
+        raise PredictError(
+            f"{pred_path} is older than {newer[0]} (retrained since?): pass --overwrite to predict again "
+            "instead of mixing two models' predictions"
+        )
+
+
+def _answer_key(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"  # nan != nan: would never agree with itself
+    return value
+
+
+def vote(runs: Sequence[Execution]) -> int:
+    """Self-consistency: the index of the first sample carrying the most frequent executed answer.
+
+    Invalid samples do not vote; ties go to the answer seen first; when every sample is invalid, sample 0.
+    """
+    counts: dict[Any, int] = {}
+    first: dict[Any, int] = {}
+    for i, run in enumerate(runs):
+        if run.invalid or run.value is None:
+            continue
+        key = _answer_key(run.value)
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, i)
+    if not counts:
+        return 0
+    best = max(counts, key=lambda k: (counts[k], -first[k]))
+    return first[best]
+
+
+def make_entry(example_id: str, texts: Sequence[str], table: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """One official-format prediction from the generated text(s); several texts are voted on."""
+    programs = [parse_generation(t) for t in texts]
+    if len(texts) == 1:
+        return {"id": example_id, "predicted": programs[0], "raw": texts[0]}
+    runs = [execute(p, table) for p in programs]
+    chosen = vote(runs)
+    answers = [None if r.invalid else _answer_key(r.value) for r in runs]
+    return {
+        "id": example_id,
+        "predicted": programs[chosen],
+        "raw": texts[chosen],
+        "samples": list(texts),
+        "answers": answers,
+    }
+
+
+# --------------------------------------------------------------------------------------------- generation
+
+
+def load_model(settings: Settings, args: PredictArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import torch
+
+    from . import modeling
+
+    spec = settings.spec
+    kwargs: dict[str, Any] = {"dtype": args.dtype, "load_in_4bit": settings.load_in_4bit}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model, tokenizer = modeling.load(spec.load_from, gguf_file=spec.gguf_file, **kwargs)
+    if spec.kind == "adapter":
+        from peft import PeftModel
+
+        adapter_dir = Path(spec.model)
+        # Training saves the tokenizer it used (chat template, pad token) beside the adapter.
+        if (adapter_dir / "tokenizer_config.json").is_file():
+            tokenizer = modeling.load_tokenizer(modeling.ModelSource("local", str(adapter_dir)))
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        if args.merge_in_memory and not settings.load_in_4bit:  # merging into NF4 would round the weights
+            model = model.merge_and_unload()
+        modeling.sync_special_tokens(
+            model.get_base_model() if hasattr(model, "get_base_model") else model, tokenizer
+        )
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues at the right end of every row
+    return model, tokenizer
+
+
+def build_prompts(examples: Sequence[dict], tokenizer: Any, settings: Settings) -> list[list[int]]:
+    """Chat-templated prompt token ids (assistant header appended), one list per example."""
+    from .prompts import format_split
+
+    train = load_split(settings.data_dir, "train") if settings.eg_k else None
+    try:
+        records = format_split(
+            examples,
+            context=settings.context,
+            eg_k=settings.eg_k,
+            train_examples=train,
+            tokenizer=tokenizer,
+            max_prompt_tokens=settings.max_prompt_tokens,
+            trim="question",  # never trim by the gold facts
+        )
+    except ValueError as err:
+        raise PredictError(" ".join(str(err).split())) from None
+    texts = [
+        tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
+        for r in records
+    ]
+    # The template already holds BOS: tokenizing again must not add a second one.
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def token_budget(model: Any, args: PredictArguments) -> int:
+    """Tokens (rows x (prompt + new)) per batch, from free GPU memory / (KV cache + prefill activations)."""
+    import torch
+
+    if args.max_batch_tokens:
+        return args.max_batch_tokens
+    if not torch.cuda.is_available():
+        return CPU_TOKEN_BUDGET
+    free, _ = torch.cuda.mem_get_info()
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv = 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", heads) * head_dim
+    activations = 4 * cfg.hidden_size + 3 * cfg.intermediate_size  # one layer's prefill peak, per token
+    elem = 2 if model.dtype in (torch.bfloat16, torch.float16) else 4
+    return max(1024, int(0.5 * free / ((kv + activations) * elem)))
+
+
+def next_batch(
+    pending: Sequence[int],
+    lengths: Sequence[int],
+    *,
+    rows_cap: int | None,
+    budget: int,
+    max_new_tokens: int,
+    num_samples: int,
+) -> int:
+    """How many of `pending` (longest first) go into the next batch; at least one."""
+    if rows_cap is not None:
+        return min(rows_cap, len(pending))
+    longest = lengths[pending[0]] + max_new_tokens  # left padding: every row is as long as the longest
+    n = max(1, budget // (longest * num_samples))
+    return min(n, len(pending), max(1, MAX_BATCH_ROWS // num_samples))
+
+
+class Generator:
+    """Batched, left-padded generation that stops at the end-of-turn token."""
+
+    def __init__(self, model: Any, tokenizer: Any, args: PredictArguments, settings: Settings) -> None:
+        from .modeling import end_of_turn_token
+
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        eot = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.kwargs: dict[str, Any] = {
+            "max_new_tokens": args.max_new_tokens,
+            "do_sample": settings.do_sample,
+            "num_return_sequences": settings.num_samples,
+            "eos_token_id": list(dict.fromkeys([eot, *eos])),
+            "pad_token_id": tokenizer.pad_token_id,
+            "use_cache": True,
+        }
+        if settings.do_sample:
+            self.kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=None)
+        else:  # instruct models ship sampling defaults (Llama 3: T=0.6, p=0.9) that greedy must not inherit
+            self.kwargs.update(temperature=None, top_p=None, top_k=None)
+
+    def __call__(self, prompts: Sequence[Sequence[int]], ids: Sequence[str]) -> list[list[str]]:
+        import torch
+        from transformers import set_seed
+
+        # Seeded from the batch's ids: a batch samples the same programs whatever ran before it (resume).
+        set_seed(self.args.seed + zlib.crc32("\n".join(ids).encode()) % 1_000_003)
+        enc = self.tokenizer.pad(
+            {"input_ids": [list(p) for p in prompts]},
+            padding=True,
+            return_tensors="pt",
+        ).to(self.model.device)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **self.kwargs)
+        texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        n = self.kwargs["num_return_sequences"]
+        return [[t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(prompts))]
+
+
+def generate_all(
+    generate: Any,
+    prompts: Sequence[Sequence[int]],
+    ids: Sequence[str],
+    *,
+    batch_size: int | None,
+    budget: int,
+    max_new_tokens: int,
+    num_samples: int,
+    on_batch: Any,
+    progress: bool = True,
+) -> None:
+    """Longest prompts first (an OOM shows at once); on CUDA OOM halve the batch and retry it."""
+    import torch
+    from tqdm.auto import tqdm
+
+    lengths = [len(p) for p in prompts]
+    pending = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    bar = tqdm(total=len(pending), desc="generating", unit="ex", disable=None if progress else True)
+    try:
+        while pending:
+            n = next_batch(
+                pending,
+                lengths,
+                rows_cap=batch_size,
+                budget=budget,
+                max_new_tokens=max_new_tokens,
+                num_samples=num_samples,
+            )
+            chunk = pending[:n]
+            try:
+                texts = generate([prompts[i] for i in chunk], [ids[i] for i in chunk])
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+                texts = None  # free the failed batch's tensors (held by the traceback) before retrying
+            if texts is None:
+                torch.cuda.empty_cache()
+                if batch_size is not None:
+                    batch_size = max(1, n // 2)
+                budget = max(1, (n // 2) * (lengths[chunk[0]] + max_new_tokens) * num_samples)
+                logger.warning("out of memory at %d prompts per batch: retrying with %d", n, max(1, n // 2))
+                continue
+            pending = pending[n:]
+            on_batch(chunk, texts)
+            bar.update(n)
+    finally:
+        bar.close()
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def predict(args: PredictArguments) -> tuple[Settings, dict[str, Any] | None]:
+    """The whole run; returns the settings and metrics (None for an unlabelled split). Raises PredictError."""
+    settings = resolve_settings(args)
+    all_examples = load_split(settings.data_dir, settings.split)
+    if not all_examples:
+        raise PredictError(f"split {settings.split!r} in {settings.data_dir} has no examples")
+    examples = all_examples[: args.limit] if args.limit else all_examples
+    pred_path = settings.path("predictions")
+    existing = (
+        [] if args.overwrite else load_existing(pred_path, {e["id"] for e in all_examples}, settings.split)
+    )
+    if existing:
+        _check_not_stale(pred_path, settings.spec)
+    done = {p["id"] for p in existing}
+    todo = [e for e in examples if e["id"] not in done]
+    logger.info(
+        "%s on %s/%s: %d examples, %d already in %s",
+        settings.spec.model,
+        settings.data_dir,
+        settings.split,
+        len(examples),
+        len(examples) - len(todo),
+        pred_path,
+    )
+
+    predictions = list(existing)
+    run_info: dict[str, Any] = {}
+    if todo:
+        run_info = _generate(settings, args, todo, predictions, pred_path)
+    elif args.overwrite or not pred_path.is_file():
+        write_json_atomic(pred_path, predictions)
+
+    if not all("program" in e.get("qa", {}) and "exe_ans" in e.get("qa", {}) for e in examples):
+        logger.info("split %r is unlabelled: predictions in %s, nothing to score", settings.split, pred_path)
+        return settings, None
+    wanted = {e["id"]: i for i, e in enumerate(examples)}
+    scored = sorted((p for p in predictions if p["id"] in wanted), key=lambda p: wanted[p["id"]])
+    metrics, details = score(scored, examples)
+    raw = {p["id"]: p.get("raw") for p in scored}
+    for d in details:
+        d["raw"] = raw.get(d["id"])
+    if not todo and settings.path("metrics").is_file():  # nothing generated now: keep the last run's timing
+        old = _read_json(settings.path("metrics"))
+        run_info = {k: old[k] for k in RUN_INFO_KEYS if isinstance(old, dict) and k in old}
+    spec = settings.spec
+    metrics.update(
+        model=spec.model,
+        adapter=spec.adapter,
+        base=spec.load_from if spec.kind == "adapter" else spec.recipe.get("model_name_or_path"),
+        recipe=spec.recipe.get("recipe"),
+        method=method_label(spec, settings.eg_k),
+        split=settings.split,
+        data_dir=str(settings.data_dir),
+        eg_k=settings.eg_k,
+        context=settings.context,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        decoding="sample" if settings.do_sample else "greedy",
+        num_samples=settings.num_samples,
+        temperature=args.temperature if settings.do_sample else None,
+        top_p=args.top_p if settings.do_sample else None,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        tag=settings.tag,
+        quant=quant_label(settings.load_in_4bit, run_info.get("dtype", args.dtype or "auto")),
+        **{k: run_info.get(k) for k in RUN_INFO_KEYS if k not in ("dtype", "quant")},
+    )
+    write_json_atomic(settings.path("details"), details)
+    write_json_atomic(settings.path("metrics"), metrics)
+    return settings, metrics
+
+
+RUN_INFO_KEYS = (
+    "dtype",
+    "device",
+    "n_generated",
+    "load_seconds",
+    "generation_seconds",
+    "examples_per_s",
+    "seconds_per_example",
+    "max_batch_tokens",
+    "peak_gpu_memory_gib",
+)
+
+
+def _generate(
+    settings: Settings, args: PredictArguments, todo: list[dict], predictions: list[dict], pred_path: Path
+) -> dict[str, Any]:
+    """Generate for `todo`, appending to `predictions` and checkpointing them; returns device/timing info."""
+    t0 = time.perf_counter()
+    try:
+        model, tokenizer = load_model(settings, args)
+    except (OSError, ValueError) as err:  # e.g. a Hub id that does not exist, or no network to fetch it
+        raise PredictError(f"cannot load {settings.spec.load_from}: {_one_line(err)}") from None
+    load_s = time.perf_counter() - t0
+    prompts = build_prompts(todo, tokenizer, settings)
+    generate = Generator(model, tokenizer, args, settings)
+    budget = token_budget(model, args)
+    ids = [e["id"] for e in todo]
+    tables = {e["id"]: e.get("table", []) for e in todo}
+    n_before = len(predictions)
+    batches = 0
+
+    def on_batch(chunk: list[int], texts: list[list[str]]) -> None:
+        nonlocal batches
+        predictions.extend(make_entry(ids[i], t, tables[ids[i]]) for i, t in zip(chunk, texts, strict=True))
+        batches += 1
+        if batches % args.save_every == 0:
+            write_json_atomic(pred_path, predictions)
+
+    t0 = time.perf_counter()
+    try:
+        generate_all(
+            generate,
+            prompts,
+            ids,
+            batch_size=None if args.batch_size == "auto" else int(args.batch_size),
+            budget=budget,
+            max_new_tokens=args.max_new_tokens,
+            num_samples=settings.num_samples,
+            on_batch=on_batch,
+        )
+    finally:  # Ctrl-C or a crash: keep every finished batch
+        if len(predictions) > n_before:
+            write_json_atomic(pred_path, predictions)
+    gen_s = time.perf_counter() - t0
+    n = len(predictions) - n_before
+    import torch
+
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "device": str(model.device),
+        "n_generated": n,
+        "load_seconds": round(load_s, 2),
+        "generation_seconds": round(gen_s, 3),
+        "examples_per_s": round(n / gen_s, 3) if gen_s > 0 else None,
+        "seconds_per_example": round(gen_s / n, 4) if n else None,
+        "max_batch_tokens": None if args.batch_size != "auto" else budget,
+        "peak_gpu_memory_gib": None if peak is None else round(peak, 2),
+    }
+
+
+def _summary(metrics: dict[str, Any], path: Path) -> str:
+    speed = f", {metrics['examples_per_s']} ex/s" if metrics.get("examples_per_s") else ""
+    return (
+        f"{metrics['split']}: exe_acc {metrics['exe_acc']:.4f}  prog_acc {metrics['prog_acc']:.4f}  "
+        f"invalid {metrics['invalid']:.4f}  (n={metrics['n']}{speed}) -> {path}"
+    )
+
+
+def compare_with_greedy(settings: Settings, metrics: dict[str, Any]) -> str | None:
+    """Greedy vs self-consistency, side by side, when the greedy run of the same setup exists."""
+    greedy_tag = re.sub(r"_(sc\d+|sample)$", "", settings.tag)
+    greedy_file = settings.output_dir / f"metrics_{greedy_tag}.json"
+    if greedy_tag == settings.tag or not greedy_file.is_file():
+        return None
+    try:
+        greedy = json.loads(greedy_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    rows = [("greedy", greedy), (f"self-consistency x{settings.num_samples}", metrics)]
+    lines = ["| decoding | exe_acc | prog_acc | invalid | n |", "| --- | --- | --- | --- | --- |"]
+    for name, m in rows:
+        lines.append(
+            f"| {name} | {m.get('exe_acc', 0):.4f} | {m.get('prog_acc', 0):.4f} | "
+            f"{m.get('invalid', 0):.4f} | {m.get('n')} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> PredictArguments:
+    from transformers import HfArgumentParser
+
+    class _Parser(HfArgumentParser):
+        def error(self, message: str):  # noqa: ANN201 - argparse: one line + exit code 2
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    parser = _Parser(
+        PredictArguments, prog="python -m finqa_trl.predict", description=__doc__.split("\n\n")[0]
+    )
+    args, rest = parser.parse_args_into_dataclasses(
+        list(argv) if argv is not None else None, return_remaining_strings=True
+    )
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    from .modeling import ModelError
+
+    try:
+        settings, metrics = predict(args)
+    except (PredictError, DataError, ScoreError, ModelError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # every finished batch is already on disk
+        print(
+            "interrupted: finished predictions are kept; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    if metrics is not None:
+        print(_summary(metrics, settings.path("metrics")))
+        table = compare_with_greedy(settings, metrics)
+        if table:
+            print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

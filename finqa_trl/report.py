@@ -1,0 +1,243 @@
+"""Results table (markdown) and grouped bar chart from the metrics files that evaluation wrote.
+
+    python -m finqa_trl.report [--outputs outputs] [--results DIR] [--markdown FILE|-] [--plot FILE|none]
+
+Gathers every `metrics_*.json` under `--outputs` (any depth: `outputs/<run>/merged/` too) and, when
+`--results DIR` is given, under DIR as well. One row per model + method + evaluation setup, with dev and
+test side by side: Model | Method | Quant | Dev Acc | Test Acc | Dev Prog | Test Prog | Invalid | Notes.
+Method and quantization come from the metrics (finqa_trl.predict records them), else from the run's
+`recipe.yaml`, else "base (k-shot)". The table is printed and written to `--markdown` (default
+results/README-table.md; `-`: print only); the chart goes to `--plot` (default results/accuracy.png).
+With nothing to report, one line says so and nothing is written. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import SPLITS
+from .recipes import method_name, quantization_name
+
+HEADER = ("Model", "Method", "Quant", "Dev Acc", "Test Acc", "Dev Prog", "Test Prog", "Invalid", "Notes")
+RECIPE_FILE = "recipe.yaml"
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    quant: str
+    notes: list[str]
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> metrics
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return (self.model, self.method, self.quant, *self.notes)
+
+    def value(self, split: str, metric: str) -> float | None:
+        v = self.splits.get(split, {}).get(metric)
+        return float(v) if isinstance(v, (int, float)) else None
+
+
+def find_metrics(roots: Iterable[Path]) -> list[Path]:
+    files: list[Path] = []
+    for root in roots:
+        if root.is_dir():
+            files.extend(sorted(root.rglob("metrics_*.json")))
+    return list(dict.fromkeys(p.resolve() for p in files))
+
+
+def _split_of(path: Path, metrics: dict[str, Any]) -> str:
+    if isinstance(metrics.get("split"), str):
+        return metrics["split"]
+    tag = path.stem.removeprefix("metrics_")
+    for split in sorted(SPLITS, key=len, reverse=True):  # private_test before test
+        if tag == split or tag.startswith(split + "_"):
+            return split
+    return tag.split("_")[0]
+
+
+def _recipe_near(path: Path) -> dict[str, Any]:
+    """The recipe.yaml of the run a metrics file belongs to (beside it, or one up for <run>/merged)."""
+    for d in (path.parent, path.parent.parent):
+        f = d / RECIPE_FILE
+        if f.is_file():
+            try:
+                data = yaml.safe_load(f.read_text())
+            except (OSError, yaml.YAMLError):
+                return {}
+            return data if isinstance(data, dict) else {}
+    return {}
+
+
+def _short(name: Any) -> str:
+    text = str(name or "?").removeprefix("builtin:").rstrip("/")
+    return Path(text).name.removesuffix(".gguf") or text
+
+
+def describe(path: Path, metrics: dict[str, Any], root: Path | None = None) -> Row:
+    """Model / method / quant / notes of one metrics file (not its numbers)."""
+    recipe = _recipe_near(path)
+    eg_k = int(metrics.get("eg_k") or 0)
+    model = _short(
+        metrics.get("base") or recipe.get("model_name_or_path") or metrics.get("model") or path.parent.name
+    )
+    if metrics.get("method"):
+        method = str(metrics["method"])
+    elif recipe:
+        method = str(recipe.get("method") or method_name(recipe))
+    else:
+        method = f"base ({eg_k}-shot)"
+    quant = str(metrics.get("quant") or (quantization_name(recipe) if recipe else "-"))
+    notes = []
+    where = path.parent
+    if root is not None and where.is_relative_to(root):
+        where = where.relative_to(root)
+    if recipe or not metrics.get("model"):
+        notes.append(str(where))  # which run (output dir) the row is
+    if recipe and eg_k:
+        notes.append(f"{eg_k}-shot")
+    if metrics.get("context") == "gold":
+        notes.append("gold context")
+    if int(metrics.get("num_samples") or 1) > 1:
+        notes.append(f"self-consistency x{metrics['num_samples']}")
+    elif metrics.get("decoding") == "sample":
+        notes.append("sampled")
+    return Row(model, method, quant, notes)
+
+
+def collect(roots: Sequence[Path]) -> tuple[list[Row], list[str]]:
+    """Rows (dev/test of one setup merged into one row) and warnings about unreadable files."""
+    rows: dict[tuple[str, ...], Row] = {}
+    warnings = []
+    for path in find_metrics(roots):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            warnings.append(f"skipped {path}: not readable JSON ({err})")
+            continue
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("exe_acc"), (int, float)):
+            warnings.append(f"skipped {path}: no exe_acc (not a metrics file)")
+            continue
+        root = next((r.resolve() for r in roots if path.is_relative_to(r.resolve())), None)
+        row = describe(path, metrics, root)
+        row = rows.setdefault(row.key, row)
+        split = _split_of(path, metrics)
+        if split in row.splits:
+            warnings.append(f"skipped {path}: {split} of this setup already reported")
+            continue
+        row.splits[split] = metrics
+    ordered = sorted(
+        rows.values(), key=lambda r: (r.model, not r.method.startswith("base"), r.method, r.quant, r.notes)
+    )
+    return ordered, warnings
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(" --- " for _ in HEADER) + "|"]
+    for r in rows:
+        invalid = r.value("test", "invalid")
+        invalid = r.value("dev", "invalid") if invalid is None else invalid
+        extra = list(r.notes)
+        for split in ("dev", "test"):
+            n = r.splits.get(split, {}).get("n")
+            if n is not None:
+                extra.append(f"{split} n={n}")
+        speed = r.splits.get("test", r.splits.get("dev", {})).get("examples_per_s")
+        if speed:
+            extra.append(f"{speed:g} ex/s")
+        others = sorted(set(r.splits) - {"dev", "test"})
+        for split in others:
+            extra.append(
+                f"{split}: acc {_pct(r.value(split, 'exe_acc'))} / prog {_pct(r.value(split, 'prog_acc'))}"
+            )
+        cells = [
+            r.model, r.method, r.quant,
+            _pct(r.value("dev", "exe_acc")), _pct(r.value("test", "exe_acc")),
+            _pct(r.value("dev", "prog_acc")), _pct(r.value("test", "prog_acc")),
+            _pct(invalid), "; ".join(extra),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines.append("")
+    lines.append(
+        "Acc: execution accuracy, Prog: program accuracy (FinQA's evaluate.py), Invalid: share of test "
+        "(else dev) programs that do not execute; all in %."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[Row], path: Path) -> None:
+    """Grouped bars: one group per row, one bar per split x metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers / CI
+    import matplotlib.pyplot as plt
+
+    series = [("dev", "exe_acc", "Dev Acc"), ("test", "exe_acc", "Test Acc"),
+              ("dev", "prog_acc", "Dev Prog"), ("test", "prog_acc", "Test Prog")]  # fmt: skip
+    series = [s for s in series if any(r.value(s[0], s[1]) is not None for r in rows)]
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows) + 2), 4.5))
+    for j, (split, metric, label) in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))]
+        ys = [100 * (r.value(split, metric) or 0.0) for r in rows]
+        ax.bar(xs, ys, width, label=label)
+    labels = [f"{r.model}\n{r.method}, {r.quant}" + "".join(f"\n{n}" for n in r.notes) for r in rows]
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("FinQA: execution (Acc) and program (Prog) accuracy")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)  # atomic: a half-written PNG never replaces the last good one
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m finqa_trl.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--outputs", default="outputs", help="where evaluation wrote metrics (default: outputs)")
+    ap.add_argument("--results", help="also gather metrics_*.json under this folder (e.g. results)")
+    ap.add_argument("--markdown", default="results/README-table.md", help="table file; '-': print only")
+    ap.add_argument("--plot", default="results/accuracy.png", help="bar chart PNG; 'none': no chart")
+    args = ap.parse_args(argv)
+    roots = [Path(args.outputs)] + ([Path(args.results)] if args.results else [])
+    rows, warnings = collect(roots)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if not rows:
+        where = " or ".join(str(r) for r in roots)
+        print(f"nothing to report: no metrics_*.json under {where} (run `make eval` first)", file=sys.stderr)
+        return 0
+    table = markdown(rows)
+    print(table, end="")
+    if args.markdown != "-":
+        out = Path(args.markdown)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(table)
+        tmp.replace(out)
+        print(f"table written to {out}", file=sys.stderr)
+    if args.plot.lower() != "none":
+        plot(rows, Path(args.plot))
+        print(f"chart written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

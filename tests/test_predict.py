@@ -1,0 +1,310 @@
+"""Inference end to end on the CPU with the smoke model: base, adapter, merged and 4-bit runs, resuming,
+self-consistency voting, and the one-line errors for bad input.
+
+One tiny adapter is trained per module through the real entry point; every prediction run generates only a
+few tokens per example (the smoke model writes noise, which must count as invalid, never crash).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finqa_trl import merge, predict
+from finqa_trl.data import FIXTURE_DIR, load_split
+from finqa_trl.dsl import Execution
+from finqa_trl.modeling import SMOKE_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TEST = len(load_split(FIXTURE_DIR, "test"))
+FAST = ["--max_new_tokens", "6", "--data_dir", str(FIXTURE_DIR)]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "smoke"
+    cmd = [sys.executable, "-m", "finqa_trl.train", "--config", "recipes/smoke.yaml", "--output_dir",
+           str(out), "--max_steps", "2", "--save_strategy", "no", "--data_dir", str(FIXTURE_DIR)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "adapter_config.json").is_file() and (out / "recipe.yaml").is_file()
+    return out
+
+
+def run(*argv: str) -> int:
+    return predict.main([*argv, *FAST])
+
+
+def read(path: Path):
+    return json.loads(path.read_text())
+
+
+def check_outputs(out: Path, tag: str = "test") -> dict:
+    preds = read(out / f"predictions_{tag}.json")
+    metrics = read(out / f"metrics_{tag}.json")
+    details = read(out / f"details_{tag}.json")
+    assert len(preds) == metrics["n"] == len(details) == N_TEST
+    assert {p["id"] for p in preds} == {e["id"] for e in load_split(FIXTURE_DIR, "test")}
+    for p in preds:
+        assert p["predicted"][-1] == "EOF" and isinstance(p["raw"], str)
+    assert {"question", "gold_program", "predicted_program", "value", "gold_value", "invalid_reason"} <= set(
+        details[0]
+    )
+    assert {"by_steps", "by_op", "examples_per_s", "generation_seconds", "quant", "eg_k", "context"} <= set(
+        metrics
+    )
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ model kinds
+
+
+def test_base_model_greedy_then_self_consistency(tmp_path, capsys):
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path)) == 0
+    m = check_outputs(tmp_path)
+    assert m["method"] == "base (0-shot)" and m["adapter"] is None and m["decoding"] == "greedy"
+    assert m["n_generated"] == N_TEST and m["invalid"] == 1.0  # random weights: noise, scored as invalid
+
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path), "--num_samples", "2") == 0
+    sc = check_outputs(tmp_path, "test_sc2")
+    assert sc["num_samples"] == 2 and sc["decoding"] == "sample"
+    for p in read(tmp_path / "predictions_test_sc2.json"):
+        assert len(p["samples"]) == 2 and p["raw"] in p["samples"]
+    out = capsys.readouterr().out
+    assert "| greedy |" in out and "| self-consistency x2 |" in out  # side by side
+
+
+def test_adapter_writes_into_its_run_dir(adapter):
+    assert run("--model", str(adapter)) == 0
+    m = check_outputs(adapter)
+    assert m["adapter"] == str(adapter) and m["base"] == SMOKE_MODEL and m["method"] == "LoRA"
+    assert m["recipe"] == "smoke"
+
+
+def test_merged_model(adapter, tmp_path):
+    merged = tmp_path / "merged"
+    assert merge.main([str(adapter), "--output", str(merged)]) == 0
+    assert (merged / "config.json").is_file() and (merged / "recipe.yaml").is_file()
+    assert run("--model", str(merged)) == 0  # a run's copy: evaluated in place
+    m = check_outputs(merged)
+    assert m["adapter"] is None and m["method"] == "LoRA (merged)"
+
+
+def test_adapter_on_4bit_base(adapter, tmp_path):
+    from finqa_trl.modeling import ModelError, check_4bit_supported
+
+    try:
+        check_4bit_supported()
+    except ModelError as err:
+        pytest.skip(str(err))
+    assert run("--model", str(adapter), "--load_in_4bit", "--output_dir", str(tmp_path)) == 0
+    m = check_outputs(tmp_path, "test_4bit")
+    assert m["quant"] == "4-bit NF4"
+
+
+def test_default_output_dir_for_hub_and_builtin_models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = predict.resolve_settings(predict.parse_args(["--model", SMOKE_MODEL, "--eg_k", "2"]))
+    assert s.output_dir == Path("outputs/smoke-llama-2shot") and s.tag == "test_2shot"
+    s = predict.resolve_settings(predict.parse_args(["--model", "meta-llama/Llama-3.2-1B-Instruct",
+                                                     "--load_in_4bit", "--split", "dev"]))  # fmt: skip
+    assert s.output_dir == Path("outputs/Llama-3.2-1B-Instruct-4bit-0shot") and s.tag == "dev_4bit"
+
+
+# -------------------------------------------------------------------------------------------- resuming
+
+
+def test_resume_generates_only_missing_ids(tmp_path, monkeypatch):
+    ids = [e["id"] for e in load_split(FIXTURE_DIR, "test")]
+    done = [{"id": i, "predicted": ["EOF"], "raw": "PREWRITTEN"} for i in ids[:2]]
+    (tmp_path / "predictions_test.json").write_text(json.dumps(done))
+    generated: list[str] = []
+    original = predict.Generator.__call__
+
+    def counting(self, prompts, batch_ids):
+        generated.extend(batch_ids)
+        return original(self, prompts, batch_ids)
+
+    monkeypatch.setattr(predict.Generator, "__call__", counting)
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path), "--batch_size", "2") == 0
+    assert sorted(generated) == sorted(ids[2:])
+    preds = {p["id"]: p for p in read(tmp_path / "predictions_test.json")}
+    assert [preds[i]["raw"] for i in ids[:2]] == ["PREWRITTEN"] * 2
+    m = check_outputs(tmp_path)
+    assert m["n_generated"] == N_TEST - 2
+
+    generated.clear()  # everything done: nothing is generated, metrics are rewritten
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path)) == 0
+    assert generated == []
+
+
+def test_interrupted_run_keeps_finished_batches(tmp_path, monkeypatch):
+    calls = 0
+    original = predict.Generator.__call__
+
+    def crash_on_third(self, prompts, batch_ids):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return original(self, prompts, batch_ids)
+
+    monkeypatch.setattr(predict.Generator, "__call__", crash_on_third)
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path), "--batch_size", "1") == 130
+    assert len(read(tmp_path / "predictions_test.json")) == 2  # complete JSON, the two finished batches
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_batches_longest_first_within_budget_and_halved_on_oom():
+    import torch
+
+    prompts = [[1] * n for n in (5, 30, 10, 20, 40, 15)]
+    seen: list[list[int]] = []
+
+    def fake_generate(batch, batch_ids):
+        if len(batch) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        seen.append([len(p) for p in batch])
+        return [[f"add({len(p)}, 1)"] for p in batch]
+
+    done: list[str] = []
+    predict.generate_all(
+        fake_generate, prompts, [str(i) for i in range(6)], batch_size=None, budget=10_000, max_new_tokens=4,
+        num_samples=1, on_batch=lambda chunk, texts: done.extend(str(i) for i in chunk), progress=False,
+    )  # fmt: skip
+    # The budget allowed all 6; the OOM halved it to 3 x 44 tokens, which then fits 3 shorter prompts too.
+    assert seen == [[40, 30, 20], [15, 10, 5]]
+    assert sorted(done) == [str(i) for i in range(6)]
+    # The token budget bounds rows x (longest prompt + new tokens) x samples.
+    assert predict.next_batch([4, 1, 3], [5, 30, 10, 20, 40], rows_cap=None, budget=100, max_new_tokens=10,
+                              num_samples=1) == 2  # fmt: skip
+    assert predict.next_batch([4, 1, 3], [5, 30, 10, 20, 40], rows_cap=None, budget=100, max_new_tokens=10,
+                              num_samples=2) == 1  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ self-consistency
+
+
+def ok(value) -> Execution:
+    return Execution(False, value)
+
+
+BAD = Execution(True, None, "malformed program")
+
+
+@pytest.mark.parametrize(
+    ("runs", "chosen"),
+    [
+        ([ok(1.0), ok(2.0), ok(2.0)], 1),  # majority; the first sample carrying it
+        ([ok(1.0), ok(2.0), ok(2.0), ok(1.0)], 0),  # tie: the answer seen first
+        ([BAD, BAD, ok(3.0)], 2),  # invalid samples do not vote...
+        ([BAD, ok(5.0), BAD, BAD, ok(6.0)], 1),  # ...even when they are the majority
+        ([BAD, BAD], 0),  # all invalid: the first sample
+        ([ok("yes"), ok("no"), ok("no")], 1),
+        ([ok(float("nan")), ok(float("nan")), ok(1.0)], 0),  # nan agrees with nan
+    ],
+)
+def test_vote(runs, chosen):
+    assert predict.vote(runs) == chosen
+
+
+def test_make_entry_votes_on_executed_answers():
+    table = [["revenue", "100", "200"]]
+    texts = ["divide(1, 0)", "add(1, 2)", "garbage ((( no program", "subtract(5, 2)", "add(2, 2)"]
+    entry = predict.make_entry("x", texts, table)
+    # 3 wins (twice); the first sample answering 3 is the one kept
+    assert entry["predicted"] == ["add(", "1", "2", ")", "EOF"] and entry["raw"] == "add(1, 2)"
+    assert entry["samples"] == texts and entry["answers"] == [None, 3.0, None, 3.0, 4.0]
+    single = predict.make_entry("y", ["Sure! )))( divide("], table)
+    assert single == {"id": "y", "predicted": ["EOF"], "raw": "Sure! )))( divide("}
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def expect_error(capsys, argv, *fragments: str) -> None:
+    assert run(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    for f in fragments:
+        assert f in err[-1], err[-1]
+
+
+def test_adapter_dir_without_config(adapter, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(adapter / "adapter_model.safetensors", broken)
+    expect_error(capsys, ["--model", str(broken)], "adapter_config.json", "adapter_model.safetensors")
+    assert sorted(p.name for p in broken.iterdir()) == ["adapter_model.safetensors"]  # nothing written
+
+
+def test_directory_that_is_no_model(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    expect_error(capsys, ["--model", str(tmp_path)], "neither a saved model", "nor a PEFT adapter")
+    expect_error(capsys, ["--model", str(tmp_path / "notes.txt")], "is a file")
+    expect_error(capsys, ["--model", str(tmp_path / "missing")], "not found")
+
+
+def test_base_mismatch(adapter, tmp_path, capsys):
+    other = "meta-llama/Llama-3.2-1B-Instruct"
+    argv = ["--model", str(adapter), "--base", other, "--output_dir", str(tmp_path)]
+    expect_error(capsys, argv, "does not match", "--force")
+    assert not any(tmp_path.iterdir())
+    assert predict.same_model("meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-1B-Instruct/")
+
+
+def test_unknown_and_empty_split(tmp_path, capsys):
+    expect_error(capsys, ["--model", SMOKE_MODEL, "--split", "validation", "--output_dir", str(tmp_path)],
+                 "no FinQA split 'validation'")  # fmt: skip
+    expect_error(capsys, ["--model", SMOKE_MODEL, "--split", "", "--output_dir", str(tmp_path)], "--split")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test.json").write_text("[]")
+    assert predict.main(["--model", SMOKE_MODEL, "--data_dir", str(data), "--output_dir", str(tmp_path)]) == 2
+    assert "has no examples" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_predictions_of_another_split_are_not_mixed(tmp_path, capsys):
+    dev_id = load_split(FIXTURE_DIR, "dev")[0]["id"]
+    path = tmp_path / "predictions_test.json"
+    path.write_text(json.dumps([{"id": dev_id, "predicted": ["EOF"]}]))
+    before = path.read_text()
+    expect_error(
+        capsys, ["--model", SMOKE_MODEL, "--output_dir", str(tmp_path)], "not in split 'test'", dev_id
+    )
+    assert path.read_text() == before and not (tmp_path / "metrics_test.json").exists()
+
+
+def test_predictions_of_older_weights_are_not_resumed(adapter, tmp_path, capsys):
+    import os
+
+    ids = [e["id"] for e in load_split(FIXTURE_DIR, "test")]
+    path = tmp_path / "predictions_test.json"
+    path.write_text(json.dumps([{"id": ids[0], "predicted": ["EOF"], "raw": "old"}]))
+    weights = adapter / "adapter_model.safetensors"
+    os.utime(path, (weights.stat().st_mtime - 60, weights.stat().st_mtime - 60))  # written before training
+    expect_error(capsys, ["--model", str(adapter), "--output_dir", str(tmp_path)], "retrained", "--overwrite")
+    assert json.loads(path.read_text())[0]["raw"] == "old"
+
+
+def test_merge_rejects_a_full_model(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert merge.main([str(tmp_path)]) == 2
+    assert "not an adapter" in capsys.readouterr().err
+
+
+def test_cli_exit_code_and_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "finqa_trl.predict", "--model", str(tmp_path), "--bogus_flag", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "--bogus_flag" in proc.stderr

@@ -1,0 +1,120 @@
+"""The results report: one row per setup (dev and test side by side), a PNG chart, and a clear line when
+there is nothing to report. Built from hand-written metrics files, so no model runs here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from finqa_trl import report
+
+
+def metrics(exe: float, prog: float, invalid: float = 0.1, n: int = 100, **extra) -> dict:
+    return {
+        "n": n,
+        "exe_acc": exe,
+        "prog_acc": prog,
+        "invalid": invalid,
+        "by_steps": {},
+        "by_op": {},
+        **extra,
+    }
+
+
+def write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def make_outputs(root: Path) -> Path:
+    out = root / "outputs"
+    recipe = {
+        "recipe": "qdora-1b",
+        "model_name_or_path": "meta-llama/Llama-3.2-1B-Instruct",
+        "use_peft": True,
+        "use_dora": True,
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+    }
+    write(out / "qdora-1b" / "recipe.yaml", yaml.safe_dump(recipe))
+    run = {
+        "model": "outputs/qdora-1b",
+        "base": "meta-llama/Llama-3.2-1B-Instruct",
+        "method": "QDoRA",
+        "quant": "4-bit NF4",
+        "eg_k": 0,
+        "context": "full",
+        "num_samples": 1,
+        "decoding": "greedy",
+    }
+    write(out / "qdora-1b" / "metrics_dev.json", metrics(0.612, 0.583, split="dev", **run))
+    write(
+        out / "qdora-1b" / "metrics_test.json",
+        metrics(0.6, 0.57, 0.02, split="test", examples_per_s=40.5, **run),
+    )
+    sc = {**run, "num_samples": 8, "decoding": "sample"}
+    write(out / "qdora-1b" / "metrics_test_sc8.json", metrics(0.65, 0.6, split="test", **sc))
+    # Written by `python -m finqa_trl.score --output`: no metadata, so the recipe and file name tell.
+    write(out / "qdora-1b" / "merged" / "metrics_test.json", metrics(0.599, 0.569))
+    base = {
+        "model": "meta-llama/Llama-3.2-1B-Instruct",
+        "method": "base (3-shot)",
+        "quant": "bfloat16",
+        "eg_k": 3,
+    }
+    write(
+        out / "Llama-3.2-1B-Instruct-3shot" / "metrics_test_3shot.json",
+        metrics(0.2, 0.15, 0.3, split="test", **base),
+    )
+    write(out / "broken" / "metrics_test.json", "{ not json")
+    write(out / "other" / "metrics_notes.json", {"hello": 1})
+    return out
+
+
+def test_table_and_chart(tmp_path, capsys):
+    out = make_outputs(tmp_path)
+    md, png = tmp_path / "results" / "README-table.md", tmp_path / "results" / "acc.png"
+    assert report.main(["--outputs", str(out), "--markdown", str(md), "--plot", str(png)]) == 0
+    printed, err = capsys.readouterr()
+    table = md.read_text()
+    assert printed == table
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert (
+        lines[0] == "| Model | Method | Quant | Dev Acc | Test Acc | Dev Prog | Test Prog | Invalid | Notes |"
+    )
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert len(rows) == 4
+    base, qdora, sc, merged = rows  # base first, then the fine-tunes by method
+    assert base[:5] == ["Llama-3.2-1B-Instruct", "base (3-shot)", "bfloat16", "-", "20.0"]
+    assert qdora[:8] == ["Llama-3.2-1B-Instruct", "QDoRA", "4-bit NF4", "61.2", "60.0", "58.3", "57.0", "2.0"]
+    assert "qdora-1b" in qdora[8] and "40.5 ex/s" in qdora[8]
+    assert sc[1] == "QDoRA" and sc[4] == "65.0" and "self-consistency x8" in sc[8]
+    assert merged[1] == "QDoRA" and merged[4] == "59.9" and "qdora-1b/merged" in merged[8]
+    assert "broken" in err and "metrics_notes.json" in err  # unreadable files: a warning, not a crash
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(png.parent.glob(".*tmp*"))
+
+
+def test_results_folder_is_gathered_when_asked(tmp_path, capsys):
+    out, res = tmp_path / "outputs", tmp_path / "results"
+    write(
+        res / "h100" / "lora-3b" / "metrics_dev.json",
+        metrics(0.7, 0.68, split="dev", method="LoRA", quant="bf16"),
+    )
+    args = ["--outputs", str(out), "--markdown", "-", "--plot", "none"]
+    assert report.main(args) == 0
+    assert "nothing to report" in capsys.readouterr().err
+    assert report.main([*args, "--results", str(res)]) == 0
+    printed = capsys.readouterr().out
+    assert "| LoRA | bf16 | 70.0 | - | 68.0 | - |" in printed
+    assert not list(tmp_path.rglob("*.md")) and not list(tmp_path.rglob("*.png"))
+
+
+def test_nothing_to_report_writes_nothing(tmp_path, capsys):
+    md = tmp_path / "results" / "README-table.md"
+    assert report.main(["--outputs", str(tmp_path / "outputs"), "--markdown", str(md)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "nothing to report" in captured.err
+    assert not (tmp_path / "results").exists()
