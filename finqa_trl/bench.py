@@ -1,0 +1,404 @@
+"""Training and evaluation throughput on Llama-3.2-1B/3B-shaped models: this project's recipes vs plain TRL.
+
+    python -m finqa_trl.bench --data_dir FINQA_DIR --tokenizer LLAMA3_TOKENIZER_DIR
+        [--shapes 1b 3b] [--methods lora dora qlora qdora] [--variants trl recipe] [--steps 10] [--warmup 3]
+        [--eval] [--out results]
+
+Weights are random (built from the Llama 3.2 configs: the real weights are not needed to time a step), the
+tokenizer is Llama 3's and the prompts are real FinQA examples, so every tensor has its real shape. For each
+(shape, method, variant) one trainer runs `warmup + steps` optimizer steps; tokens/s counts non-padding tokens
+of the timed steps only, peak memory is `torch.cuda.max_memory_allocated` over the whole run (model included).
+
+* `trl`: plain TRL as a user would write it — `SFTTrainer` defaults on the same prompt/completion data,
+  padded batches of 4, gradient checkpointing on, sdpa, the same LoRA/DoRA config and 4-bit base.
+* `recipe`: `recipes/<method>-<shape>.yaml` through this project's own training code, exactly as
+  `make train` builds it (the data, the model and the trainer), timed the same way.
+
+`--eval` also times `finqa_trl.predict` on 1,147 real prompts (the size of the official test split), 20 new
+tokens each (random weights rarely stop earlier), generation plus scoring. Writes `<out>/bench-<date>.json`
+and prints a markdown table. Needs a CUDA GPU, except `--shapes tiny` (a CPU dry run of every code path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import lzma
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .score import write_json_atomic
+
+METHODS = ("lora", "dora", "qlora", "qdora")
+# Llama-3.2-1B/3B-Instruct's config.json, minus the weights.
+SHAPES: dict[str, dict[str, Any]] = {
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+    },
+    "3b": {
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+    },
+    # Not a Llama 3.2 size: runs the whole benchmark end to end on a CPU (tests, dry runs before a GPU lease).
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
+}
+LLAMA32 = {
+    "num_key_value_heads": 8,
+    "head_dim": None,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": True,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "pad_token_id": 128004,
+}
+EVAL_EXAMPLES = 1147
+
+
+def tokenizer_dir(src: Path, dest: Path) -> Path:
+    """The shared Llama 3 tokenizer (tokenizer.json.xz + tokenizer_config.json) as a loadable folder."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name.endswith(".xz"):
+            with lzma.open(f) as fin:
+                (dest / f.name[:-3]).write_bytes(fin.read())
+        elif f.suffix == ".json":
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def build_shape(shape: str, tok_dir: Path, dest: Path) -> Path:
+    """A random-weight Llama-3.2-<shape>-Instruct-shaped model saved in bf16, with the Llama 3 tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (dest / "config.json").is_file():
+        return dest
+    cfg = {**LLAMA32, **SHAPES[shape]}
+    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg["num_key_value_heads"] = min(cfg["num_key_value_heads"], cfg["num_attention_heads"])
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # GPU init: seconds, not minutes
+        model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.bfloat16)
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(dest)
+    del model
+    _empty_cache()
+    return dest
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _Meter:
+    """Trainer callback: wall time and non-padding tokens of the steps after `warmup`."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.t0, self.tok0, self.t1, self.tok1 = warmup, None, 0, None, 0
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class Cb(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+                if state.global_step == meter.warmup:
+                    _sync()
+                    meter.t0, meter.tok0 = time.perf_counter(), state.num_input_tokens_seen
+                elif state.global_step == state.max_steps:
+                    _sync()
+                    meter.t1, meter.tok1 = time.perf_counter(), state.num_input_tokens_seen
+
+        return Cb()
+
+    def result(self) -> dict[str, float]:
+        secs = self.t1 - self.t0
+        tokens = self.tok1 - self.tok0
+        return {"seconds": round(secs, 3), "tokens": int(tokens), "tokens_per_s": round(tokens / secs, 1)}
+
+
+def _plain_trl_trainer(method: str, model_dir: Path, rows: list[dict], total_steps: int, out: Path) -> Any:
+    """What a user assembles by hand from TRL's docs: SFTTrainer defaults + a LoraConfig (+ 4-bit base)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    bf16 = _cuda()  # SFTConfig's bf16 default, which a CPU dry run cannot use
+    kwargs: dict[str, Any] = {
+        "dtype": torch.bfloat16 if bf16 else torch.float32,
+        "attn_implementation": "sdpa",
+    }
+    if method.startswith("q"):
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_storage=torch.bfloat16,
+        )
+    if bf16:
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token_id = 128004  # Llama 3.2's pad (<|finetune_right_pad_id|>), as its model card says
+    args = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=total_steps,
+        learning_rate=1e-4,
+        bf16=bf16,
+        use_cpu=not bf16,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1000,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+    )
+    peft = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", use_dora=method.endswith("dora")
+    )
+    data = Dataset.from_list(rows)
+    return SFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft
+    )
+
+
+def _recipe_trainer(
+    method: str, shape: str, model_dir: Path, data_dir: Path, total_steps: int, out: Path, limit: int | None
+) -> Any:
+    from . import train
+
+    run = train.parse(
+        [
+            "--config", f"recipes/{method}-{'1b' if shape == 'tiny' else shape}.yaml",
+            "--model_name_or_path", str(model_dir),
+            "--data_dir", str(data_dir),
+            "--train_splits", "train", "dev", "test",
+            "--output_dir", str(out),
+            "--max_steps", str(total_steps),
+            "--save_strategy", "no",
+            "--logging_steps", "1000",
+            "--disable_tqdm", "true",
+        ]
+    )  # fmt: skip
+    if limit:
+        run.script.max_train_samples = limit
+    # Set after parsing: the CLI parser reads this str-or-bool field as a bool.
+    run.training.include_num_input_tokens_seen = "non_padding"
+    return train.prepare(run).trainer
+
+
+def bench_training(
+    variant: str,
+    method: str,
+    shape: str,
+    model_dir: Path,
+    data_dir: Path,
+    rows: list[dict],
+    steps: int,
+    warmup: int,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    import torch
+
+    _empty_cache()
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
+    meter = _Meter(warmup)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as tmp:
+        try:
+            if variant == "trl":
+                trainer = _plain_trl_trainer(method, model_dir, rows, warmup + steps, Path(tmp))
+            else:
+                trainer = _recipe_trainer(
+                    method, shape, model_dir, data_dir, warmup + steps, Path(tmp), limit
+                )
+            trainer.add_callback(meter.callback())
+            trainer.train()
+            peak = torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None
+            res = {**meter.result(), "peak_gib": None if peak is None else round(peak, 2)}
+            res["micro_batch"] = trainer.args.per_device_train_batch_size
+            res["grad_accum"] = trainer.args.gradient_accumulation_steps
+        except torch.OutOfMemoryError:
+            res = {"error": "out of memory"}
+        except Exception as err:  # one failing configuration must not lose the others' numbers
+            res = {"error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
+        finally:
+            trainer = None
+            gc.collect()
+            _empty_cache()
+    return {"variant": variant, "method": method, "shape": shape, **res}
+
+
+def bench_eval(shape: str, model_dir: Path, data_dir: Path, out: Path) -> dict[str, Any]:
+    from . import predict
+
+    args = predict.parse_args(
+        [
+            "--model", str(model_dir), "--data_dir", str(data_dir), "--split", "test",
+            "--output_dir", str(out), "--max_new_tokens", "20", "--overwrite", "true",
+        ]
+    )  # fmt: skip
+    t = time.perf_counter()
+    _, metrics = predict.predict(args)
+    wall = time.perf_counter() - t
+    return {
+        "shape": shape,
+        "examples": metrics["n"],
+        "wall_seconds": round(wall, 2),
+        **metrics.get("timing", {}),
+    }
+
+
+def eval_split(records: list[dict], dest: Path) -> Path:
+    """1,147 real prompts: the sample's examples, repeated from the start as needed (distinct ids)."""
+    rows = []
+    for i in range(EVAL_EXAMPLES):
+        ex = dict(records[i % len(records)])
+        ex["id"] = f"{ex['id']}#{i // len(records)}"
+        rows.append(ex)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "test.json").write_text(json.dumps(rows))
+    return dest
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| shape | method | plain TRL tok/s | plain TRL GiB | recipe tok/s | recipe GiB | speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    by = {(r["shape"], r["method"], r["variant"]): r for r in rows if "variant" in r}
+    for shape in SHAPES:
+        for method in METHODS:
+            t, r = by.get((shape, method, "trl")), by.get((shape, method, "recipe"))
+            if not t and not r:
+                continue
+
+            def cell(x: dict | None, key: str) -> str:
+                if x is None:
+                    return "–"
+                return str(x.get(key, x.get("error", "–")))
+
+            up = "–"
+            if t and r and "tokens_per_s" in t and "tokens_per_s" in r:
+                up = f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x"
+            lines.append(
+                f"| {shape} | {method} | {cell(t, 'tokens_per_s')} | {cell(t, 'peak_gib')} | "
+                f"{cell(r, 'tokens_per_s')} | {cell(r, 'peak_gib')} | {up} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m finqa_trl.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data_dir", required=True, help="FinQA folder with train/dev/test (real prompts)")
+    ap.add_argument("--tokenizer", required=True, help="Llama 3 tokenizer folder (tokenizer.json[.xz])")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--variants", nargs="+", default=["trl", "recipe"], choices=["trl", "recipe"])
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    ap.add_argument("--eval", action="store_true", help="also time evaluation (generation + scoring)")
+    ap.add_argument("--workdir", default=None, help="where the random-weight models are saved")
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--max_examples", type=int, default=None, help="use only the first N examples (dry runs)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available() and set(args.shapes) != {"tiny"}:
+        print(
+            "error: timing the 1b/3b shapes needs a CUDA GPU (--shapes tiny runs anywhere)", file=sys.stderr
+        )
+        return 2
+    from .data import load_split
+    from .modeling import load_tokenizer, resolve_source
+    from .prompts import format_split
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="finqa-bench-"))
+    tok = tokenizer_dir(Path(args.tokenizer), work / "tokenizer")
+    records = [ex for s in ("train", "dev", "test") for ex in load_split(args.data_dir, s)]
+    records = records[: args.max_examples] if args.max_examples else records
+    results: list[dict[str, Any]] = []
+    device = torch.cuda.get_device_name(0) if _cuda() else "cpu"
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    out_file = Path(args.out) / f"bench-{stamp}.json"
+    for shape in args.shapes:
+        model_dir = build_shape(shape, tok, work / f"llama-3.2-{shape}")
+        tokenizer = load_tokenizer(resolve_source(str(model_dir)))
+        # The recipes' prompt settings (max_prompt_tokens 3072, trimmed by the gold facts), for both variants.
+        rows = format_split(records, tokenizer=tokenizer, max_prompt_tokens=3072, trim="gold")
+        for method in args.methods:
+            for variant in args.variants:
+                r = bench_training(
+                    variant,
+                    method,
+                    shape,
+                    model_dir,
+                    Path(args.data_dir),
+                    rows,
+                    args.steps,
+                    args.warmup,
+                    args.max_examples,
+                )
+                print(json.dumps(r), flush=True)
+                results.append(r)
+                write_json_atomic(out_file, {"device": device, "date": stamp, "results": results})
+        if args.eval:
+            r = bench_eval(shape, model_dir, eval_split(records, work / "eval-data"), work / f"eval-{shape}")
+            print(json.dumps(r), flush=True)
+            results.append(r)
+            write_json_atomic(out_file, {"device": device, "date": stamp, "results": results})
+    print(f"\n{device}, {args.steps} timed steps after {args.warmup} warm-up steps; {out_file}\n")
+    print(table(results))
+    for r in results:
+        if "examples" in r:
+            print(
+                f"eval {r['shape']}: {r['examples']} examples in {r['wall_seconds']} s (generation + scoring)"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
