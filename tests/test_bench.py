@@ -1,0 +1,56 @@
+"""The benchmark's plumbing (the timing itself needs a GPU: `make bench`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from finqa_trl import bench, train
+
+
+def test_every_lever_is_a_valid_override_of_a_recipe():
+    expected = {
+        "group_by_length": ("train_sampling_strategy", "group_by_length"),
+        "no_ckpt": ("activation_checkpointing", False),
+        "bs8": ("per_device_train_batch_size", 8),
+        "bs16": ("per_device_train_batch_size", 16),
+        "liger": ("use_liger_kernel", True),
+        "compile": ("torch_compile", True),
+    }
+    assert set(expected) == set(bench.LEVERS)
+    base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
+    for name, (field, value) in expected.items():
+        training = train.parse(
+            ["--config", "recipes/lora-1b.yaml", *bench.lever_args(f"recipe:{name}")]
+        ).training
+        assert getattr(training, field) == value != getattr(base, field), name
+        # The objective stays the same: the effective batch is the recipe's 16.
+        assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 16
+
+
+def test_levers_combine_and_unknown_ones_are_refused():
+    assert bench.lever_args("recipe") == []
+    assert bench.lever_args("recipe:group_by_length+bs16") == [
+        *bench.LEVERS["group_by_length"],
+        *bench.LEVERS["bs16"],
+    ]
+    with pytest.raises(SystemExit, match="unknown lever 'turbo'"):
+        bench.lever_args("recipe:turbo")
+
+
+def test_table_compares_each_variant_with_plain_trl():
+    rows = [
+        {"variant": "trl", "shape": "1b", "method": "lora", "tokens_per_s": 1000.0, "peak_gib": 4.8},
+        {"variant": "recipe:bs16", "shape": "1b", "method": "lora", "tokens_per_s": 2500.0, "peak_gib": 5.1},
+        {"variant": "recipe", "shape": "3b", "method": "dora", "error": "out of memory"},
+        {"shape": "1b", "examples": 1147, "wall_seconds": 9.0},
+    ]
+    lines = bench.table(rows).splitlines()
+    assert lines[2] == "| 1b | lora | trl | 1,000 | 4.8 | 1.00x |"
+    assert lines[3] == "| 1b | lora | recipe:bs16 | 2,500 | 5.1 | 2.50x |"
+    assert lines[4] == "| 3b | dora | recipe | out of memory | | |"
+    assert len(lines) == 5
+
+
+def test_cli_refuses_timing_real_shapes_without_a_gpu(capsys, sample_dir):
+    assert bench.main(["--data_dir", str(sample_dir), "--tokenizer", "x", "--shapes", "1b"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
