@@ -36,6 +36,8 @@ def merge(
     """Check the input (PredictError, before loading or writing anything), merge, save; return the output."""
     from .modeling import merge_adapter
 
+    if not Path(adapter_dir).is_dir():  # else a missing local run would be taken for a Hub id
+        raise PredictError(f"{adapter_dir}: no such directory (train it first: make train RECIPE=...)")
     spec = inspect_model(str(adapter_dir), base, force)
     if spec.kind != "adapter":
         raise PredictError(f"{adapter_dir} is a full model, not an adapter: nothing to merge")
@@ -44,6 +46,10 @@ def merge(
         raise PredictError(
             f"{out} exists and is not empty: pass --overwrite to replace it, or another --output"
         )
+    if out.is_dir() and any(out.iterdir()) and overwrite:
+        if not (out / "config.json").is_file():  # --overwrite replaces a model, never an arbitrary folder
+            raise PredictError(f"{out} is not empty and holds no model: pick another --output")
+        shutil.rmtree(out)  # no stale shards of an earlier merge may survive next to the new ones
     # The tokenizer saved beside the adapter is the one it was trained with; merge_adapter copies it.
     merged = merge_adapter(spec.model, out, base=spec.load_from, gguf_file=spec.gguf_file, dtype=dtype)
     if (Path(spec.model) / RECIPE_FILE).is_file():

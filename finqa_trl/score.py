@@ -136,11 +136,16 @@ def score(
     return summarize(details), details
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     """Write-then-rename, so an interrupted run never leaves a truncated file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should read like any other file
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=indent, ensure_ascii=False)
