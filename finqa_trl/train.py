@@ -15,8 +15,9 @@ the recipe -- its `base:` chain resolved first (finqa_trl.recipes) -- and then t
   recipe (`recipe.yaml`) land in output_dir; `--merge` also writes a merged bf16 model to output_dir/merged.
 * Hub pushes (each epoch + final) only with `--push_to_hub true --hub_model_id USER/NAME`; tracking only via
   `--report_to` (e.g. wandb).
-* Bad input (unknown recipe or setting, missing data, 4-bit without bitsandbytes support, an output_dir
-  holding another recipe's run) -> one line on stderr, exit code 2, nothing written.
+* Bad input (unknown recipe or setting, missing data, 4-bit without bitsandbytes support, an 8-bit base, a
+  4-bit base that the launch's FSDP/ZeRO-3 settings would break, an output_dir holding another recipe's run)
+  -> one line on stderr, exit code 2, nothing written.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .modeling import (
     ModelError,
     bf16_supported,
     check_4bit_supported,
+    default_dtype,
     end_of_turn_token,
     load_model,
     load_tokenizer,
@@ -293,9 +295,14 @@ def _validate(run: Run) -> None:
     if not m.model_name_or_path:
         raise UsageError(f"{run.recipe.path}: no model_name_or_path (set it or pass --model_name_or_path)")
     if m.load_in_8bit:
-        raise UsageError("load_in_8bit is not supported: use load_in_4bit (QLoRA/QDoRA recipes)")
+        raise UsageError(
+            "load_in_8bit is not supported: an 8-bit base under DeepSpeed ZeRO-3 trains to a wrong loss "
+            "(bitsandbytes issue #1451); use load_in_4bit (QLoRA/QDoRA recipes)"
+        )
     if m.load_in_4bit and not m.use_peft:
         raise UsageError("a 4-bit base can only be trained through an adapter: set use_peft true")
+    if m.load_in_4bit:
+        _check_sharded_4bit(run)
     if s.eg_k < 0:
         raise UsageError(f"eg_k must be >= 0, got {s.eg_k}")
     if s.max_prompt_tokens is not None and s.max_prompt_tokens <= 0:
@@ -349,11 +356,51 @@ def _write_recipe(output_dir: Path, resolved: dict[str, Any]) -> None:
     os.replace(tmp, output_dir / RECIPE_FILE)  # atomic: other ranks may be reading it
 
 
+def _uses_fsdp(training: Any) -> bool:
+    """FSDP, from `accelerate launch` (which sets ACCELERATE_USE_FSDP) or SFTConfig's own --fsdp."""
+    return bool(training.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _zero3(training: Any) -> tuple[bool, bool]:
+    """(ZeRO stage 3?, zero3 init on?) as accelerate resolves them. SFTConfig builds its DeepSpeedPlugin from
+    what `accelerate launch` exports (ACCELERATE_USE_DEEPSPEED, ACCELERATE_DEEPSPEED_ZERO_STAGE or the stage
+    in ACCELERATE_DEEPSPEED_CONFIG_FILE, ACCELERATE_DEEPSPEED_ZERO3_INIT, which defaults to on for stage 3)
+    or from --deepspeed ds.json, so reading the plugin covers every route."""
+    ds = getattr(training, "deepspeed_plugin", None)
+    if ds is None or int(ds.zero_stage) != 3:
+        return False, False
+    return True, bool(ds.zero3_init_flag)
+
+
 def _is_sharded(training: Any) -> bool:
     """FSDP or DeepSpeed ZeRO-3: the base model's parameters are sharded across ranks."""
-    fsdp = bool(training.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    ds = getattr(training, "deepspeed_plugin", None)
-    return fsdp or (ds is not None and ds.zero_stage == 3)
+    return _uses_fsdp(training) or _zero3(training)[0]
+
+
+def _check_sharded_4bit(run: Run) -> None:
+    """Known upstream traps of a sharded 4-bit base, stopped at launch rather than minutes into loading."""
+    m, training = run.model, run.training
+    if _uses_fsdp(training) and m.bnb_4bit_quant_storage:
+        # FSDP flattens every parameter of a unit into one tensor of one dtype: the packed 4-bit weights
+        # (stored as quant_storage) and the rest of the model (loaded in dtype) must agree. Unset is fine:
+        # modeling.load_model then stores in the compute dtype.
+        compute = m.dtype if m.dtype not in (None, "auto") else str(default_dtype()).removeprefix("torch.")
+        if m.bnb_4bit_quant_storage != compute:
+            raise UsageError(
+                f"FSDP with a 4-bit base needs bnb_4bit_quant_storage equal to the compute dtype: set "
+                f"--bnb_4bit_quant_storage {compute} (it is {m.bnb_4bit_quant_storage})"
+            )
+    zero3, zero3_init = _zero3(training)
+    if zero3 and not zero3_init:
+        # PEFT's QLoRA + ZeRO-3 recipe needs it, and with it off accelerate treats parameters as unsharded
+        # (its GatheredParameters becomes a no-op): code reading the full 4-bit weights would see shards.
+        raise UsageError(
+            "DeepSpeed ZeRO-3 with a 4-bit base needs zero3 init: set zero3_init_flag: true in the "
+            "accelerate config or pass --zero3_init_flag true to accelerate launch "
+            "(ACCELERATE_DEEPSPEED_ZERO3_INIT is false)"
+        )
+    # DoRA on a 4-bit base under ZeRO-3 (QDoRA) once failed with a shape mismatch (peft issue #1731); a GPU
+    # run of this project trained it with peft 0.21, so it is not blocked here (docs/multi-gpu.md).
 
 
 def describe_weights(model: Any) -> str:
@@ -536,7 +583,10 @@ def prepare(run: Run) -> Prepared:
     check_output_dir(output_dir, run.resolved, script.overwrite_output_dir)
 
     state = training.distributed_state  # initialised by SFTConfig
-    with training.main_process_first(desc="model source"):  # builds smoke/GGUF copies once, not per rank
+    # Global rank 0 first, not each node's local rank 0 (Trainer's default): under an initialised process
+    # group, transformers' save_pretrained writes weights on global rank 0 only, so a smoke/GGUF copy built by
+    # another node's local main would hold no weights, and two nodes building into one shared cache race.
+    with training.main_process_first(local=False, desc="model source"):
         source = resolve_source(margs.model_name_or_path, script.gguf_file)
         if margs.load_in_4bit:
             source = materialize_gguf(source)

@@ -480,6 +480,65 @@ def test_push_to_hub_needs_a_repo_id(tmp_path: Path, capsys) -> None:
     assert "push_to_hub needs --hub_model_id" in one_line_error(capsys)
 
 
+@pytest.fixture
+def launched(monkeypatch: pytest.MonkeyPatch):
+    """Sets what `accelerate launch` exports for an FSDP/DeepSpeed config; SFTConfig then builds a DeepSpeed
+    plugin, which registers a process-wide ZeRO-3 flag in transformers: cleared afterwards."""
+    yield lambda **env: [monkeypatch.setenv(k, v) for k, v in env.items()]
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+FSDP = {"ACCELERATE_USE_FSDP": "true"}
+ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+Q4 = ["--load_in_4bit", "true"]
+
+
+@pytest.mark.parametrize(
+    "env, extra, expected",
+    [
+        (FSDP, [*Q4, "--bnb_4bit_quant_storage", "bfloat16"], "set --bnb_4bit_quant_storage float32"),
+        (
+            FSDP,
+            [*Q4, "--bnb_4bit_quant_storage", "bfloat16", "--dtype", "float16"],
+            "float16 (it is bfloat16)",
+        ),
+        ({**ZERO3, "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false"}, Q4, "set zero3_init_flag: true"),
+        (ZERO3, ["--load_in_8bit", "true"], "bitsandbytes issue #1451"),
+    ],
+    ids=["fsdp-storage-vs-fp32", "fsdp-storage-vs-fp16", "zero3-init-off", "8bit"],
+)
+def test_sharded_quantization_traps_stop_at_launch(
+    env: dict[str, str], extra: list[str], expected: str, tmp_path: Path, capsys, launched
+) -> None:
+    launched(**env)
+    assert main(smoke_args(tmp_path / "o", *extra)) == 2
+    assert expected in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "env, extra",
+    [
+        (FSDP, [*Q4, "--bnb_4bit_quant_storage", "float32"]),  # smoke computes in fp32
+        (FSDP, Q4),  # unset: the model is stored in the compute dtype
+        ({**ZERO3, "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, Q4),
+        (ZERO3, [*Q4, "--use_dora", "true"]),  # QDoRA under ZeRO-3 (init on by default for stage 3): allowed
+        ({**ZERO3, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false"}, Q4),
+        ({}, [*Q4, "--bnb_4bit_quant_storage", "bfloat16"]),  # one process / DDP: no constraint
+    ],
+    ids=["fsdp-fp32-storage", "fsdp-unset", "zero3-init-on", "zero3-qdora", "zero2", "ddp"],
+)
+def test_sharded_quantization_settings_that_work_pass(
+    env: dict[str, str], extra: list[str], launched
+) -> None:
+    from finqa_trl.train import _validate, parse
+
+    launched(**env)
+    _validate(parse(smoke_args(Path("unused"), *extra)))  # raises UsageError on a trap
+
+
 def test_single_process_uses_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a launcher, one process would see every GPU and Trainer would wrap the model in DataParallel
     (which SFTTrainer refuses): main() pins it to the first GPU, unless the user or a launcher decided."""
