@@ -200,28 +200,35 @@ def _no_accelerator() -> bool:
     return not (torch.cuda.is_available() or xpu or torch.backends.mps.is_available())
 
 
-def _cpu_defaults(values: dict[str, Any], cli: Sequence[str]) -> None:
+def _cpu_defaults(values: dict[str, Any], cli: Sequence[str]) -> dict[str, Any]:
     """Adapt a GPU recipe to a machine without bf16 (CPU, older GPUs), unless the command line says otherwise.
 
     SFTConfig's bf16 would fail there: train in fp32 instead, and say so. Without any accelerator, also set
     use_cpu, which is what makes a multi-process launch (torchrun, accelerate) form a gloo process group
     instead of silently running N independent single-process trainings.
+
+    Returns the recipe's own values of the keys it changed, so the recorded recipe stays the portable one.
     """
+    original: dict[str, Any] = {}
     if bf16_supported():
-        return
+        return original
     changed = []
     if "bf16" not in cli and values.get("bf16", True):  # SFTConfig's bf16=None means True
+        original["bf16"] = values.get("bf16", True)
         values["bf16"] = False
         changed.append("bf16=false")
     if "dtype" not in cli and values.get("dtype") in ("bfloat16", "float16"):
+        original["dtype"] = values["dtype"]
         values["dtype"] = "float32"
         changed.append("dtype=float32")
     if "use_cpu" not in cli and _no_accelerator() and not values.get("use_cpu"):
+        original["use_cpu"] = values.get("use_cpu", False)
         values["use_cpu"] = True
     if changed:
         logger.info("no bf16-capable GPU here: training in fp32 (%s)", ", ".join(changed))
         # An accelerate config asking for bf16 would turn bf16 autocast on regardless.
         os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+    return original
 
 
 def _plain(value: Any) -> Any:
@@ -263,7 +270,7 @@ def parse(argv: Sequence[str]) -> Run:
         raise UsageError(f"unknown option --{unknown[0]}{hint}")
 
     values = {"recipe": recipe.name, "output_dir": f"outputs/{recipe.name}", **recipe.values}
-    _cpu_defaults(values, _cli_keys(rest))
+    adapted = _cpu_defaults(values, _cli_keys(rest))
     with tempfile.TemporaryDirectory(prefix="finqa-recipe-") as tmp:
         resolved_file = Path(tmp) / f"{recipe.name}.yaml"
         resolved_file.write_text(yaml.safe_dump(values, sort_keys=False))
@@ -284,6 +291,10 @@ def parse(argv: Sequence[str]) -> Run:
             if hasattr(obj, key):
                 final[key] = _plain(getattr(obj, key))
                 break
+    # The record is what a rerun with it as --config should do: the recipe's precision, not this machine's
+    # fallback (re-derived on every run), and never a one-off --overwrite_output_dir.
+    final.update(adapted)
+    final.pop("overwrite_output_dir", None)
     return Run(script, training, model, recipe, final)
 
 
@@ -590,13 +601,6 @@ def prepare(run: Run) -> Prepared:
         source = resolve_source(margs.model_name_or_path, script.gguf_file)
         if margs.load_in_4bit:
             source = materialize_gguf(source)
-    if state.is_main_process:
-        if script.overwrite_output_dir and output_dir.is_dir():
-            for ckpt in output_dir.glob("checkpoint-*"):
-                logger.info("--overwrite_output_dir: deleting %s", ckpt)
-                shutil.rmtree(ckpt)
-        _write_recipe(output_dir, run.resolved)
-    state.wait_for_everyone()
 
     # -- tokenizer, data, model
     tokenizer = load_tokenizer(
@@ -647,6 +651,16 @@ def prepare(run: Run) -> Prepared:
         logger.warning(
             "%d examples dropped: max_length=%s cut off their whole program", dropped, training.max_length
         )
+
+    # -- only now, with everything loaded, touch the output_dir: a run that failed above (bad model id, too
+    # many shots, ...) leaves no recipe.yaml behind that would make the corrected rerun look like another run
+    if state.is_main_process:
+        if script.overwrite_output_dir and output_dir.is_dir():
+            for ckpt in output_dir.glob("checkpoint-*"):
+                logger.info("--overwrite_output_dir: deleting %s", ckpt)
+                shutil.rmtree(ckpt)
+        _write_recipe(output_dir, run.resolved)
+    state.wait_for_everyone()
 
     # -- resume from the last checkpoint of this recipe's output_dir
     resume = training.resume_from_checkpoint

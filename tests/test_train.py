@@ -17,7 +17,7 @@ import yaml
 from finqa_trl import modeling
 from finqa_trl.data import FIXTURE_DIR
 from finqa_trl.recipes import method_name
-from finqa_trl.train import main
+from finqa_trl.train import main, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -590,3 +590,21 @@ def test_two_process_cpu_run(launcher: list[str], tmp_path: Path) -> None:
     # 2 steps x 2 examples x 2 processes = 8 of the 12 fixture examples: the data is sharded, not repeated
     assert state["global_step"] == 2 and abs(state["epoch"] - 8 / 12) < 1e-6
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_run_failing_while_loading_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, capsys):
+    out = tmp_path / "run"
+    # eg_k is part of a run's identity; 50 shots cannot be drawn from the 12-example fixture.
+    assert main(["--config", "recipes/smoke.yaml", "--output_dir", str(out), "--eg_k", "50"]) == 2
+    assert not (out / "recipe.yaml").exists()
+    capsys.readouterr()
+    assert main(["--config", "recipes/smoke.yaml", "--output_dir", str(out), "--max_steps", "1"]) == 0
+    assert (out / "recipe.yaml").is_file()
+
+
+def test_recorded_recipe_keeps_the_recipes_precision_and_drops_one_off_flags():
+    run = parse(["--config", "recipes/lora-1b.yaml", "--overwrite_output_dir", "true"])
+    assert run.training.bf16 is False and run.training.use_cpu is True  # this CPU's fallback is applied...
+    assert run.resolved["bf16"] is True and run.resolved["dtype"] == "bfloat16"  # ...but not recorded
+    assert run.resolved["use_cpu"] is False
+    assert "overwrite_output_dir" not in run.resolved
