@@ -373,6 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default="results")
     ap.add_argument("--max_examples", type=int, default=None, help="use only the first N examples (dry runs)")
     args = ap.parse_args(argv)
+    for flag, path in (("--data_dir", args.data_dir), ("--tokenizer", args.tokenizer)):
+        if not Path(path).is_dir():
+            print(f"error: {flag} {path}: no such directory", file=sys.stderr)
+            return 2
     for v in args.variants:
         if v != "trl" and not v.startswith("recipe"):
             ap.error(f"unknown variant {v!r}")

@@ -52,5 +52,10 @@ def test_table_compares_each_variant_with_plain_trl():
 
 
 def test_cli_refuses_timing_real_shapes_without_a_gpu(capsys, sample_dir):
-    assert bench.main(["--data_dir", str(sample_dir), "--tokenizer", "x", "--shapes", "1b"]) == 2
+    assert bench.main(["--data_dir", str(sample_dir), "--tokenizer", str(sample_dir), "--shapes", "1b"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_folder_in_one_line(capsys, sample_dir):
+    assert bench.main(["--data_dir", str(sample_dir), "--tokenizer", "no/such/tokenizer"]) == 2
+    assert capsys.readouterr().err == "error: --tokenizer no/such/tokenizer: no such directory\n"
