@@ -24,7 +24,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 endif
 
-.PHONY: help install demo test lint data recipes train eval merge report bench clean
+.PHONY: help install demo test lint data recipes train train-slurm eval merge report bench clean
 
 help:
 	@echo "make demo                      train the smoke recipe on the bundled fixture, evaluate, print metrics (CPU, offline)"
@@ -33,7 +33,8 @@ help:
 	@echo "make recipes                   list the training recipes"
 	@echo "make train RECIPE=qdora-3b [ACCELERATE_CONFIG=deepspeed_zero3] [NUM_GPUS=2] [ARGS='--learning_rate 5e-5']"
 	@echo "                               (CPU, two processes: ACCELERATE_CONFIG=cpu_ddp NUM_GPUS=2)"
-	@echo "make eval RECIPE=qdora-3b [SPLIT=test] [EVAL_ARGS='--batch_size 64']"
+	@echo "make train-slurm RECIPE=lora-3b SBATCH_ARGS='--nodes 2 --gpus-per-node 8'   several machines (docs/multi-gpu.md)"
+	@echo "make eval RECIPE=qdora-3b [SPLIT=test] [NUM_GPUS=2] [EVAL_ARGS='--batch_size 64']"
 	@echo "make merge RECIPE=qdora-3b     merge the adapter into a standalone bf16 model"
 	@echo "make report                    results table (markdown) + bar chart from outputs/*/metrics_*.json"
 	@echo "make bench FINQA_DIR=... LLAMA3_TOKENIZER=...   training/eval throughput vs plain TRL (GPU)"
@@ -66,8 +67,17 @@ train: $(STAMP)
 	  --num_processes $(NUM_GPUS) -m finqa_trl.train --config recipes/$(RECIPE).yaml \
 	  --output_dir $(OUTPUT_DIR) $(ARGS)
 
+# Several machines under SLURM (docs/multi-gpu.md); e.g. SBATCH_ARGS="--nodes 2 --gpus-per-node 8".
+train-slurm: $(STAMP)
+	RECIPE=$(RECIPE) ACCELERATE_CONFIG=$(or $(filter-out single_gpu,$(ACCELERATE_CONFIG)),multi_gpu) \
+	  OUTPUT_DIR=$(OUTPUT_DIR) ARGS="$(ARGS)" PYTHON=$(PY) sbatch $(SBATCH_ARGS) scripts/slurm_train.sbatch
+
+# One process, or one per GPU (torchrun; without GPUs the processes share the CPU through gloo). Rank 0
+# merges the ranks' shards into the one predictions file a single process would have written.
+EVAL_LAUNCH = $(if $(filter-out 1,$(strip $(NUM_GPUS))),-m torch.distributed.run --standalone --nproc_per_node $(NUM_GPUS))
+
 eval: $(STAMP)
-	$(PY) -m finqa_trl.predict --model $(OUTPUT_DIR) --split $(SPLIT) $(EVAL_ARGS)
+	$(PY) $(EVAL_LAUNCH) -m finqa_trl.predict --model $(OUTPUT_DIR) --split $(SPLIT) $(EVAL_ARGS)
 
 merge: $(STAMP)
 	$(PY) -m finqa_trl.merge $(OUTPUT_DIR) --output $(OUTPUT_DIR)/merged

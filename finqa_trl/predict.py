@@ -7,16 +7,26 @@
 
 `--model` is a Hub id, `builtin:smoke-llama`, a saved (merged) model directory, a `.gguf` file, or an
 unmerged adapter directory (`adapter_config.json`), whose base comes from the `recipe.yaml` training saved
-beside it, else from the adapter config; `--base` overrides it and must name the same model (`--force`).
+beside it (or one level up, for `<run>/checkpoint-N`), else from the adapter config; `--base` overrides it
+and must name the same model (`--force`).
 Adapters are merged in memory before generating (faster) unless the base is 4-bit.
 
 Writes, in `--output_dir` (default: the model directory for runs of this project, else
-`outputs/<model name>-<k>shot`), files tagged `<split>[_<k>shot][_gold][_4bit|_bf16][_sc<N>|_sample]`:
+`outputs/<model name>-<k>shot`), files tagged
+`<split>[_<k>shot][_gold][_4bit|_bf16][_first<N>][_sc<N>|_sample]` (`_first<N>`: `--limit N`, when the
+split holds more examples):
   predictions_<tag>.json  official format [{"id", "predicted": [tokens..., "EOF"], "raw"}] (+ "samples")
   metrics_<tag>.json      finqa_trl.score's metrics + model / settings / timing fields
   details_<tag>.json      per example: question, gold and predicted program, values, invalid reason
 Resumable: ids already in predictions_<tag>.json are skipped; the file is rewritten atomically after every
-`--save_every` batches. Bad input: one line on stderr, exit code 2, nothing written.
+`--save_every` batches. Predictions made with other generation settings than those recorded in
+metrics_<tag>.json are not resumed or rescored (pass --overwrite). Bad input: one line on stderr, exit code
+2, nothing written.
+
+Several processes (`torchrun --nproc_per_node N -m finqa_trl.predict ...`, or `accelerate launch`): the
+pending examples are dealt out by prompt length, each rank generates its share on its own GPU into
+predictions_<tag>.shard<rank>.json, and rank 0 merges the shards into the one predictions_<tag>.json (same
+order and format as one process writes) and scores it. Leftover shards of an interrupted run are resumed.
 """
 
 from __future__ import annotations
@@ -24,12 +34,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +92,10 @@ class PredictArguments:
     )
     max_prompt_tokens: int | None = field(
         default=None,
-        metadata={"help": f"Trim context to fit (default: recipe's, else {DEFAULT_MAX_PROMPT_TOKENS})."},
+        metadata={
+            "help": f"Trim context to fit (default: recipe's, else {DEFAULT_MAX_PROMPT_TOKENS} + "
+            f"{SHOT_TOKENS} per few-shot example)."
+        },
     )
     load_in_4bit: bool | None = field(
         default=None,
@@ -107,7 +123,9 @@ class PredictArguments:
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling."})
     seed: int = field(default=42, metadata={"help": "Seed (sampling is reseeded per batch from it)."})
     num_samples: int = field(default=1, metadata={"help": "Self-consistency: N samples, majority vote."})
-    limit: int | None = field(default=None, metadata={"help": "Only the first N examples of the split."})
+    limit: int | None = field(
+        default=None, metadata={"help": "Only the first N examples of the split (files tagged _first<N>)."}
+    )
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flash_attention_2."})
     save_every: int = field(default=1, metadata={"help": "Checkpoint predictions every N batches."})
     overwrite: bool = field(default=False, metadata={"help": "Ignore (and replace) existing predictions."})
@@ -186,8 +204,11 @@ def inspect_model(
         return ModelSpec("model", model, model, gguf_file, {}, None)
 
     recipe = _read_yaml(path / RECIPE_FILE) if (path / RECIPE_FILE).is_file() else {}
-    parent_recipe = path.parent / RECIPE_FILE  # outputs/<run>/merged: the run's recipe is one level up
+    # outputs/<run>/merged or outputs/<run>/checkpoint-N: the run's recipe is one level up
+    parent_recipe = path.parent / RECIPE_FILE
     run_dir = path if recipe or parent_recipe.is_file() else None
+    if not recipe and parent_recipe.is_file():
+        recipe = _read_yaml(parent_recipe)
     if (path / ADAPTER_CONFIG).is_file():
         config = _read_json(path / ADAPTER_CONFIG)
         recorded = [n for n in (recipe.get("model_name_or_path"), config.get("base_model_name_or_path")) if n]
@@ -207,11 +228,17 @@ def inspect_model(
             f"{model} holds {weights[0]} but no {ADAPTER_CONFIG}: an incomplete adapter (copy its "
             f"{ADAPTER_CONFIG} from the training output_dir)"
         )
-    if (path / "config.json").is_file() or gguf_file or any(path.glob("*.gguf")):
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if (path / "config.json").is_file() or gguf_file or ggufs:
         if base is not None:
             raise PredictError(f"--base applies to adapter directories only; {model} is a full model")
-        if not recipe and parent_recipe.is_file():
-            recipe = _read_yaml(parent_recipe)
+        if not (path / "config.json").is_file() and not gguf_file:
+            if len(ggufs) > 1:
+                found = ", ".join(ggufs)
+                raise PredictError(
+                    f"{model} holds several GGUF files: pass --gguf_file NAME (found: {found})"
+                )
+            gguf_file = ggufs[0]
         return ModelSpec("model", str(path), str(path), gguf_file, recipe, run_dir)
     checkpoints = sorted(
         path.glob("checkpoint-*"),
@@ -259,6 +286,28 @@ class Settings:
     def path(self, kind: str) -> Path:
         return self.output_dir / f"{kind}_{self.tag}.json"
 
+    def first(self, n: int) -> Settings:
+        """These settings for the first `n` examples only (`--limit`): files of their own, tagged `_first<n>`
+        before the sampling part, never those of the whole split."""
+        parts = self.tag.split("_")
+        at = len(parts) - 1 if len(parts) > 1 and re.fullmatch(r"sc\d+|sample", parts[-1]) else len(parts)
+        parts.insert(at, f"first{n}")
+        return replace(self, tag="_".join(parts))
+
+    def shard(self, rank: int) -> Path:
+        """A rank's predictions in a multi-process run, until rank 0 merges them into path("predictions")."""
+        return self.output_dir / f"predictions_{self.tag}.shard{rank}.json"
+
+    def shards(self) -> list[Path]:
+        """Shards on disk (an interrupted multi-process run leaves them), by rank."""
+        pattern = re.compile(rf"predictions_{re.escape(self.tag)}\.shard(\d+)\.json")
+        found = {}
+        for p in self.output_dir.glob(f"predictions_{self.tag}.shard*.json"):
+            m = pattern.fullmatch(p.name)
+            if m:
+                found[int(m.group(1))] = p
+        return [found[r] for r in sorted(found)]
+
 
 def _sanitize(name: str) -> str:
     name = name.removeprefix("builtin:").rstrip("/")
@@ -275,8 +324,9 @@ def resolve_settings(args: PredictArguments) -> Settings:
         raise PredictError(f"--eg_k must be >= 0, got {eg_k}")
     if context not in ("full", "gold"):
         raise PredictError(f"--context must be full or gold, got {context!r}")
-    max_prompt = args.max_prompt_tokens or recipe.get("max_prompt_tokens") or DEFAULT_MAX_PROMPT_TOKENS
-    max_prompt = int(max_prompt) + (SHOT_TOKENS * eg_k if args.max_prompt_tokens is None else 0)
+    # A run's budget is what training trimmed to, shots included; only the built-in default grows with k.
+    max_prompt = args.max_prompt_tokens or recipe.get("max_prompt_tokens")
+    max_prompt = int(max_prompt) if max_prompt else DEFAULT_MAX_PROMPT_TOKENS + SHOT_TOKENS * eg_k
     trained_4bit = spec.kind == "adapter" and bool(recipe.get("load_in_4bit"))
     load_in_4bit = trained_4bit if args.load_in_4bit is None else bool(args.load_in_4bit)
     if args.num_samples < 1:
@@ -291,6 +341,13 @@ def resolve_settings(args: PredictArguments) -> Settings:
 
     data_dir = args.data_dir or recipe.get("data_dir")  # evaluate on the data the run was trained on
     data_dir = resolve_data_dir(data_dir)
+    if eg_k:  # before any model loads: enough training examples to draw the shots from?
+        from .prompts import select_shots
+
+        try:
+            select_shots(load_split(data_dir, "train"), eg_k)
+        except ValueError as err:
+            raise PredictError(f"eg_k={eg_k}: {_one_line(err)}; pass a smaller --eg_k") from None
 
     if args.output_dir:
         output_dir = Path(args.output_dir)
@@ -344,8 +401,12 @@ def load_existing(path: Path, split_ids: set[str], split: str) -> list[dict[str,
             f"{path} holds {len(foreign)} id(s) not in split {split!r} (e.g. {foreign[0]!r}): it belongs to "
             "another split or data set; pick another --output_dir or pass --overwrite"
         )
+    return first_per_id(data)
+
+
+def first_per_id(predictions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
-    for p in data:
+    for p in predictions:
         seen.setdefault(p["id"], p)
     return list(seen.values())
 
@@ -420,20 +481,23 @@ def load_model(settings: Settings, args: PredictArguments) -> tuple[PreTrainedMo
         kwargs["attn_implementation"] = args.attn_implementation
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    model, tokenizer = modeling.load(spec.load_from, gguf_file=spec.gguf_file, **kwargs)
-    if spec.kind == "adapter":
+    source = modeling.resolve_source(spec.load_from, spec.gguf_file)
+    adapter_dir = Path(spec.model) if spec.kind == "adapter" else None
+    # Training saves the tokenizer it used (chat template, pad token) beside the adapter: only that one loads.
+    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
+        tokenizer = modeling.load_tokenizer(modeling.ModelSource("local", str(adapter_dir)))
+    else:
+        tokenizer = modeling.load_tokenizer(source)
+    model = modeling.load_model(source, **kwargs)
+    if adapter_dir is not None:
         from peft import PeftModel
 
-        adapter_dir = Path(spec.model)
-        # Training saves the tokenizer it used (chat template, pad token) beside the adapter.
-        if (adapter_dir / "tokenizer_config.json").is_file():
-            tokenizer = modeling.load_tokenizer(modeling.ModelSource("local", str(adapter_dir)))
         model = PeftModel.from_pretrained(model, str(adapter_dir))
         if args.merge_in_memory and not settings.load_in_4bit:  # merging into NF4 would round the weights
             model = model.merge_and_unload()
-        modeling.sync_special_tokens(
-            model.get_base_model() if hasattr(model, "get_base_model") else model, tokenizer
-        )
+    modeling.sync_special_tokens(
+        model.get_base_model() if hasattr(model, "get_base_model") else model, tokenizer
+    )
     model.eval()
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
     return model, tokenizer
@@ -540,6 +604,11 @@ class Generator:
         return [[t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(prompts))]
 
 
+def longest_first(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The generation order: longest prompt first (an OOM shows at once), ties in input order."""
+    return sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+
+
 def generate_all(
     generate: Any,
     prompts: Sequence[Sequence[int]],
@@ -557,7 +626,7 @@ def generate_all(
     from tqdm.auto import tqdm
 
     lengths = [len(p) for p in prompts]
-    pending = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    pending = longest_first(prompts)
     bar = tqdm(total=len(pending), desc="generating", unit="ex", disable=None if progress else True)
     try:
         while pending:
@@ -590,6 +659,66 @@ def generate_all(
         bar.close()
 
 
+# ------------------------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among those torchrun / accelerate launch started (they set these variables)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@contextmanager
+def process_group(ranks: Ranks) -> Iterator[None]:
+    """torch.distributed among the ranks, each on its own GPU; nothing for a single process."""
+    if ranks.world == 1:
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ranks.local_rank)  # load_model puts the model on the current device
+    # Only barriers and a few small objects cross processes, which gloo does on GPU machines too (no NCCL
+    # communicator or watchdog). Ranks wait for the slowest one, hence the long timeout; a rank that fails
+    # does not leave the others hanging: the launcher ends them.
+    dist.init_process_group("gloo", timeout=timedelta(hours=6))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def gather(ranks: Ranks, obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on rank 0 ([] elsewhere); rank 0 has waited for all of them."""
+    if ranks.world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] | None = [None] * ranks.world if ranks.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
 # ------------------------------------------------------------------------------------------------- run
 
 
@@ -597,37 +726,48 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def predict(args: PredictArguments) -> tuple[Settings, dict[str, Any] | None]:
-    """The whole run; returns the settings and metrics (None for an unlabelled split). Raises PredictError."""
+def predict(args: PredictArguments, ranks: Ranks | None = None) -> tuple[Settings, dict[str, Any] | None]:
+    """The whole run; returns the settings and metrics (None for an unlabelled split, and on ranks other
+    than 0). Raises PredictError."""
+    ranks = ranks or Ranks.from_env()
     settings = resolve_settings(args)
     all_examples = load_split(settings.data_dir, settings.split)
     if not all_examples:
         raise PredictError(f"split {settings.split!r} in {settings.data_dir} has no examples")
     examples = all_examples[: args.limit] if args.limit else all_examples
+    if len(examples) < len(all_examples):  # a partial run must not replace the whole split's files
+        settings = settings.first(len(examples))
     pred_path = settings.path("predictions")
-    existing = (
-        [] if args.overwrite else load_existing(pred_path, {e["id"] for e in all_examples}, settings.split)
-    )
+    shards = settings.shards()
+    existing: list[dict[str, Any]] = []
+    if not args.overwrite:  # the merged predictions, then what the shards of an interrupted run hold
+        split_ids = {e["id"] for e in all_examples}
+        for path in [pred_path, *shards]:
+            found = load_existing(path, split_ids, settings.split)
+            if found:
+                _check_not_stale(path, settings.spec)
+            existing.extend(found)
+        existing = first_per_id(existing)
     if existing:
-        _check_not_stale(pred_path, settings.spec)
+        _check_same_settings(settings, args)
     done = {p["id"] for p in existing}
     todo = [e for e in examples if e["id"] not in done]
     logger.info(
-        "%s on %s/%s: %d examples, %d already in %s",
+        "%s on %s/%s: %d examples, %d already in %s%s",
         settings.spec.model,
         settings.data_dir,
         settings.split,
         len(examples),
         len(examples) - len(todo),
         pred_path,
+        f" and {len(shards)} shard(s)" if shards else "",
     )
 
-    predictions = list(existing)
-    run_info: dict[str, Any] = {}
-    if todo:
-        run_info = _generate(settings, args, todo, predictions, pred_path)
-    elif args.overwrite or not pred_path.is_file():
-        write_json_atomic(pred_path, predictions)
+    # Every rank has checked its input by now, so bad input stops each of them before any waits for another.
+    with process_group(ranks):
+        predictions, run_info = _predict_pending(settings, args, ranks, todo, existing, shards)
+    if predictions is None:  # not rank 0: its share is in rank 0's hands
+        return settings, None
 
     if not all("program" in e.get("qa", {}) and "exe_ans" in e.get("qa", {}) for e in examples):
         logger.info("split %r is unlabelled: predictions in %s, nothing to score", settings.split, pred_path)
@@ -638,40 +778,105 @@ def predict(args: PredictArguments) -> tuple[Settings, dict[str, Any] | None]:
     raw = {p["id"]: p.get("raw") for p in scored}
     for d in details:
         d["raw"] = raw.get(d["id"])
-    if not todo and settings.path("metrics").is_file():  # nothing generated now: keep the last run's timing
+    if not todo and settings.path("metrics").is_file():  # nothing generated now: keep the last run's info
         old = _read_json(settings.path("metrics"))
-        run_info = {k: old[k] for k in RUN_INFO_KEYS if isinstance(old, dict) and k in old}
-    spec = settings.spec
+        run_info = {k: old[k] for k in (*RUN_INFO_KEYS, "quant") if isinstance(old, dict) and k in old}
+    quant = run_info.get("quant") or quant_label(
+        settings.load_in_4bit, run_info.get("dtype", args.dtype or "auto")
+    )
     metrics.update(
-        model=spec.model,
-        adapter=spec.adapter,
-        base=spec.load_from if spec.kind == "adapter" else spec.recipe.get("model_name_or_path"),
-        recipe=spec.recipe.get("recipe"),
-        method=method_label(spec, settings.eg_k),
-        split=settings.split,
-        data_dir=str(settings.data_dir),
-        eg_k=settings.eg_k,
-        context=settings.context,
-        max_prompt_tokens=settings.max_prompt_tokens,
-        decoding="sample" if settings.do_sample else "greedy",
-        num_samples=settings.num_samples,
-        temperature=args.temperature if settings.do_sample else None,
-        top_p=args.top_p if settings.do_sample else None,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
+        **recorded_settings(settings, args),
         batch_size=args.batch_size,
         tag=settings.tag,
-        quant=quant_label(settings.load_in_4bit, run_info.get("dtype", args.dtype or "auto")),
-        **{k: run_info.get(k) for k in RUN_INFO_KEYS if k not in ("dtype", "quant")},
+        quant=quant,
+        **{k: run_info.get(k) for k in RUN_INFO_KEYS},
     )
     write_json_atomic(settings.path("details"), details)
     write_json_atomic(settings.path("metrics"), metrics)
     return settings, metrics
 
 
+def recorded_settings(settings: Settings, args: PredictArguments) -> dict[str, Any]:
+    """The setup that metrics record: model, data and the settings the predictions were generated with."""
+    spec = settings.spec
+    return {
+        "model": spec.model,
+        "adapter": spec.adapter,
+        "base": spec.load_from if spec.kind == "adapter" else spec.recipe.get("model_name_or_path"),
+        "recipe": spec.recipe.get("recipe"),
+        "method": method_label(spec, settings.eg_k),
+        "split": settings.split,
+        "data_dir": str(settings.data_dir),
+        "eg_k": settings.eg_k,
+        "context": settings.context,
+        "max_prompt_tokens": settings.max_prompt_tokens,
+        "decoding": "sample" if settings.do_sample else "greedy",
+        "num_samples": settings.num_samples,
+        "temperature": args.temperature if settings.do_sample else None,
+        "top_p": args.top_p if settings.do_sample else None,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
+# Recorded settings that change what is generated (the seed only when sampling); quant is compared apart.
+GENERATION_KEYS = (
+    "model",
+    "base",
+    "eg_k",
+    "context",
+    "max_prompt_tokens",
+    "decoding",
+    "num_samples",
+    "temperature",
+    "top_p",
+    "seed",
+    "max_new_tokens",
+)
+
+
+def _check_same_settings(settings: Settings, args: PredictArguments) -> None:
+    """Refuse to resume or rescore predictions that other generation settings made, as metrics_<tag>.json
+    records them (no metrics file: nothing to compare). The dtype is compared when --dtype names one."""
+    path = settings.path("metrics")
+    old = _read_json(path) if path.is_file() else None
+    if not isinstance(old, dict):
+        return
+    new = recorded_settings(settings, args)
+    differ = []
+    for key in GENERATION_KEYS:
+        if key not in old or (key == "seed" and not settings.do_sample):
+            continue
+        was, now = old[key], new[key]
+        if key in ("model", "base") and was and now:
+            same = same_model(str(was), str(now))
+        else:
+            same = was == now
+        if not same:
+            differ.append(f"{key} {was} (now {now})")
+    was, four_bit = old.get("quant"), quant_label(True, None)
+    if was and was != "auto":  # "auto": a rescore wrote it before the dtype was recorded
+        if settings.load_in_4bit:
+            now = four_bit
+        elif args.dtype and args.dtype != "auto":
+            from .modeling import to_dtype
+
+            now = quant_label(False, to_dtype(args.dtype))
+        else:
+            now = None  # the default dtype is known once loaded; whether 4-bit is known now
+        if now != was and (now is not None or was == four_bit):
+            differ.append(f"quant {was} (now {now or 'not 4-bit'})")
+    if differ:
+        raise PredictError(
+            f"the predictions in {settings.path('predictions')} were generated with other settings than now "
+            f"({'; '.join(differ)}; see {path}): rerun with those, or pass --overwrite to predict again"
+        )
+
+
 RUN_INFO_KEYS = (
     "dtype",
     "device",
+    "num_processes",
     "n_generated",
     "load_seconds",
     "generation_seconds",
@@ -682,17 +887,109 @@ RUN_INFO_KEYS = (
 )
 
 
-def _generate(
-    settings: Settings, args: PredictArguments, todo: list[dict], predictions: list[dict], pred_path: Path
-) -> dict[str, Any]:
-    """Generate for `todo`, appending to `predictions` and checkpointing them; returns device/timing info."""
+def _predict_pending(
+    settings: Settings,
+    args: PredictArguments,
+    ranks: Ranks,
+    todo: list[dict],
+    existing: list[dict],
+    shards: list[Path],
+) -> tuple[list[dict] | None, dict[str, Any]]:
+    """Generate `todo` on all ranks. Rank 0 returns every prediction (`existing` first) in the one file, and
+    the run's device/timing info; other ranks return (None, {})."""
+    pred_path = settings.path("predictions")
+    barrier(ranks)  # every rank has read the old predictions before rank 0 rewrites them
+    loaded = _load(settings, args, todo) if todo else None
+    if ranks.main and (shards or (args.overwrite and ranks.world > 1)):
+        # Fold an interrupted run's shards into the one file (or, with --overwrite, drop the old predictions)
+        # before this run writes shards of the same names, and so that a crash cannot mix the two runs.
+        write_json_atomic(pred_path, existing)
+        for path in shards:
+            path.unlink()
+    if ranks.main and not existing:  # a new run: the old metrics no longer describe the predictions on disk
+        settings.path("metrics").unlink(missing_ok=True)
+    barrier(ranks)
+    predictions = list(existing)
+    if loaded is None:  # all done before: `existing` came from pred_path, or rank 0 just wrote it there
+        return (predictions if ranks.main else None), {}
+
+    model, tokenizer, prompts, load_s = loaded
+    order = longest_first(prompts)  # the order a single process generates (and writes) them in
+    mine = order[ranks.rank :: ranks.world]  # dealt by length, so every rank gets about the same tokens
+    alone = ranks.world == 1
+    info = _generate(
+        settings,
+        args,
+        model,
+        tokenizer,
+        [todo[i] for i in mine],
+        [prompts[i] for i in mine],
+        predictions if alone else [],
+        pred_path if alone else settings.shard(ranks.rank),
+        progress=ranks.main,
+    )
+    info["load_seconds"] = round(load_s, 2)
+    infos = gather(ranks, info)  # once rank 0 has every rank's info, every shard is complete
+    if not ranks.main:
+        return None, {}
+    if not alone:
+        new: dict[str, dict] = {}
+        for rank in range(ranks.world):
+            if settings.shard(rank).is_file():  # a rank with nothing to do writes none
+                new.update((p["id"], p) for p in _read_json(settings.shard(rank)))
+        predictions += [new[todo[i]["id"]] for i in order]
+        write_json_atomic(pred_path, predictions)
+        for rank in range(ranks.world):
+            settings.shard(rank).unlink(missing_ok=True)
+    return predictions, _combine_run_info(infos)
+
+
+def _combine_run_info(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's info from each rank's: the ranks ran side by side, so the run took the slowest one's time."""
+    if len(infos) == 1:
+        return infos[0]
+    n = sum(i["n_generated"] for i in infos)
+    gen_s = max(i["generation_seconds"] for i in infos)
+    peaks = [i["peak_gpu_memory_gib"] for i in infos if i["peak_gpu_memory_gib"] is not None]
+    return {
+        **infos[0],
+        "device": ", ".join(dict.fromkeys(i["device"] for i in infos)),
+        "num_processes": len(infos),
+        "n_generated": n,
+        "load_seconds": max(i["load_seconds"] for i in infos),
+        "generation_seconds": gen_s,
+        "examples_per_s": round(n / gen_s, 3) if gen_s > 0 else None,
+        "seconds_per_example": round(gen_s / n, 4) if n else None,
+        "peak_gpu_memory_gib": max(peaks) if peaks else None,
+    }
+
+
+def _load(
+    settings: Settings, args: PredictArguments, todo: list[dict]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[list[int]], float]:
     t0 = time.perf_counter()
     try:
         model, tokenizer = load_model(settings, args)
     except (OSError, ValueError) as err:  # e.g. a Hub id that does not exist, or no network to fetch it
         raise PredictError(f"cannot load {settings.spec.load_from}: {_one_line(err)}") from None
     load_s = time.perf_counter() - t0
-    prompts = build_prompts(todo, tokenizer, settings)
+    return model, tokenizer, build_prompts(todo, tokenizer, settings), load_s
+
+
+def _generate(
+    settings: Settings,
+    args: PredictArguments,
+    model: Any,
+    tokenizer: Any,
+    todo: list[dict],
+    prompts: list[list[int]],
+    predictions: list[dict],
+    out_path: Path,
+    *,
+    progress: bool,
+) -> dict[str, Any]:
+    """Generate for `todo`, appending to `predictions` and checkpointing them to `out_path`; returns
+    device/timing info."""
     generate = Generator(model, tokenizer, args, settings)
     budget = token_budget(model, args)
     ids = [e["id"] for e in todo]
@@ -705,7 +1002,7 @@ def _generate(
         predictions.extend(make_entry(ids[i], t, tables[ids[i]]) for i, t in zip(chunk, texts, strict=True))
         batches += 1
         if batches % args.save_every == 0:
-            write_json_atomic(pred_path, predictions)
+            write_json_atomic(out_path, predictions)
 
     t0 = time.perf_counter()
     try:
@@ -718,10 +1015,11 @@ def _generate(
             max_new_tokens=args.max_new_tokens,
             num_samples=settings.num_samples,
             on_batch=on_batch,
+            progress=progress,
         )
     finally:  # Ctrl-C or a crash: keep every finished batch
         if len(predictions) > n_before:
-            write_json_atomic(pred_path, predictions)
+            write_json_atomic(out_path, predictions)
     gen_s = time.perf_counter() - t0
     n = len(predictions) - n_before
     import torch
@@ -730,8 +1028,8 @@ def _generate(
     return {
         "dtype": str(model.dtype).replace("torch.", ""),
         "device": str(model.device),
+        "num_processes": 1,
         "n_generated": n,
-        "load_seconds": round(load_s, 2),
         "generation_seconds": round(gen_s, 3),
         "examples_per_s": round(n / gen_s, 3) if gen_s > 0 else None,
         "seconds_per_example": round(gen_s / n, 4) if n else None,
@@ -788,12 +1086,20 @@ def parse_args(argv: Sequence[str] | None) -> PredictArguments:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ranks = Ranks.from_env()
+    # Rank 0 reports for all: the other ranks print errors only, not N copies of every log line.
+    level = logging.INFO if ranks.main else logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
     from .modeling import ModelError
 
+    if not ranks.main:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     try:
-        settings, metrics = predict(args)
+        settings, metrics = predict(args, ranks)
     except (PredictError, DataError, ScoreError, ModelError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2

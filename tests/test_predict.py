@@ -42,6 +42,23 @@ def run(*argv: str) -> int:
     return predict.main([*argv, *FAST])
 
 
+@pytest.fixture(scope="module")
+def greedy_run(tmp_path_factory) -> Path:
+    """A finished greedy run of the smoke model on the whole test split (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("greedy")
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(out)) == 0
+    return out
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+    return dest
+
+
+def snapshot(out: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(out.iterdir())}
+
+
 def read(path: Path):
     return json.loads(path.read_text())
 
@@ -109,6 +126,54 @@ def test_adapter_on_4bit_base(adapter, tmp_path):
     assert m["quant"] == "4-bit NF4"
 
 
+def test_adapter_loads_only_its_own_tokenizer(adapter, tmp_path, monkeypatch):
+    from finqa_trl import modeling
+
+    loaded: list[str] = []
+    original = modeling.load_tokenizer
+
+    def recording(source, **kwargs):
+        loaded.append(source.path)
+        return original(source, **kwargs)
+
+    monkeypatch.setattr(modeling, "load_tokenizer", recording)
+    assert run("--model", str(adapter), "--output_dir", str(tmp_path), "--limit", "1") == 0
+    assert loaded == [str(adapter)]  # not the base's as well
+
+
+def test_checkpoint_of_a_run_uses_the_run_recipe(adapter, tmp_path):
+    import yaml
+
+    recipe = yaml.safe_load((adapter / "recipe.yaml").read_text())
+    recipe.update(
+        eg_k=2, context="gold", max_prompt_tokens=1000, load_in_4bit=True, data_dir=str(FIXTURE_DIR)
+    )
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    ckpt = tmp_path / "checkpoint-2"  # what training saves mid-run: the adapter, without recipe.yaml
+    ckpt.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(adapter / name, ckpt)
+    s = predict.resolve_settings(predict.parse_args(["--model", str(ckpt)]))
+    assert s.spec.kind == "adapter" and s.spec.load_from == SMOKE_MODEL and s.spec.recipe["eg_k"] == 2
+    assert (s.eg_k, s.context, s.load_in_4bit, s.data_dir) == (2, "gold", True, FIXTURE_DIR)
+    assert s.max_prompt_tokens == 1000  # the run's own budget, which training trimmed to: no per-shot extra
+    assert s.output_dir == ckpt and s.tag == "test_2shot_gold"  # 4-bit as trained: no _4bit in the tag
+    s = predict.resolve_settings(predict.parse_args(["--model", str(ckpt), "--max_prompt_tokens", "500"]))
+    assert s.max_prompt_tokens == 500
+    # Only the built-in default grows with the shots.
+    s = predict.resolve_settings(predict.parse_args(["--model", SMOKE_MODEL, "--eg_k", "2"]))
+    assert s.max_prompt_tokens == predict.DEFAULT_MAX_PROMPT_TOKENS + 2 * predict.SHOT_TOKENS
+
+
+def test_folder_of_gguf_files(tmp_path, capsys):
+    (tmp_path / "a.gguf").write_bytes(b"")
+    assert predict.inspect_model(str(tmp_path)).gguf_file == "a.gguf"  # the only one: picked
+    assert predict.inspect_model(str(tmp_path), gguf_file="x.gguf").gguf_file == "x.gguf"
+    (tmp_path / "b.gguf").write_bytes(b"")
+    expect_error(capsys, ["--model", str(tmp_path)], "pass --gguf_file NAME (found: a.gguf, b.gguf)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "b.gguf"]
+
+
 def test_default_output_dir_for_hub_and_builtin_models(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     s = predict.resolve_settings(predict.parse_args(["--model", SMOKE_MODEL, "--eg_k", "2"]))
@@ -143,6 +208,93 @@ def test_resume_generates_only_missing_ids(tmp_path, monkeypatch):
     generated.clear()  # everything done: nothing is generated, metrics are rewritten
     assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path)) == 0
     assert generated == []
+
+
+def test_limited_run_writes_files_of_its_own(greedy_run, tmp_path):
+    out = copy_run(greedy_run, tmp_path)
+    full = snapshot(out)
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(out), "--limit", "2") == 0
+    m = read(out / "metrics_test_first2.json")
+    assert m["n"] == m["n_generated"] == 2 and m["tag"] == "test_first2"
+    assert len(read(out / "predictions_test_first2.json")) == len(read(out / "details_test_first2.json")) == 2
+    assert {k: v for k, v in snapshot(out).items() if "first2" not in k} == full  # the full run is intact
+    # A limit that covers the split is the full run: it rescores the full files.
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(out), "--limit", str(N_TEST)) == 0
+    assert read(out / "metrics_test.json")["n"] == N_TEST
+    # The limit goes before the sampling part, so that self-consistency still finds its greedy run.
+    s = predict.resolve_settings(predict.parse_args(["--model", SMOKE_MODEL, "--num_samples", "4"]))
+    assert (
+        s.first(2).tag == "test_first2_sc4"
+        and s.first(2).path("metrics").name == "metrics_test_first2_sc4.json"
+    )
+
+
+def test_resume_with_other_generation_settings_is_refused(greedy_run, tmp_path, capsys):
+    out = copy_run(greedy_run, tmp_path)
+    before = snapshot(out)
+    base = ["--model", SMOKE_MODEL, "--output_dir", str(out), "--data_dir", str(FIXTURE_DIR)]
+    argv = [*base, "--max_new_tokens", "3", "--max_prompt_tokens", "100000"]
+    assert predict.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for fragment in ("max_new_tokens 6 (now 3)", "max_prompt_tokens 3072 (now 100000)", "--overwrite"):
+        assert fragment in err, err
+    assert predict.main([*base, "--max_new_tokens", "6", "--dtype", "bfloat16"]) == 2  # ran in float32
+    assert "quant float32 (now bfloat16)" in capsys.readouterr().err
+    assert snapshot(out) == before  # nothing written
+    # Greedy decoding does not depend on the seed: a rescore with another one is the same run.
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(out), "--seed", "7") == 0
+    # No metrics to compare with: resumed as before; --overwrite: generated again, with the new settings.
+    (out / "metrics_test.json").unlink()
+    assert predict.main([*base, "--max_new_tokens", "3"]) == 0
+    assert predict.main([*base, "--max_new_tokens", "2", "--overwrite"]) == 0
+    m = read(out / "metrics_test.json")
+    assert m["max_new_tokens"] == 2 and m["n_generated"] == N_TEST
+
+
+def test_interrupted_overwrite_is_resumed_with_its_own_settings(greedy_run, tmp_path, monkeypatch, capsys):
+    out = copy_run(greedy_run, tmp_path)
+    calls = 0
+    original = predict.Generator.__call__
+
+    def crash_on_second(self, prompts, batch_ids):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt
+        return original(self, prompts, batch_ids)
+
+    monkeypatch.setattr(predict.Generator, "__call__", crash_on_second)
+    base = [
+        "--model",
+        SMOKE_MODEL,
+        "--output_dir",
+        str(out),
+        "--data_dir",
+        str(FIXTURE_DIR),
+        "--batch_size",
+        "1",
+    ]
+    assert predict.main([*base, "--max_new_tokens", "3", "--overwrite"]) == 130
+    # The old run's metrics went with its predictions: they cannot vouch for a resume with the old settings.
+    assert len(read(out / "predictions_test.json")) == 1 and not (out / "metrics_test.json").exists()
+    assert predict.main([*base, "--max_new_tokens", "3"]) == 0
+    assert read(out / "metrics_test.json")["max_new_tokens"] == 3
+    assert predict.main([*base, "--max_new_tokens", "6"]) == 2  # from now on, checked against the new run
+    assert "max_new_tokens 3 (now 6)" in capsys.readouterr().err
+
+
+def test_rescore_keeps_the_precision_it_was_generated_in(greedy_run, tmp_path):
+    out = copy_run(greedy_run, tmp_path)
+    first = read(out / "metrics_test.json")
+    assert first["quant"] == first["dtype"] == "float32"  # CPU: the smoke model runs in float32
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(out)) == 0  # nothing to generate: a rescore
+    again = read(out / "metrics_test.json")
+    assert (again["quant"], again["dtype"], again["n_generated"]) == ("float32", "float32", N_TEST)
+    # A metrics file from before the dtype was recorded: its quant is carried over all the same.
+    (out / "metrics_test.json").write_text(json.dumps({k: v for k, v in again.items() if k != "dtype"}))
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(out)) == 0
+    assert read(out / "metrics_test.json")["quant"] == "float32"
 
 
 def test_interrupted_run_keeps_finished_batches(tmp_path, monkeypatch):
@@ -250,6 +402,16 @@ def test_directory_that_is_no_model(tmp_path, capsys):
     expect_error(capsys, ["--model", str(tmp_path)], "neither a saved model", "nor a PEFT adapter")
     expect_error(capsys, ["--model", str(tmp_path / "notes.txt")], "is a file")
     expect_error(capsys, ["--model", str(tmp_path / "missing")], "not found")
+
+
+def test_too_many_shots_are_refused_before_loading(tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(predict, "load_model", no_loading)
+    argv = ["--model", SMOKE_MODEL, "--eg_k", "20", "--output_dir", str(tmp_path)]
+    expect_error(capsys, argv, "eg_k=20", "asked for 20 shots", "--eg_k")
+    assert not any(tmp_path.iterdir())
 
 
 def test_base_mismatch(adapter, tmp_path, capsys):
