@@ -252,19 +252,24 @@ def test_resume_with_other_generation_settings_is_refused(greedy_run, tmp_path, 
     assert m["max_new_tokens"] == 2 and m["n_generated"] == N_TEST
 
 
-def test_interrupted_overwrite_is_resumed_with_its_own_settings(greedy_run, tmp_path, monkeypatch, capsys):
-    out = copy_run(greedy_run, tmp_path)
+def interrupt_generation_at(monkeypatch, batch: int) -> None:
+    """Ctrl-C while generating the `batch`-th batch (1-based)."""
     calls = 0
     original = predict.Generator.__call__
 
-    def crash_on_second(self, prompts, batch_ids):
+    def generate(self, prompts, batch_ids):
         nonlocal calls
         calls += 1
-        if calls == 2:
+        if calls == batch:
             raise KeyboardInterrupt
         return original(self, prompts, batch_ids)
 
-    monkeypatch.setattr(predict.Generator, "__call__", crash_on_second)
+    monkeypatch.setattr(predict.Generator, "__call__", generate)
+
+
+def test_interrupted_overwrite_is_resumed_with_its_own_settings(greedy_run, tmp_path, monkeypatch, capsys):
+    out = copy_run(greedy_run, tmp_path)
+    interrupt_generation_at(monkeypatch, 2)
     base = [
         "--model",
         SMOKE_MODEL,
@@ -298,17 +303,7 @@ def test_rescore_keeps_the_precision_it_was_generated_in(greedy_run, tmp_path):
 
 
 def test_interrupted_run_keeps_finished_batches(tmp_path, monkeypatch):
-    calls = 0
-    original = predict.Generator.__call__
-
-    def crash_on_third(self, prompts, batch_ids):
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise KeyboardInterrupt
-        return original(self, prompts, batch_ids)
-
-    monkeypatch.setattr(predict.Generator, "__call__", crash_on_third)
+    interrupt_generation_at(monkeypatch, 3)
     assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path), "--batch_size", "1") == 130
     assert len(read(tmp_path / "predictions_test.json")) == 2  # complete JSON, the two finished batches
     assert not list(tmp_path.glob(".*tmp"))
