@@ -283,7 +283,7 @@ def bench_training(
                 trainer = _plain_trl_trainer(method, model_dir, rows, warmup + steps, Path(tmp))
             else:
                 trainer = _recipe_trainer(
-                    method, shape, model_dir, data_dir, warmup + steps, Path(tmp), limit
+                    method, shape, model_dir, data_dir, warmup + steps, Path(tmp), limit, lever_args(variant)
                 )
             trainer.add_callback(meter.callback())
             trainer.train()

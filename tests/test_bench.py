@@ -59,3 +59,17 @@ def test_cli_refuses_timing_real_shapes_without_a_gpu(capsys, sample_dir):
 def test_cli_names_a_missing_folder_in_one_line(capsys, sample_dir):
     assert bench.main(["--data_dir", str(sample_dir), "--tokenizer", "no/such/tokenizer"]) == 2
     assert capsys.readouterr().err == "error: --tokenizer no/such/tokenizer: no such directory\n"
+
+
+def test_a_variants_levers_reach_the_trainer(monkeypatch, tmp_path):
+    # Regression: the first GPU run timed `recipe:group_by_length` without its lever (the call dropped it).
+    seen = {}
+
+    def fake_recipe_trainer(*args, **kwargs):
+        seen["extra"] = list(args[7])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bench, "_recipe_trainer", fake_recipe_trainer)
+    r = bench.bench_training("recipe:group_by_length+bs16", "lora", "tiny", tmp_path, tmp_path, [], 1, 1)
+    assert seen["extra"] == bench.lever_args("recipe:group_by_length+bs16")
+    assert r["error"] == "RuntimeError: stop here" and r["variant"] == "recipe:group_by_length+bs16"
