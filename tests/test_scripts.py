@@ -1,0 +1,51 @@
+"""scripts/smollm2_runs.sh: the one command behind the SmolLM2 results rows (its real runs need a GPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "smollm2_runs.sh"
+
+
+def test_syntax():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_bad_arguments_are_one_line():
+    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage:")
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "m", "/no/such/dir"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert (proc.returncode, proc.stderr) == (2, "error: FINQA_DIR /no/such/dir: no such directory\n")
+
+
+def test_runs_each_recipe_then_the_baselines_and_logs_every_command(tmp_path):
+    # A stand-in python records each call and writes the files the real steps would.
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "$*" >> "$CALLS"\n'
+        'out=""; prev=""; for a in "$@"; do [ "$prev" = --output_dir ] && out=$a; prev=$a; done\n'
+        'if [ "$2" = finqa_trl.predict ]; then [ -n "$out" ] || out=$4; mkdir -p "$out";'
+        ' for k in metrics details predictions; do echo {} > "$out/${k}_test.json"; done; fi\n'
+    )
+    fake.chmod(0o755)
+    data, results = tmp_path / "data", tmp_path / "results"
+    data.mkdir()
+    env = {**os.environ, "PYTHON": str(fake), "CALLS": str(tmp_path / "calls"), "METHODS": "lora qdora"}
+    subprocess.run(
+        ["bash", str(SCRIPT), "model.gguf", str(data), str(results)], check=True, cwd=tmp_path, env=env
+    )
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split()[1] for c in calls] == ["finqa_trl.train", "finqa_trl.predict"] * 2 + [
+        "finqa_trl.predict"
+    ] * 2 + ["finqa_trl.report"]
+    assert "--config recipes/smollm2-135m-qdora.yaml --model_name_or_path model.gguf" in calls[2]
+    assert "--train_splits train dev" in calls[0] and "--eg_k 3" in calls[5]
+    assert len((results / "commands.txt").read_text().splitlines()) == len(calls)
+    for run in ("lora", "qdora", "base-0shot", "base-3shot"):
+        assert (results / run / "metrics_test.json").is_file()
