@@ -286,6 +286,7 @@ def download(dest_dir: str | Path, splits: Iterable[str] = SPLITS, *, force: boo
                     f"{url}: git blob SHA-1 is {got}, expected {want}; the download was discarded "
                     "(corrupted transfer, or upstream changed)"
                 )
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; the data is not secret
             os.replace(tmp, dest)  # atomic on one filesystem
         finally:
             tmp.unlink(missing_ok=True)

@@ -42,16 +42,9 @@ def llama3_tokenizer(tmp_path_factory: pytest.TempPathFactory):
     """
     if TOKENIZER_DIR is None:
         pytest.skip("Llama 3 tokenizer not available (set LLAMA3_TOKENIZER_DIR)")
-    import lzma
-    import shutil
-
     from transformers import AutoTokenizer
 
-    out = tmp_path_factory.mktemp("llama3-tokenizer")
-    for src in TOKENIZER_DIR.iterdir():
-        if src.name.endswith(".json.xz"):
-            with lzma.open(src) as fin, (out / src.name[: -len(".xz")]).open("wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        elif src.suffix == ".json":
-            shutil.copy(src, out / src.name)
+    from finqa_trl.bench import tokenizer_dir
+
+    out = tokenizer_dir(TOKENIZER_DIR, tmp_path_factory.mktemp("llama3-tokenizer"))
     return AutoTokenizer.from_pretrained(out)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import lzma
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from finqa_trl.data import load_split
 from finqa_trl.dsl import (
     ALL_OPS,
     answers_match,
@@ -29,8 +27,7 @@ TABLE = [
 
 
 def load(sample_dir, split):
-    with lzma.open(sample_dir / f"{split}.json.xz") as f:
-        return json.load(f)
+    return load_split(sample_dir, split)
 
 
 # ------------------------------------------------------------------------- upstream rules, real data

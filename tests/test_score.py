@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import lzma
 import subprocess
 import sys
 
 import pytest
 
+from finqa_trl.data import load_split
 from finqa_trl.dsl import program_to_string, tokenize_program
 from finqa_trl.score import main, score
 
@@ -20,8 +20,7 @@ UPSTREAM_EXE, UPSTREAM_PROG, UPSTREAM_N = 188, 181, 472
 
 @pytest.fixture(scope="module")
 def sample_test(sample_dir):
-    with lzma.open(sample_dir / "test.json.xz") as f:
-        return json.load(f)
+    return load_split(sample_dir, "test")
 
 
 @pytest.fixture(scope="module")
