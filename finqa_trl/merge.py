@@ -19,7 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .predict import RECIPE_FILE, PredictError, inspect_model
+from .predict import PredictError, inspect_model
+from .recipes import RUN_RECIPE as RECIPE_FILE
 
 logger = logging.getLogger("finqa_trl.merge")
 

@@ -46,10 +46,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from .data import DataError, load_split, resolve_data_dir
 from .dsl import Execution, execute, parse_generation
+from .recipes import RecipeError, read_run_recipe, run_recipe_file
 from .score import ScoreError, score, write_json_atomic
 
 if TYPE_CHECKING:  # torch/transformers load only once a model is needed, after every input check
@@ -58,7 +57,6 @@ if TYPE_CHECKING:  # torch/transformers load only once a model is needed, after 
 logger = logging.getLogger("finqa_trl.predict")
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see train.py: offline advice
 
-RECIPE_FILE = "recipe.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DEFAULT_MAX_PROMPT_TOKENS = 3072  # the training default (recipes/_base.yaml)
@@ -150,14 +148,6 @@ class ModelSpec:
         return self.model if self.kind == "adapter" else None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise PredictError(f"{path}: cannot read ({' '.join(str(err).split())})") from None
-    return data if isinstance(data, dict) else {}
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -203,12 +193,12 @@ def inspect_model(
             raise PredictError(str(err)) from None
         return ModelSpec("model", model, model, gguf_file, {}, None)
 
-    recipe = _read_yaml(path / RECIPE_FILE) if (path / RECIPE_FILE).is_file() else {}
-    # outputs/<run>/merged or outputs/<run>/checkpoint-N: the run's recipe is one level up
-    parent_recipe = path.parent / RECIPE_FILE
-    run_dir = path if recipe or parent_recipe.is_file() else None
-    if not recipe and parent_recipe.is_file():
-        recipe = _read_yaml(parent_recipe)
+    # outputs/<run>, or outputs/<run>/merged and outputs/<run>/checkpoint-N with the run's recipe one level up
+    try:
+        recipe = read_run_recipe(path)
+    except RecipeError as err:
+        raise PredictError(str(err)) from None
+    run_dir = path if run_recipe_file(path) else None
     if (path / ADAPTER_CONFIG).is_file():
         config = _read_json(path / ADAPTER_CONFIG)
         recorded = [n for n in (recipe.get("model_name_or_path"), config.get("base_model_name_or_path")) if n]

@@ -119,6 +119,23 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
+RUN_RECIPE = "recipe.yaml"  # the fully resolved recipe that training saves in its output_dir
+
+
+def run_recipe_file(path: str | Path) -> Path | None:
+    """The recipe.yaml of the run `path` belongs to: in it, or one up (<run>/merged, <run>/checkpoint-N)."""
+    for d in (Path(path), Path(path).parent):
+        if (d / RUN_RECIPE).is_file():
+            return d / RUN_RECIPE
+    return None
+
+
+def read_run_recipe(path: str | Path) -> dict[str, Any]:
+    """That recipe's settings ({} when `path` is not part of a run); RecipeError if it is unreadable."""
+    f = run_recipe_file(path)
+    return _read(f) if f else {}
+
+
 def resolve(name_or_path: str | Path, recipes_dir: Path = RECIPES_DIR) -> Recipe:
     """Follow the `base:` chain of a recipe and merge it (child wins). Raises RecipeError."""
     path = recipe_path(name_or_path, recipes_dir)

@@ -21,13 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .data import SPLITS
-from .recipes import method_name, quantization_name
+from .recipes import RecipeError, method_name, quantization_name, read_run_recipe
 
 HEADER = ("Model", "Method", "Quant", "Dev Acc", "Test Acc", "Dev Prog", "Test Prog", "Invalid", "Notes")
-RECIPE_FILE = "recipe.yaml"
 
 
 @dataclass
@@ -67,15 +64,10 @@ def _split_of(path: Path, metrics: dict[str, Any]) -> str:
 
 def _recipe_near(path: Path) -> dict[str, Any]:
     """The recipe.yaml of the run a metrics file belongs to (beside it, or one up for <run>/merged)."""
-    for d in (path.parent, path.parent.parent):
-        f = d / RECIPE_FILE
-        if f.is_file():
-            try:
-                data = yaml.safe_load(f.read_text())
-            except (OSError, yaml.YAMLError):
-                return {}
-            return data if isinstance(data, dict) else {}
-    return {}
+    try:
+        return read_run_recipe(path.parent)
+    except RecipeError:  # an unreadable recipe must not hide the row: it is reported without one
+        return {}
 
 
 def _short(name: Any) -> str:

@@ -50,13 +50,13 @@ from .modeling import (
     resolve_source,
     sync_special_tokens,
 )
-from .recipes import Recipe, RecipeError, available, check_keys, method_name, resolve
+from .recipes import RUN_RECIPE, Recipe, RecipeError, available, check_keys, method_name, resolve
 
 logger = logging.getLogger("finqa_trl.train")
 # bitsandbytes' CPU backend warns at import, on AVX512-bf16 CPUs, that an optional Hub kernel is missing and
 # falls back to its bundled one; the advice (install `kernels`, fetch from the Hub) does not apply offline.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-RECIPE_FILE = "recipe.yaml"
+RECIPE_FILE = RUN_RECIPE
 # Settings that make two runs "the same recipe" for the purpose of sharing (resuming in) an output_dir.
 IDENTITY = (
     "recipe",
