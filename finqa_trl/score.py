@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-import tempfile
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -136,23 +136,20 @@ def score(
     return summarize(details), details
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     """Write-then-rename, so an interrupted run never leaves a truncated file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should read like any other file
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    # os.open with mode 0o666 lets the umask decide, as for any other file (mkstemp would force 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=indent, ensure_ascii=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
