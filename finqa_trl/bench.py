@@ -1,13 +1,16 @@
 """Training and evaluation throughput on Llama-3.2-1B/3B-shaped models: this project's recipes vs plain TRL.
 
     python -m finqa_trl.bench --data_dir FINQA_DIR --tokenizer LLAMA3_TOKENIZER_DIR
-        [--shapes 1b 3b] [--methods lora dora qlora qdora] [--variants trl recipe] [--steps 10] [--warmup 3]
-        [--eval] [--out results]
+        [--shapes 1b 3b] [--methods lora dora qlora qdora] [--variants trl recipe] [--examples 192]
+        [--warmup_examples 48] [--eval] [--out results]
 
 Weights are random (built from the Llama 3.2 configs: the real weights are not needed to time a step), the
 tokenizer is Llama 3's and the prompts are real FinQA examples, so every tensor has its real shape. For each
-(shape, method, variant) one trainer runs `warmup + steps` optimizer steps; tokens/s counts non-padding tokens
-of the timed steps only, peak memory is `torch.cuda.max_memory_allocated` over the whole run (model included).
+(shape, method, variant) one trainer first trains on `--warmup_examples` untimed (CUDA/cuBLAS start-up, kernel
+autotuning, allocator growth), then on `--examples` timed ones. Windows are counted in examples, not optimizer
+steps, because a plain-TRL step (batch 4) is a quarter of a recipe step (4 x 4 accumulated): every variant is
+timed on about the same amount of data. Tokens/s counts the non-padding tokens of the timed steps only; peak
+memory is `torch.cuda.max_memory_allocated` over the whole run (model included).
 
 * `trl`: plain TRL as a user would write it — `SFTTrainer` defaults on the same prompt/completion data,
   padded batches of 4, gradient checkpointing on, sdpa, the same LoRA/DoRA config and 4-bit base.
@@ -88,6 +91,13 @@ LEVERS: dict[str, list[str]] = {
 }
 
 
+# Ways to run the evaluation, each a set of `finqa_trl.predict` flags (`auto`: what `make eval` does).
+EVAL_VARIANTS: dict[str, list[str]] = {
+    "auto": [],  # length-sorted batches sized from free GPU memory, dynamic KV cache
+    "static": ["--cache_implementation", "static"],  # static KV cache: transformers compiles the decode step
+}
+
+
 def lever_args(variant: str) -> list[str]:
     """`recipe:group_by_length+bs16` -> the overrides of both levers; `recipe` -> none."""
     _, _, levers = variant.partition(":")
@@ -151,6 +161,11 @@ def _empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def window_steps(examples: int, per_step: int) -> int:
+    """Optimizer steps that cover at least `examples` examples at `per_step` per step (at least 1)."""
+    return max(1, -(-examples // per_step))
+
+
 class _Meter:
     """Trainer callback: wall time and non-padding tokens of the steps after `warmup`."""
 
@@ -179,7 +194,9 @@ class _Meter:
         return {"seconds": round(secs, 3), "tokens": int(tokens), "tokens_per_s": round(tokens / secs, 1)}
 
 
-def _plain_trl_trainer(method: str, model_dir: Path, rows: list[dict], total_steps: int, out: Path) -> Any:
+def _plain_trl_trainer(
+    method: str, model_dir: Path, rows: list[dict], warmup_examples: int, examples: int, out: Path
+) -> tuple[Any, int]:
     """What a user assembles by hand from TRL's docs: SFTTrainer defaults + a LoraConfig (+ 4-bit base)."""
     import torch
     from datasets import Dataset
@@ -205,10 +222,13 @@ def _plain_trl_trainer(method: str, model_dir: Path, rows: list[dict], total_ste
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token_id = 128004  # Llama 3.2's pad (<|finetune_right_pad_id|>), as its model card says
+    per_step = 4  # SFTConfig's defaults: batch 4, no accumulation
+    warmup = window_steps(warmup_examples, per_step)
     args = SFTConfig(
         output_dir=str(out),
-        per_device_train_batch_size=4,
-        max_steps=total_steps,
+        per_device_train_batch_size=per_step,
+        gradient_accumulation_steps=1,
+        max_steps=warmup + window_steps(examples, per_step),
         learning_rate=1e-4,
         bf16=bf16,
         use_cpu=not bf16,
@@ -222,9 +242,10 @@ def _plain_trl_trainer(method: str, model_dir: Path, rows: list[dict], total_ste
         r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", use_dora=method.endswith("dora")
     )
     data = Dataset.from_list(rows)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft
     )
+    return trainer, warmup
 
 
 def _recipe_trainer(
@@ -232,11 +253,12 @@ def _recipe_trainer(
     shape: str,
     model_dir: Path,
     data_dir: Path,
-    total_steps: int,
+    warmup_examples: int,
+    examples: int,
     out: Path,
     limit: int | None,
     extra: Sequence[str] = (),
-) -> Any:
+) -> tuple[Any, int]:
     from . import train
 
     run = train.parse(
@@ -246,7 +268,6 @@ def _recipe_trainer(
             "--data_dir", str(data_dir),
             "--train_splits", "train", "dev", "test",
             "--output_dir", str(out),
-            "--max_steps", str(total_steps),
             "--save_strategy", "no",
             "--logging_steps", "1000",
             "--disable_tqdm", "true",
@@ -255,9 +276,13 @@ def _recipe_trainer(
     )  # fmt: skip
     if limit:
         run.script.max_train_samples = limit
+    # The recipe's (or the lever's) batch decides how many steps make the windows.
+    per_step = run.training.per_device_train_batch_size * run.training.gradient_accumulation_steps
+    warmup = window_steps(warmup_examples, per_step)
+    run.training.max_steps = warmup + window_steps(examples, per_step)
     # Set after parsing: the CLI parser reads this str-or-bool field as a bool.
     run.training.include_num_input_tokens_seen = "non_padding"
-    return train.prepare(run).trainer
+    return train.prepare(run).trainer, warmup
 
 
 def bench_training(
@@ -267,8 +292,8 @@ def bench_training(
     model_dir: Path,
     data_dir: Path,
     rows: list[dict],
-    steps: int,
-    warmup: int,
+    examples: int,
+    warmup_examples: int,
     limit: int | None = None,
 ) -> dict[str, Any]:
     import torch
@@ -276,21 +301,34 @@ def bench_training(
     _empty_cache()
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
-    meter = _Meter(warmup)
     with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as tmp:
         try:
             if variant == "trl":
-                trainer = _plain_trl_trainer(method, model_dir, rows, warmup + steps, Path(tmp))
-            else:
-                trainer = _recipe_trainer(
-                    method, shape, model_dir, data_dir, warmup + steps, Path(tmp), limit, lever_args(variant)
+                trainer, warmup = _plain_trl_trainer(
+                    method, model_dir, rows, warmup_examples, examples, Path(tmp)
                 )
+            else:
+                trainer, warmup = _recipe_trainer(
+                    method,
+                    shape,
+                    model_dir,
+                    data_dir,
+                    warmup_examples,
+                    examples,
+                    Path(tmp),
+                    limit,
+                    lever_args(variant),
+                )
+            meter = _Meter(warmup)
             trainer.add_callback(meter.callback())
             trainer.train()
             peak = torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None
             res = {**meter.result(), "peak_gib": None if peak is None else round(peak, 2)}
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps
+            res["timed_steps"] = trainer.args.max_steps - warmup
+            # Plain TRL truncates to max_length=1024 and then drops every example whose program was cut off.
+            res["train_examples"] = len(trainer.train_dataset)
         except torch.OutOfMemoryError:
             res = {"error": "out of memory"}
         except Exception as err:  # one failing configuration must not lose the others' numbers
@@ -302,23 +340,39 @@ def bench_training(
     return {"variant": variant, "method": method, "shape": shape, **res}
 
 
-def bench_eval(shape: str, model_dir: Path, data_dir: Path, out: Path) -> dict[str, Any]:
+def bench_eval(
+    shape: str, model_dir: Path, data_dir: Path, out: Path, variant: str = "auto"
+) -> dict[str, Any]:
+    """`make eval` on 1,147 prompts: wall time of generation + scoring (the model load is timed apart)."""
     from . import predict
 
     args = predict.parse_args(
         [
             "--model", str(model_dir), "--data_dir", str(data_dir), "--split", "test",
             "--output_dir", str(out), "--max_new_tokens", "20", "--overwrite", "true",
+            *EVAL_VARIANTS[variant],
         ]
     )  # fmt: skip
+    _empty_cache()
     t = time.perf_counter()
-    _, metrics = predict.predict(args)
+    try:
+        _, metrics = predict.predict(args)
+    except Exception as err:  # one failing variant must not lose the others' numbers
+        return {
+            "shape": shape,
+            "eval": variant,
+            "error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}",
+        }
     wall = time.perf_counter() - t
+    timing = {k: metrics.get(k) for k in predict.RUN_INFO_KEYS}
     return {
         "shape": shape,
+        "eval": variant,
         "examples": metrics["n"],
         "wall_seconds": round(wall, 2),
-        **metrics.get("timing", {}),
+        # everything but loading the weights: prompts, generation, parsing, scoring, writing the files
+        "eval_seconds": round(wall - (timing["load_seconds"] or 0.0), 2),
+        **timing,
     }
 
 
@@ -362,13 +416,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument(
         "--variants",
-        nargs="+",
+        nargs="*",
         default=["trl", "recipe"],
-        help=f"trl, recipe, or recipe:LEVER[+LEVER] with LEVER in {', '.join(LEVERS)}",
+        help=f"trl, recipe, or recipe:LEVER[+LEVER] with LEVER in {', '.join(LEVERS)}; none: eval only",
     )
-    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    ap.add_argument("--examples", type=int, default=192, help="timed training examples per variant")
+    ap.add_argument("--warmup_examples", type=int, default=48, help="untimed training examples first")
     ap.add_argument("--eval", action="store_true", help="also time evaluation (generation + scoring)")
+    ap.add_argument("--eval_variants", nargs="+", default=["auto"], choices=list(EVAL_VARIANTS))
     ap.add_argument("--workdir", default=None, help="where the random-weight models are saved")
     ap.add_argument("--out", default="results")
     ap.add_argument("--max_examples", type=int, default=None, help="use only the first N examples (dry runs)")
@@ -415,24 +470,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                     model_dir,
                     Path(args.data_dir),
                     rows,
-                    args.steps,
-                    args.warmup,
+                    args.examples,
+                    args.warmup_examples,
                     args.max_examples,
                 )
                 print(json.dumps(r), flush=True)
                 results.append(r)
                 write_json_atomic(out_file, {"device": device, "date": stamp, "results": results})
-        if args.eval:
-            r = bench_eval(shape, model_dir, eval_split(records, work / "eval-data"), work / f"eval-{shape}")
+        for variant in args.eval_variants if args.eval else ():
+            data = eval_split(records, work / "eval-data")
+            r = bench_eval(shape, model_dir, data, work / f"eval-{shape}-{variant}", variant)
             print(json.dumps(r), flush=True)
             results.append(r)
             write_json_atomic(out_file, {"device": device, "date": stamp, "results": results})
-    print(f"\n{device}, {args.steps} timed steps after {args.warmup} warm-up steps; {out_file}\n")
+    print(f"\n{device}, {args.examples} timed examples after {args.warmup_examples} untimed; {out_file}\n")
     print(table(results))
     for r in results:
-        if "examples" in r:
+        if "eval" in r:
             print(
-                f"eval {r['shape']}: {r['examples']} examples in {r['wall_seconds']} s (generation + scoring)"
+                f"eval {r['shape']} {r['eval']}: "
+                + (
+                    f"{r['examples']} examples in {r['eval_seconds']} s (generation + scoring; "
+                    f"{r['batches']} batches of up to {r['largest_batch']}; "
+                    f"weights loaded in {r['load_seconds']} s)"
+                    if "examples" in r
+                    else r["error"]
+                )
             )
     return 0
 

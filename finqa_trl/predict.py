@@ -125,6 +125,12 @@ class PredictArguments:
         default=None, metadata={"help": "Only the first N examples of the split (files tagged _first<N>)."}
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flash_attention_2."})
+    cache_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "KV cache for generate, e.g. static (transformers then compiles the decoding step)."
+        },
+    )
     save_every: int = field(default=1, metadata={"help": "Checkpoint predictions every N batches."})
     overwrite: bool = field(default=False, metadata={"help": "Ignore (and replace) existing predictions."})
 
@@ -571,6 +577,8 @@ class Generator:
             "pad_token_id": tokenizer.pad_token_id,
             "use_cache": True,
         }
+        if args.cache_implementation:
+            self.kwargs["cache_implementation"] = args.cache_implementation
         if settings.do_sample:
             self.kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=None)
         else:  # instruct models ship sampling defaults (Llama 3: T=0.6, p=0.9) that greedy must not inherit
@@ -873,6 +881,8 @@ RUN_INFO_KEYS = (
     "examples_per_s",
     "seconds_per_example",
     "max_batch_tokens",
+    "batches",
+    "largest_batch",
     "peak_gpu_memory_gib",
 )
 
@@ -946,6 +956,8 @@ def _combine_run_info(infos: list[dict[str, Any]]) -> dict[str, Any]:
         "device": ", ".join(dict.fromkeys(i["device"] for i in infos)),
         "num_processes": len(infos),
         "n_generated": n,
+        "batches": sum(i["batches"] for i in infos),
+        "largest_batch": max(i["largest_batch"] for i in infos),
         "load_seconds": max(i["load_seconds"] for i in infos),
         "generation_seconds": gen_s,
         "examples_per_s": round(n / gen_s, 3) if gen_s > 0 else None,
@@ -986,9 +998,11 @@ def _generate(
     tables = {e["id"]: e.get("table", []) for e in todo}
     n_before = len(predictions)
     batches = 0
+    largest = 0
 
     def on_batch(chunk: list[int], texts: list[list[str]]) -> None:
-        nonlocal batches
+        nonlocal batches, largest
+        largest = max(largest, len(chunk))
         predictions.extend(make_entry(ids[i], t, tables[ids[i]]) for i, t in zip(chunk, texts, strict=True))
         batches += 1
         if batches % args.save_every == 0:
@@ -1024,6 +1038,8 @@ def _generate(
         "examples_per_s": round(n / gen_s, 3) if gen_s > 0 else None,
         "seconds_per_example": round(gen_s / n, 4) if n else None,
         "max_batch_tokens": None if args.batch_size != "auto" else budget,
+        "batches": batches,
+        "largest_batch": largest,
         "peak_gpu_memory_gib": None if peak is None else round(peak, 2),
     }
 

@@ -676,12 +676,21 @@ def train(run: Run) -> int:
     prepared = prepare(run)
     trainer, hub, script = prepared.trainer, prepared.hub, run.script
     output_dir, state = Path(run.training.output_dir), run.training.distributed_state
-    trainer.train(resume_from_checkpoint=prepared.resume)
+    result = trainer.train(resume_from_checkpoint=prepared.resume)
 
     if trainer.is_fsdp_enabled:  # a loadable adapter, not per-rank shards
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(output_dir))
-    logger.info("adapter, tokenizer and %s saved in %s", RECIPE_FILE, output_dir)
+    # train_results.json (runtime, loss, peak GPU memory of each process) and trainer_state.json (the loss
+    # curve; TRL's num_tokens, summed over the processes), written by the main process
+    metrics = dict(result.metrics)
+    peaks = _peak_gpu_memory_gib(trainer)
+    if peaks:
+        metrics["peak_gpu_memory_gib"] = peaks
+        logger.info("peak GPU memory per process (GiB): %s", peaks)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    logger.info("adapter, tokenizer, %s and the training log saved in %s", RECIPE_FILE, output_dir)
 
     # -- after training, on the main process only; a failure here is reported after the other ranks are
     # released (raising on rank 0 alone would leave them waiting at the barrier)
@@ -705,6 +714,16 @@ def train(run: Run) -> int:
         print(f"error: {' '.join(failed.split())}", file=sys.stderr)
         return 1
     return 0
+
+
+def _peak_gpu_memory_gib(trainer: Any) -> list[float]:
+    """torch.cuda.max_memory_allocated of every process, in rank order (empty without CUDA)."""
+    import torch
+    from accelerate.utils import gather_object
+
+    if not torch.cuda.is_available():
+        return []
+    return gather_object([round(torch.cuda.max_memory_allocated() / 2**30, 2)])
 
 
 def _one_gpu_unless_launched() -> None:

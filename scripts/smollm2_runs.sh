@@ -33,9 +33,7 @@ keep() {  # keep what a results row is made of: test metrics/details/predictions
   mkdir -p "$dest"
   cp "$src"/metrics_test*.json "$src"/details_test*.json "$src"/predictions_test*.json "$dest"/
   [ -f "$src/recipe.yaml" ] && cp "$src/recipe.yaml" "$dest"/
-  local last
-  last=$(ls -d "$src"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1 || true)
-  [ -n "$last" ] && cp "$last/trainer_state.json" "$dest/trainer_state.json"
+  [ -f "$src/trainer_state.json" ] && cp "$src/trainer_state.json" "$src/train_results.json" "$dest"/
   return 0
 }
 

@@ -66,7 +66,7 @@ def test_a_variants_levers_reach_the_trainer(monkeypatch, tmp_path):
     seen = {}
 
     def fake_recipe_trainer(*args, **kwargs):
-        seen["extra"] = list(args[7])
+        seen["extra"] = list(args[8])
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(bench, "_recipe_trainer", fake_recipe_trainer)

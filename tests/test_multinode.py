@@ -83,7 +83,7 @@ def test_two_nodes_on_localhost(tmp_path: Path) -> None:
         assert node.returncode == 0, f"node {rank}:\n{log[-3000:]}"
         assert f"[launch_node {rank}/2 " in log and "--num_machines 2 --machine_rank" in log
     assert "2 process(es)" in logs[0]
-    saved = "adapter, tokenizer and recipe.yaml saved"
+    saved = "adapter, tokenizer, recipe.yaml and the training log saved"
     assert logs[0].count(saved) == 1 and saved not in logs[1]  # logged where it is saved: global rank 0
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     # 2 steps x 2 examples x 2 nodes = 8 of the 12 fixture examples: sharded across the nodes, not repeated

@@ -585,11 +585,15 @@ def test_two_process_cpu_run(launcher: list[str], tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr
-    assert proc.stderr.count("adapter, tokenizer and recipe.yaml saved") == 1  # logged by rank 0 only
+    assert proc.stderr.count("adapter, tokenizer, recipe.yaml and the training log saved") == 1  # rank 0 only
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     # 2 steps x 2 examples x 2 processes = 8 of the 12 fixture examples: the data is sharded, not repeated
     assert state["global_step"] == 2 and abs(state["epoch"] - 8 / 12) < 1e-6
     assert (out / "adapter_model.safetensors").is_file()
+    # The run's training log, written once: the final state and the summary metrics
+    final = json.loads((out / "trainer_state.json").read_text())
+    assert final["global_step"] == 2 and final["log_history"][-1]["train_runtime"] > 0
+    assert json.loads((out / "train_results.json").read_text())["train_runtime"] > 0
 
 
 def test_a_run_failing_while_loading_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, capsys):
