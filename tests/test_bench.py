@@ -9,7 +9,7 @@ from finqa_trl import bench, train
 
 def test_every_lever_is_a_valid_override_of_a_recipe():
     expected = {
-        "group_by_length": ("train_sampling_strategy", "group_by_length"),
+        "random_batches": ("train_sampling_strategy", "random"),
         "no_ckpt": ("activation_checkpointing", False),
         "bs8": ("per_device_train_batch_size", 8),
         "bs16": ("per_device_train_batch_size", 16),
@@ -29,8 +29,8 @@ def test_every_lever_is_a_valid_override_of_a_recipe():
 
 def test_levers_combine_and_unknown_ones_are_refused():
     assert bench.lever_args("recipe") == []
-    assert bench.lever_args("recipe:group_by_length+bs16") == [
-        *bench.LEVERS["group_by_length"],
+    assert bench.lever_args("recipe:random_batches+bs16") == [
+        *bench.LEVERS["random_batches"],
         *bench.LEVERS["bs16"],
     ]
     with pytest.raises(SystemExit, match="unknown lever 'turbo'"):
@@ -70,6 +70,24 @@ def test_a_variants_levers_reach_the_trainer(monkeypatch, tmp_path):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(bench, "_recipe_trainer", fake_recipe_trainer)
-    r = bench.bench_training("recipe:group_by_length+bs16", "lora", "tiny", tmp_path, tmp_path, [], 1, 1)
-    assert seen["extra"] == bench.lever_args("recipe:group_by_length+bs16")
-    assert r["error"] == "RuntimeError: stop here" and r["variant"] == "recipe:group_by_length+bs16"
+    r = bench.bench_training("recipe:random_batches+bs16", "lora", "tiny", tmp_path, tmp_path, [], 1, 1)
+    assert seen["extra"] == bench.lever_args("recipe:random_batches+bs16")
+    assert r["error"] == "RuntimeError: stop here" and r["variant"] == "recipe:random_batches+bs16"
+
+
+def test_eval_timing_reaches_the_result(tmp_path):
+    # Regression: bench_eval read a "timing" key that predict's metrics never had, so every eval row lost
+    # its generation time, batch counts and load time.
+    from finqa_trl.data import FIXTURE_DIR
+    from finqa_trl.modeling import SMOKE_MODEL, resolve_source
+
+    model = resolve_source(SMOKE_MODEL).path
+    r = bench.bench_eval("smoke", model, FIXTURE_DIR, tmp_path / "eval")
+    assert r["examples"] == 6 and r["eval"] == "auto"
+    assert r["generation_seconds"] > 0 and r["batches"] >= 1 and r["largest_batch"] >= 1
+    assert abs(r["eval_seconds"] - (r["wall_seconds"] - r["load_seconds"])) < 0.02  # rounded to 0.01
+
+
+def test_an_eval_variant_that_fails_is_recorded_not_raised(tmp_path):
+    r = bench.bench_eval("smoke", tmp_path / "no-such-model", tmp_path, tmp_path / "eval", "static")
+    assert r["eval"] == "static" and "error" in r
