@@ -24,7 +24,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 endif
 
-.PHONY: help install demo test lint data recipes train train-slurm eval merge report bench clean
+.PHONY: help install demo test lint data recipes train train-slurm eval merge report matrix bench clean
 
 help:
 	@echo "make demo                      train the smoke recipe on the bundled fixture, evaluate, print metrics (CPU, offline)"
@@ -37,6 +37,7 @@ help:
 	@echo "make eval RECIPE=qdora-3b [SPLIT=test] [NUM_GPUS=2] [EVAL_ARGS='--batch_size 64']"
 	@echo "make merge RECIPE=qdora-3b     merge the adapter into a standalone bf16 model"
 	@echo "make report                    results table (markdown) + bar chart from outputs/*/metrics_*.json"
+	@echo "make matrix NUM_GPUS=2 MATRIX_ARGS='--model M --data_dir D'   every multi-GPU launch vs one GPU"
 	@echo "make bench FINQA_DIR=... LLAMA3_TOKENIZER=...   training/eval throughput vs plain TRL (GPU)"
 
 install: $(STAMP)
@@ -84,6 +85,11 @@ merge: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m finqa_trl.report
+
+# Each accelerate config x {lora, qdora} on NUM_GPUS GPUs against one GPU at the same global batch
+# (finqa_trl/matrix.py); e.g. MATRIX_ARGS="--model SmolLM2-135M-Instruct.Q4_1.gguf --data_dir $FINQA_DIR".
+matrix: $(STAMP)
+	$(PY) -m finqa_trl.matrix --num_gpus $(if $(filter-out 1,$(NUM_GPUS)),$(NUM_GPUS),2) $(MATRIX_ARGS)
 
 # Needs a CUDA GPU, the real FinQA data (FINQA_DIR) and the Llama 3 tokenizer folder (LLAMA3_TOKENIZER).
 bench: $(STAMP)

@@ -1,0 +1,256 @@
+"""The multi-GPU launch matrix: each accelerate config x recipe on N GPUs, against one GPU at the same batch.
+
+    python -m finqa_trl.matrix --model MODEL --data_dir FINQA_DIR [--num_gpus 2]
+        [--configs multi_gpu fsdp deepspeed_zero2 deepspeed_zero3]
+        [--recipes smollm2-135m-lora smollm2-135m-qdora] [--eval_limit 100] [--out results/multi-gpu]
+
+For each recipe, `make train` first runs on one GPU (`single_gpu`, the recipe's micro-batch x accumulation A),
+then on `--num_gpus` GPUs under each config with accumulation A / N: the same global batch, and the same
+examples in each optimizer step (accelerate deals the one-process batches out to the ranks in turn). Then
+`make eval` runs on each saved adapter with the same GPUs (`--eval_limit` test examples). Every run trains
+on train + dev without LoRA dropout (see below), logs the loss every 5 steps and saves no checkpoints.
+
+Writes `<out>/matrix.json` and `<out>/matrix.md` after every run: works / fails with the error line, tokens/s
+(TRL's token count over the processes / train_runtime) and its ratio to one GPU, peak memory per GPU, and the
+largest relative difference between the loss curve and the one-GPU curve. Dropout would draw its masks per
+process, so the runs set `--lora_dropout 0`: the first logged losses then agree to the last digit, and later
+ones drift only by summation order (LOSS_TOLERANCE is what counts as matching). Each run's output and its
+`<run>.{train,eval}.log` are in `--runs_dir` (outputs/matrix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .recipes import RecipeError, resolve
+from .score import write_json_atomic
+
+CONFIGS = ("multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+RECIPES = ("smollm2-135m-lora", "smollm2-135m-qdora")
+BASELINE = "single_gpu"
+LOSS_TOLERANCE = 0.05  # largest relative difference of a logged loss from the one-GPU run's at the same step
+LOGGING_STEPS = 5
+
+
+def error_line(log: str) -> str:
+    """The one line that says why a run failed: our `error:` line, else the last exception, else the end."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("error:"):
+            return ln
+    for ln in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception)\b", ln):
+            return ln[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def run_summary(out: Path) -> dict[str, Any]:
+    """Loss curve, tokens/s and peak memory of a finished run, from its trainer_state/train_results files."""
+    state = json.loads((out / "trainer_state.json").read_text())
+    results = json.loads((out / "train_results.json").read_text())
+    history = state.get("log_history", [])
+    losses = {int(h["step"]): float(h["loss"]) for h in history if "loss" in h}
+    tokens = max((h["num_tokens"] for h in history if "num_tokens" in h), default=None)
+    runtime = results.get("train_runtime")
+    return {
+        "loss": losses,
+        "tokens": tokens,
+        "train_runtime": runtime,
+        "tokens_per_s": round(tokens / runtime, 1) if tokens and runtime else None,
+        "peak_gpu_memory_gib": results.get("peak_gpu_memory_gib"),
+        "steps": state.get("global_step"),
+    }
+
+
+def loss_difference(curve: dict[int, float], reference: dict[int, float]) -> float | None:
+    """Largest |loss - reference| / reference over the steps both logged (None when they share none)."""
+    common = sorted(set(curve) & set(reference))
+    if not common:
+        return None
+    return max(abs(curve[s] - reference[s]) / abs(reference[s]) for s in common if reference[s])
+
+
+class Matrix:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.logs = Path(args.runs_dir)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        self.out = Path(args.out)
+
+    def make(self, target: str, log: Path, **variables: Any) -> tuple[int, str]:
+        """`make <target>` with this interpreter (no install step); its output goes to `log`."""
+        cmd = ["make", target, f"PY={sys.executable}", "STAMP=", *(f"{k}={v}" for k, v in variables.items())]
+        try:
+            proc = subprocess.run(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=self.args.timeout
+            )
+            text, rc = proc.stdout, proc.returncode
+        except subprocess.TimeoutExpired as err:
+            out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else err.stdout or ""
+            text, rc = out + f"\nerror: timed out after {self.args.timeout} s", 124
+        log.write_text(" ".join(cmd) + "\n" + text)
+        return rc, text
+
+    def train_args(self, recipe: str, accumulation: int) -> str:
+        a = self.args
+        parts = [
+            *(["--model_name_or_path", a.model] if a.model else []),
+            *(["--data_dir", a.data_dir] if a.data_dir else []),
+            "--train_splits", "train", "dev",
+            "--gradient_accumulation_steps", str(accumulation),
+            "--logging_steps", str(LOGGING_STEPS),
+            "--save_strategy", "no",
+            "--overwrite_output_dir", "true",
+            # Dropout draws its masks per process, so with it the N-GPU curve can only match the 1-GPU one
+            # statistically; without it every step computes the same thing (up to summation order).
+            "--lora_dropout", "0",
+            *a.train_args.split(),
+        ]  # fmt: skip
+        return " ".join(parts)
+
+    def run(self, recipe: str, config: str, gpus: int, accumulation: int) -> dict[str, Any]:
+        name = f"{config}-{recipe}"
+        out = self.logs / name
+        row: dict[str, Any] = {
+            "recipe": recipe,
+            "config": config,
+            "num_gpus": gpus,
+            "accumulation": accumulation,
+        }
+        t = time.perf_counter()
+        rc, text = self.make(
+            "train",
+            self.logs / f"{name}.train.log",
+            RECIPE=recipe,
+            ACCELERATE_CONFIG=config,
+            NUM_GPUS=gpus,
+            OUTPUT_DIR=out,
+            ARGS=self.train_args(recipe, accumulation),
+        )
+        row["wall_s"] = round(time.perf_counter() - t, 1)
+        if rc != 0 or not (out / "train_results.json").is_file():
+            return {**row, "works": False, "error": error_line(text)}
+        row.update(works=True, **run_summary(out))
+        if self.args.eval_limit:
+            eval_args = f"--limit {self.args.eval_limit} --overwrite true"
+            erc, etext = self.make(
+                "eval", self.logs / f"{name}.eval.log", OUTPUT_DIR=out, NUM_GPUS=gpus, EVAL_ARGS=eval_args
+            )
+            metrics = out / f"metrics_test_first{self.args.eval_limit}.json"
+            if erc == 0 and metrics.is_file():
+                m = json.loads(metrics.read_text())
+                row["eval"] = {k: m.get(k) for k in ("n", "exe_acc", "prog_acc", "invalid", "num_processes")}
+            else:
+                row["eval"] = {"error": error_line(etext)}
+        return row
+
+    def save(self) -> None:
+        meta = {
+            "date": dt.date.today().isoformat(),
+            "num_gpus": self.args.num_gpus,
+            "tolerance": LOSS_TOLERANCE,
+        }
+        write_json_atomic(self.out / "matrix.json", {**meta, "runs": self.rows})
+        (self.out / "matrix.md").write_text(table(self.rows) + "\n")
+
+    def __call__(self) -> int:
+        a = self.args
+        for recipe in a.recipes:
+            values = resolve(recipe).values
+            accumulation = a.accumulation or int(values.get("gradient_accumulation_steps", 1))
+            if accumulation % a.num_gpus:
+                print(
+                    f"error: {recipe}: accumulation {accumulation} is not a multiple of --num_gpus "
+                    f"{a.num_gpus}, so no run can keep its global batch (set --accumulation)",
+                    file=sys.stderr,
+                )
+                return 2
+            base = self.run(recipe, BASELINE, 1, accumulation)
+            self.rows.append(base)
+            self.save()
+            print(_line(base), flush=True)
+            for config in a.configs:
+                row = self.run(recipe, config, a.num_gpus, accumulation // a.num_gpus)
+                if row["works"] and base["works"]:
+                    row["loss_rel_diff"] = loss_difference(row["loss"], base["loss"])
+                    if row["tokens_per_s"] and base["tokens_per_s"]:
+                        row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
+                self.rows.append(row)
+                self.save()
+                print(_line(row), flush=True)
+        print(f"\n{table(self.rows)}\n\n-> {self.out / 'matrix.md'}")
+        return 0
+
+
+def _line(r: dict[str, Any]) -> str:
+    what = "works" if r["works"] else f"fails: {r['error']}"
+    return f"{r['config']} x {r['recipe']} on {r['num_gpus']} GPU(s): {what}"
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| config | recipe | GPUs | result | tokens/s | vs 1 GPU | peak GiB per GPU "
+        f"| loss vs 1 GPU (tolerance {LOSS_TOLERANCE:.0%}) | eval |",
+        "|---|---|---:|---|---:|---:|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['config']} | {r['recipe']} | {r['num_gpus']} |"
+        if not r["works"]:
+            lines.append(f"{head} fails: {r['error'].replace('|', '/')} | | | | | |")
+            continue
+        diff = r.get("loss_rel_diff")
+        loss = (
+            "reference"
+            if r["config"] == BASELINE
+            else "–"
+            if diff is None
+            else (f"{'matches' if diff <= LOSS_TOLERANCE else 'differs'}: max {diff:.1%}")
+        )
+        ev = r.get("eval", {})
+        evs = "–" if not ev else f"fails: {ev['error']}" if "error" in ev else f"runs (n={ev['n']})"
+        peak = ", ".join(f"{p:g}" for p in r.get("peak_gpu_memory_gib") or []) or "–"
+        tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "–"
+        speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "–"
+        lines.append(f"{head} works | {tps} | {speed} | {peak} | {loss} | {evs} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m finqa_trl.matrix", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="base model for every recipe (default: each recipe's)")
+    ap.add_argument("--data_dir", default=None, help="FinQA folder (default: $FINQA_DIR, else the fixture)")
+    ap.add_argument("--num_gpus", type=int, default=2)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    ap.add_argument("--accumulation", type=int, default=None, help="one-GPU accumulation (default: recipe's)")
+    ap.add_argument("--eval_limit", type=int, default=100, help="test examples for make eval (0: no eval)")
+    ap.add_argument("--train_args", default="", help="extra training options for every run")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per make call")
+    ap.add_argument("--out", default="results/multi-gpu", help="matrix.json and matrix.md go here")
+    ap.add_argument("--runs_dir", default="outputs/matrix", help="each run's output_dir and logs go here")
+    args = ap.parse_args(argv)
+    if args.num_gpus < 2:
+        ap.error("--num_gpus must be at least 2")
+    for config in args.configs:
+        if not Path(f"accelerate_configs/{config}.yaml").is_file():
+            print(f"error: no accelerate config accelerate_configs/{config}.yaml", file=sys.stderr)
+            return 2
+    try:
+        return Matrix(args)()
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""finqa_trl.matrix: the multi-GPU launch matrix, run here with two CPU processes (cpu_ddp) for two GPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from finqa_trl import matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_error_line_prefers_our_line_then_the_exception():
+    assert matrix.error_line("x\nerror: bad flag\nTraceback\nValueError: y\n") == "error: bad flag"
+    assert matrix.error_line("Traceback (most recent call last):\n  ...\nValueError: shape mismatch\n") == (
+        "ValueError: shape mismatch"
+    )
+    assert matrix.error_line("a\nlast words\n") == "last words"
+    assert matrix.error_line("") == "no output"
+
+
+def test_loss_difference_over_the_common_steps():
+    assert matrix.loss_difference({5: 1.1, 10: 0.5}, {5: 1.0, 10: 0.5, 15: 0.4}) == pytest.approx(0.1)
+    assert matrix.loss_difference({5: 1.0}, {10: 1.0}) is None
+
+
+def test_bad_arguments_are_one_line(capsys, tmp_path):
+    assert matrix.main(["--configs", "no_such_config"]) == 2
+    assert capsys.readouterr().err == "error: no accelerate config accelerate_configs/no_such_config.yaml\n"
+    assert matrix.main(["--recipes", "smoke", "--configs", "cpu_ddp", "--runs_dir", str(tmp_path)]) == 2
+    assert "accumulation 1 is not a multiple of --num_gpus 2" in capsys.readouterr().err
+
+
+@pytest.fixture
+def in_repo(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)  # make, the recipes and the accelerate configs live there
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return tmp_path
+
+
+def test_two_processes_match_one_at_the_same_global_batch(in_repo, capsys):
+    out = in_repo / "matrix"
+    args = ["--recipes", "smoke", "--configs", "cpu_ddp", "--accumulation", "2", "--eval_limit", "2"]
+    extra = ["--runs_dir", str(in_repo / "runs"), "--train_args", "--num_train_epochs 10"]
+    assert matrix.main([*args, "--out", str(out), *extra]) == 0
+    runs = json.loads((out / "matrix.json").read_text())["runs"]
+    one, two = runs
+    assert (one["config"], one["num_gpus"], one["accumulation"]) == ("single_gpu", 1, 2)
+    assert (two["config"], two["num_gpus"], two["accumulation"]) == ("cpu_ddp", 2, 1)
+    assert one["works"] and two["works"]
+    # the same examples in every optimizer step: the same token count, and the first logged loss to the digit
+    assert one["tokens"] == two["tokens"] and one["steps"] == two["steps"]
+    first = min(one["loss"], key=int)
+    assert two["loss"][first] == pytest.approx(one["loss"][first], rel=1e-5)
+    assert two["loss_rel_diff"] <= matrix.LOSS_TOLERANCE and two["speedup"] > 0
+    assert one["eval"]["n"] == 2 and two["eval"]["num_processes"] == 2
+    table = (out / "matrix.md").read_text()
+    assert "| cpu_ddp | smoke | 2 | works |" in table and "matches: max" in table
+
+
+def test_a_failing_launch_is_a_row_with_its_reason(in_repo):
+    out = in_repo / "matrix"
+    args = ["--recipes", "smoke", "--configs", "cpu_ddp", "--accumulation", "2", "--eval_limit", "0"]
+    extra = ["--runs_dir", str(in_repo / "runs"), "--train_args", "--lora_r notanumber"]
+    assert matrix.main([*args, "--out", str(out), *extra]) == 0
+    runs = json.loads((out / "matrix.json").read_text())["runs"]
+    assert [r["works"] for r in runs] == [False, False]
+    assert all("notanumber" in r["error"] for r in runs), runs
+    assert "fails: " in (out / "matrix.md").read_text()
