@@ -501,7 +501,7 @@ def load_model(settings: Settings, args: PredictArguments) -> tuple[PreTrainedMo
 
 def build_prompts(examples: Sequence[dict], tokenizer: Any, settings: Settings) -> list[list[int]]:
     """Chat-templated prompt token ids (assistant header appended), one list per example."""
-    from .prompts import format_split
+    from .prompts import format_split, prompt_token_ids
 
     train = load_split(settings.data_dir, "train") if settings.eg_k else None
     try:
@@ -513,15 +513,15 @@ def build_prompts(examples: Sequence[dict], tokenizer: Any, settings: Settings) 
             tokenizer=tokenizer,
             max_prompt_tokens=settings.max_prompt_tokens,
             trim="question",  # never trim by the gold facts
+            return_ids=True,  # measuring the prompts tokenized them: keep those ids
         )
     except ValueError as err:
         raise PredictError(" ".join(str(err).split())) from None
-    texts = [
-        tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
-        for r in records
-    ]
-    # The template already holds BOS: tokenizing again must not add a second one.
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # Only trimmed prompts (or all, without a budget) still need tokenizing.
+    todo = [i for i, r in enumerate(records) if r["prompt_ids"] is None]
+    for i, ids in zip(todo, prompt_token_ids(tokenizer, [records[i]["prompt"] for i in todo]), strict=True):
+        records[i]["prompt_ids"] = ids
+    return [r["prompt_ids"] for r in records]
 
 
 def token_budget(model: Any, args: PredictArguments) -> int:

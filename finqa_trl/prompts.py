@@ -159,8 +159,8 @@ def _shot_turns(shots: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
 # ------------------------------------------------------------------------------------------- budget
 
 
-def prompt_token_counts(tokenizer: Any, prompts: Sequence[list[dict[str, str]]]) -> list[int]:
-    """Tokens the model sees for each prompt: chat template applied, assistant header appended.
+def prompt_token_ids(tokenizer: Any, prompts: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+    """The ids the model sees for each prompt: chat template applied, assistant header appended.
 
     Same ids as `apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)` (which renders
     the template and tokenizes it without adding special tokens), but one batched tokenizer call.
@@ -168,7 +168,12 @@ def prompt_token_counts(tokenizer: Any, prompts: Sequence[list[dict[str, str]]])
     if not prompts:
         return []
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def prompt_token_counts(tokenizer: Any, prompts: Sequence[list[dict[str, str]]]) -> list[int]:
+    """Tokens the model sees for each prompt (see `prompt_token_ids`)."""
+    return [len(ids) for ids in prompt_token_ids(tokenizer, prompts)]
 
 
 def prompt_token_count(tokenizer: Any, prompt: list[dict[str, str]]) -> int:
@@ -423,9 +428,14 @@ def format_split(
     tokenizer: Any = None,
     max_prompt_tokens: int | None = None,
     trim: str = "question",
+    return_ids: bool = False,
 ) -> list[dict[str, Any]]:
     """`format_example` for every example, plus its "id". `eg_k` shots come from `train_examples`
-    (the same k for every example, except that an example never sees itself as a shot)."""
+    (the same k for every example, except that an example never sees itself as a shot).
+
+    With `return_ids` (and a budget), each record also has "prompt_ids": the generation prompt's token ids
+    as `prompt_token_ids` gives them, kept from measuring the prompt so that generation need not tokenize
+    it again; None for a prompt that had to be trimmed (it was measured in pieces)."""
     _check_options(context, trim)
     if not isinstance(eg_k, int) or eg_k < 0:
         raise ValueError(f"eg_k (number of few-shot examples) must be an integer >= 0, got {eg_k!r}")
@@ -439,7 +449,7 @@ def format_split(
         base if ex["id"] not in base_ids else select_shots(train_examples or (), eg_k, exclude_ids=[ex["id"]])
         for ex in examples
     ]
-    sizes: list[int | None] = [None] * len(examples)
+    ids: list[list[int] | None] = [None] * len(examples)
     if max_prompt_tokens is not None:
         # Measure all untrimmed prompts in batched tokenizer calls; only those over budget get trimmed.
         for ex in examples:
@@ -447,9 +457,14 @@ def format_split(
         for start in range(0, len(examples), 256):
             chunk = range(start, min(start + 256, len(examples)))
             full = [_build_prompt(examples[i], context, shots_for[i], ()) for i in chunk]
-            for i, n in zip(chunk, prompt_token_counts(tokenizer, full), strict=True):
-                sizes[i] = n
-    return [
-        {"id": ex["id"], **_format(ex, context, shots, tokenizer, max_prompt_tokens, trim, n)}
-        for ex, shots, n in zip(examples, shots_for, sizes, strict=True)
-    ]
+            for i, prompt_ids in zip(chunk, prompt_token_ids(tokenizer, full), strict=True):
+                ids[i] = prompt_ids
+    records = []
+    for ex, shots, prompt_ids in zip(examples, shots_for, ids, strict=True):
+        n = None if prompt_ids is None else len(prompt_ids)
+        record = {"id": ex["id"], **_format(ex, context, shots, tokenizer, max_prompt_tokens, trim, n)}
+        if return_ids:
+            fits = n is not None and max_prompt_tokens is not None and n <= max_prompt_tokens
+            record["prompt_ids"] = prompt_ids if fits else None
+        records.append(record)
+    return records

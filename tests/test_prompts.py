@@ -245,6 +245,23 @@ def test_budget_fits_every_real_prompt(sample, full_lengths, llama3_tokenizer) -
     assert len(minus_one) == sum(n > budget for n in full_lengths) > 0
 
 
+def test_returned_ids_are_the_generation_prompt_ids(sample, llama3_tokenizer) -> None:
+    # Generation reuses the ids measured while fitting prompts: they must be exactly what tokenizing the
+    # final prompt gives, and absent (None) where the prompt was trimmed after measuring.
+    examples = sample["test"][:120]
+    budget = 1200  # about half of these prompts need trimming
+    out = format_split(examples, tokenizer=llama3_tokenizer, max_prompt_tokens=budget, return_ids=True)
+    fresh = prompts.prompt_token_ids(llama3_tokenizer, [r["prompt"] for r in out])
+    untrimmed = format_split(examples)
+    fitting = [rec["prompt"] == full["prompt"] for rec, full in zip(out, untrimmed, strict=True)]
+    assert 0 < sum(fitting) < len(out)
+    for rec, ids, fits in zip(out, fresh, fitting, strict=True):
+        assert rec["prompt_ids"] == (ids if fits else None), rec["id"]
+    # Opt-in: training data gets no extra column.
+    plain = format_split(examples[:2], tokenizer=llama3_tokenizer, max_prompt_tokens=budget)
+    assert all("prompt_ids" not in rec for rec in plain)
+
+
 def test_gold_trim_keeps_gold_facts(sample, llama3_tokenizer) -> None:
     train = sample["train"]
     out = format_split(
