@@ -1,6 +1,7 @@
 """Results table (markdown) and grouped bar chart from the metrics files that evaluation wrote.
 
     python -m finqa_trl.report [--outputs outputs] [--results DIR] [--markdown FILE|-] [--plot FILE|none]
+        [--loss_plot FILE|none]
 
 Gathers every `metrics_*.json` under `--outputs` (any depth: `outputs/<run>/merged/` too) and, when
 `--results DIR` is given, under DIR as well. One row per model + method + evaluation setup, with dev and
@@ -8,6 +9,8 @@ test side by side: Model | Method | Quant | Dev Acc | Test Acc | Dev Prog | Test
 Method and quantization come from the metrics (finqa_trl.predict records them), else from the run's
 `recipe.yaml`, else "base (k-shot)". The table is printed and written to `--markdown` (default
 results/README-table.md; `-`: print only); the chart goes to `--plot` (default results/accuracy.png).
+The training loss of every run whose `trainer_state.json` is found under the same folders (the run's own,
+else its last checkpoint's) goes to `--loss_plot` (default results/loss.png), one curve per run.
 With nothing to report, one line says so and nothing is written. Imports no torch.
 """
 
@@ -201,12 +204,68 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     tmp.replace(path)  # atomic: a half-written PNG never replaces the last good one
 
 
+def loss_curves(roots: Iterable[Path]) -> dict[str, list[tuple[int, float]]]:
+    """Run folder (relative to its root) -> [(step, logged training loss)], from trainer_state.json files."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for root in roots:
+        if not root.is_dir():
+            continue
+        own: dict[Path, Path] = {}  # run folder -> the state file training wrote at the end
+        last: dict[Path, tuple[int, Path]] = {}  # run folder -> its latest checkpoint's state file
+        for f in sorted(root.rglob("trainer_state.json")):
+            if f.parent.name.startswith("checkpoint-"):
+                run, step = f.parent.parent, _step(f.parent)
+                if step > last.get(run, (-1, f))[0]:
+                    last[run] = (step, f)
+            else:
+                own[f.parent] = f
+        states = {**{run: f for run, (_, f) in last.items()}, **own}
+        for run, f in sorted(states.items()):
+            try:
+                history = json.loads(f.read_text()).get("log_history", [])
+            except (OSError, json.JSONDecodeError):
+                continue
+            points = [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h and "step" in h]
+            if points:
+                curves[str(run.relative_to(root)) if run != root else run.name] = points
+    return curves
+
+
+def _step(folder: Path) -> int:
+    """N of a checkpoint-N folder, else -1."""
+    tail = folder.name.removeprefix("checkpoint-")
+    return int(tail) if folder.name.startswith("checkpoint-") and tail.isdigit() else -1
+
+
+def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    for name, points in sorted(curves.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (program + end-of-turn tokens)")
+    ax.set_title("FinQA fine-tuning: training loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finqa_trl.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--outputs", default="outputs", help="where evaluation wrote metrics (default: outputs)")
     ap.add_argument("--results", help="also gather metrics_*.json under this folder (e.g. results)")
     ap.add_argument("--markdown", default="results/README-table.md", help="table file; '-': print only")
     ap.add_argument("--plot", default="results/accuracy.png", help="bar chart PNG; 'none': no chart")
+    ap.add_argument("--loss_plot", default="results/loss.png", help="training loss PNG; 'none': no chart")
     args = ap.parse_args(argv)
     roots = [Path(args.outputs)] + ([Path(args.results)] if args.results else [])
     rows, warnings = collect(roots)
@@ -228,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot.lower() != "none":
         plot(rows, Path(args.plot))
         print(f"chart written to {args.plot}", file=sys.stderr)
+    curves = loss_curves(roots) if args.loss_plot.lower() != "none" else {}
+    if curves:
+        plot_losses(curves, Path(args.loss_plot))
+        print(f"loss curves of {len(curves)} run(s) written to {args.loss_plot}", file=sys.stderr)
     return 0
 
 

@@ -51,4 +51,5 @@ for k in ${SHOTS:-0 3}; do
     --output_dir "$out" --overwrite "${predict_args[@]}"
   keep "$out" "base-${k}shot"
 done
-run "$py" -m finqa_trl.report --outputs "$results" --markdown "$results/table.md" --plot "$results/accuracy.png"
+run "$py" -m finqa_trl.report --outputs "$results" --markdown "$results/table.md" --plot "$results/accuracy.png" \
+  --loss_plot "$results/loss.png"

@@ -118,3 +118,23 @@ def test_nothing_to_report_writes_nothing(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and "nothing to report" in captured.err
     assert not (tmp_path / "results").exists()
+
+
+def _state(path: Path, losses: list[float], step0: int = 5) -> None:
+    history = [{"step": step0 * (i + 1), "loss": x} for i, x in enumerate(losses)] + [{"train_runtime": 1.0}]
+    write(path, {"global_step": step0 * len(losses), "log_history": history})
+
+
+def test_loss_curves_one_per_run(tmp_path, capsys):
+    out = make_outputs(tmp_path)
+    _state(out / "lora-1b" / "trainer_state.json", [2.0, 1.0, 0.5])  # the run's own, written at the end
+    _state(out / "lora-1b" / "checkpoint-5" / "trainer_state.json", [2.0])  # ignored: the run has its own
+    _state(out / "dora-1b" / "checkpoint-5" / "trainer_state.json", [2.2])  # interrupted: latest checkpoint
+    _state(out / "dora-1b" / "checkpoint-10" / "trainer_state.json", [2.2, 1.1])
+    curves = report.loss_curves([out])
+    assert curves == {"dora-1b": [(5, 2.2), (10, 1.1)], "lora-1b": [(5, 2.0), (10, 1.0), (15, 0.5)]}
+    png = tmp_path / "loss.png"
+    args = ["--outputs", str(out), "--markdown", "-", "--plot", "none", "--loss_plot", str(png)]
+    assert report.main(args) == 0
+    assert "loss curves of 2 run(s)" in capsys.readouterr().err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
