@@ -684,7 +684,7 @@ def train(run: Run) -> int:
     # train_results.json (runtime, loss, peak GPU memory of each process) and trainer_state.json (the loss
     # curve; TRL's num_tokens, summed over the processes), written by the main process
     metrics = dict(result.metrics)
-    peaks = _peak_gpu_memory_gib(trainer)
+    peaks = _peak_gpu_memory_gib()
     if peaks:
         metrics["peak_gpu_memory_gib"] = peaks
         logger.info("peak GPU memory per process (GiB): %s", peaks)
@@ -716,8 +716,8 @@ def train(run: Run) -> int:
     return 0
 
 
-def _peak_gpu_memory_gib(trainer: Any) -> list[float]:
-    """torch.cuda.max_memory_allocated of every process, in rank order (empty without CUDA)."""
+def _peak_gpu_memory_gib() -> list[float]:
+    """torch.cuda.max_memory_allocated of every process in rank order (empty without CUDA); a collective."""
     import torch
     from accelerate.utils import gather_object
 
