@@ -83,7 +83,6 @@ class Matrix:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.logs = Path(args.runs_dir)
-        self.logs.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
         self.out = Path(args.out)
 
@@ -165,9 +164,10 @@ class Matrix:
 
     def __call__(self) -> int:
         a = self.args
+        plan = {}  # checked for every recipe before the first run starts
         for recipe in a.recipes:
             values = resolve(recipe).values
-            accumulation = a.accumulation or int(values.get("gradient_accumulation_steps", 1))
+            plan[recipe] = accumulation = a.accumulation or int(values.get("gradient_accumulation_steps", 1))
             if accumulation % a.num_gpus:
                 print(
                     f"error: {recipe}: accumulation {accumulation} is not a multiple of --num_gpus "
@@ -175,6 +175,8 @@ class Matrix:
                     file=sys.stderr,
                 )
                 return 2
+        self.logs.mkdir(parents=True, exist_ok=True)
+        for recipe, accumulation in plan.items():
             base = self.run(recipe, BASELINE, 1, accumulation)
             self.rows.append(base)
             self.save()

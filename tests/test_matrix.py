@@ -32,6 +32,7 @@ def test_bad_arguments_are_one_line(capsys, tmp_path):
     assert capsys.readouterr().err == "error: no accelerate config accelerate_configs/no_such_config.yaml\n"
     assert matrix.main(["--recipes", "smoke", "--configs", "cpu_ddp", "--runs_dir", str(tmp_path)]) == 2
     assert "accumulation 1 is not a multiple of --num_gpus 2" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything was started or written
 
 
 @pytest.fixture
