@@ -97,6 +97,9 @@ LEVERS: dict[str, list[str]] = {
 EVAL_VARIANTS: dict[str, list[str]] = {
     "auto": [],  # length-sorted batches sized from free GPU memory, dynamic KV cache
     "static": ["--cache_implementation", "static"],  # static KV cache: transformers compiles the decode step
+    # Diagnostic, not a way to evaluate: one new token, so generation_seconds is the prefill (+ one step);
+    # `auto` minus this is what the decoding loop costs.
+    "prefill": ["--max_new_tokens", "1"],
 }
 
 

@@ -91,3 +91,11 @@ def test_eval_timing_reaches_the_result(tmp_path):
 def test_an_eval_variant_that_fails_is_recorded_not_raised(tmp_path):
     r = bench.bench_eval("smoke", tmp_path / "no-such-model", tmp_path, tmp_path / "eval", "static")
     assert r["eval"] == "static" and "error" in r
+
+
+def test_eval_variants_override_the_benchs_own_flags():
+    from finqa_trl import predict
+
+    base = ["--model", "m", "--split", "test", "--max_new_tokens", "20"]
+    assert predict.parse_args([*base, *bench.EVAL_VARIANTS["prefill"]]).max_new_tokens == 1  # last one wins
+    assert predict.parse_args([*base, *bench.EVAL_VARIANTS["static"]]).cache_implementation == "static"
