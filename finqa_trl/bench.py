@@ -18,8 +18,9 @@ memory is `torch.cuda.max_memory_allocated` over the whole run (model included).
   `make train` builds it (the data, the model and the trainer), timed the same way.
 
 `--eval` also times `finqa_trl.predict` on 1,147 real prompts (the size of the official test split), 20 new
-tokens each (random weights rarely stop earlier), generation plus scoring. Writes `<out>/bench-<date>.json`
-and prints a markdown table. Needs a CUDA GPU, except `--shapes tiny` (a CPU dry run of every code path).
+tokens each (random weights rarely stop earlier), generation plus scoring. Writes
+`<out>/bench-<date>-<time>.json` and prints a markdown table. Needs a CUDA GPU, except `--shapes tiny` (a
+CPU dry run of every code path).
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ EVAL_EXAMPLES = 1147
 # same examples, same loss normalisation (TRL divides by the trained tokens of the whole accumulated batch),
 # same effective batch of 16. No fused-AdamW lever: it is already transformers 5.24's default optimizer.
 LEVERS: dict[str, list[str]] = {
-    # The recipes batch by length since 2026-11-25 (8-27% faster measured); this times the random batches
-    # they had before, and plain TRL has.
+    # The recipes batch by length since 2026-11-25 (8-27% faster in short windows); this times the random
+    # batches they had before, and plain TRL has.
     "random_batches": ["--train_sampling_strategy", "random"],
     "no_ckpt": ["--activation_checkpointing", "false"],  # no recomputation in the backward pass
     "bs8": ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2"],
@@ -358,7 +359,13 @@ def bench_eval(
             *EVAL_VARIANTS[variant],
         ]
     )  # fmt: skip
+    # Nothing of an earlier variant may shrink the free memory the batch sizes come from, or set the peak.
+    gc.collect()
     _empty_cache()
+    if _cuda():
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     try:
         _, metrics = predict.predict(args)
@@ -459,8 +466,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = records[: args.max_examples] if args.max_examples else records
     results: list[dict[str, Any]] = []
     device = torch.cuda.get_device_name(0) if _cuda() else "cpu"
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    out_file = Path(args.out) / f"bench-{stamp}.json"
+    now = dt.datetime.now(dt.timezone.utc)
+    stamp = now.strftime("%Y-%m-%d")
+    out_file = Path(args.out) / f"bench-{now:%Y-%m-%d-%H%M%S}.json"  # one file per run: runs never clobber
+    header = {
+        "device": device,
+        "date": stamp,
+        "examples": args.examples,
+        "warmup_examples": args.warmup_examples,
+        "command": " ".join(["python -m finqa_trl.bench", *(argv if argv is not None else sys.argv[1:])]),
+    }
     for shape in args.shapes:
         model_dir = build_shape(shape, tok, work / f"llama-3.2-{shape}")
         tokenizer = load_tokenizer(resolve_source(str(model_dir)))
@@ -481,13 +496,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 print(json.dumps(r), flush=True)
                 results.append(r)
-                write_json_atomic(out_file, {"device": device, "date": stamp, "results": results})
+                write_json_atomic(out_file, {**header, "results": results})
         for variant in args.eval_variants if args.eval else ():
             data = eval_split(records, work / "eval-data")
             r = bench_eval(shape, model_dir, data, work / f"eval-{shape}-{variant}", variant)
             print(json.dumps(r), flush=True)
             results.append(r)
-            write_json_atomic(out_file, {"device": device, "date": stamp, "results": results})
+            write_json_atomic(out_file, {**header, "results": results})
     print(f"\n{device}, {args.examples} timed examples after {args.warmup_examples} untimed; {out_file}\n")
     print(table(results))
     for r in results:

@@ -8,10 +8,12 @@ For each recipe, `make train` first runs on one GPU (`single_gpu`, the recipe's 
 then on `--num_gpus` GPUs under each config with accumulation A / N: the same global batch, and the same
 examples in each optimizer step (accelerate deals the one-process batches out to the ranks in turn). Then
 `make eval` runs on each saved adapter with the same GPUs (`--eval_limit` test examples). Every run trains
-on train + dev without LoRA dropout (see below), logs the loss every 5 steps and saves no checkpoints.
+on train + dev in random order without LoRA dropout (see below), logs the loss every 5 steps and saves no
+checkpoints.
 
 Writes `<out>/matrix.json` and `<out>/matrix.md` after every run: works / fails with the error line, tokens/s
-(TRL's token count over the processes / train_runtime) and its ratio to one GPU, peak memory per GPU, and the
+(TRL's token count over the processes, scaled from the last logged step to all, / train_runtime) and its
+ratio to one GPU, peak memory per GPU, and the
 largest relative difference between the loss curve and the one-GPU curve. Dropout would draw its masks per
 process, so the runs set `--lora_dropout 0`: the first logged losses then agree to the last digit, and later
 ones drift only by summation order (LOSS_TOLERANCE is what counts as matching). Each run's output and its
@@ -59,13 +61,16 @@ def run_summary(out: Path) -> dict[str, Any]:
     results = json.loads((out / "train_results.json").read_text())
     history = state.get("log_history", [])
     losses = {int(h["step"]): float(h["loss"]) for h in history if "loss" in h}
-    tokens = max((h["num_tokens"] for h in history if "num_tokens" in h), default=None)
-    runtime = results.get("train_runtime")
+    counted = [(int(h["step"]), h["num_tokens"]) for h in history if "num_tokens" in h]
+    step, tokens = max(counted, default=(0, None))  # TRL's count, as of the last logged step
+    runtime, steps = results.get("train_runtime"), state.get("global_step")
+    # The runtime covers every step, the count only those up to the last log: scale the count to all steps.
+    total = tokens * steps / step if tokens and steps and step else None
     return {
         "loss": losses,
         "tokens": tokens,
         "train_runtime": runtime,
-        "tokens_per_s": round(tokens / runtime, 1) if tokens and runtime else None,
+        "tokens_per_s": round(total / runtime, 1) if total and runtime else None,
         "peak_gpu_memory_gib": results.get("peak_gpu_memory_gib"),
         "steps": state.get("global_step"),
     }
@@ -113,6 +118,10 @@ class Matrix:
             # Dropout draws its masks per process, so with it the N-GPU curve can only match the 1-GPU one
             # statistically; without it every step computes the same thing (up to summation order).
             "--lora_dropout", "0",
+            # Random order, not the recipes' length grouping: transformers sizes length-grouped megabatches
+            # by per-device batch x accumulation, which differs between the runs, so the steps would hold
+            # other examples. A random permutation is dealt to the ranks batch by batch: the same examples.
+            "--train_sampling_strategy", "random",
             *a.train_args.split(),
         ]  # fmt: skip
         return " ".join(parts)

@@ -659,6 +659,9 @@ def prepare(run: Run) -> Prepared:
             for ckpt in output_dir.glob("checkpoint-*"):
                 logger.info("--overwrite_output_dir: deleting %s", ckpt)
                 shutil.rmtree(ckpt)
+            # the last run's training log, which report would otherwise plot for an interrupted new run
+            for log in ("trainer_state.json", "train_results.json", "all_results.json"):
+                (output_dir / log).unlink(missing_ok=True)
         _write_recipe(output_dir, run.resolved)
     state.wait_for_everyone()
 

@@ -448,7 +448,9 @@ def test_4bit_without_bitsandbytes(tmp_path: Path, capsys, monkeypatch: pytest.M
     assert not (tmp_path / "o").exists()
 
 
-def test_output_dir_of_another_recipe_is_refused(tmp_path: Path, capsys) -> None:
+def test_output_dir_of_another_recipe_is_refused(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "recipe.yaml").write_text(
@@ -469,7 +471,17 @@ def test_output_dir_of_another_recipe_is_refused(tmp_path: Path, capsys) -> None
     assert "is not empty and holds no recipe.yaml" in one_line_error(capsys)
     assert snapshot(stranger) == {"README.md": hashlib.sha256(b"not a run").hexdigest()}
 
-    # the escape hatch: start over there (the other run's checkpoints go, so nothing resumes from them)
+    # the escape hatch: start over there (the other run's checkpoints go, so nothing resumes from them, and
+    # its training log goes, so that an interrupted new run is never reported with the old run's curve)
+    for log in ("trainer_state.json", "train_results.json", "all_results.json"):
+        (out / log).write_text('{"global_step": 999, "log_history": [{"step": 999, "loss": 9.9}]}')
+    with monkeypatch.context() as m:
+        m.setattr("trl.SFTTrainer.train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            main(smoke_args(out, "--max_steps", "1", "--overwrite_output_dir", "true"))
+    assert not any(
+        (out / log).exists() for log in ("trainer_state.json", "train_results.json", "all_results.json")
+    )
     assert main(smoke_args(out, "--max_steps", "1", "--overwrite_output_dir", "true")) == 0
     assert not (out / "checkpoint-9").exists() and (out / "checkpoint-1").is_dir()
     assert yaml.safe_load((out / "recipe.yaml").read_text())["recipe"] == "smoke"
