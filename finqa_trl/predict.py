@@ -334,6 +334,13 @@ def resolve_settings(args: PredictArguments) -> Settings:
         raise PredictError(f"--batch_size must be a positive integer or auto, got {args.batch_size!r}")
     if not args.split.strip():
         raise PredictError("--split is empty: use train, dev, test or private_test")
+    if args.cache_implementation:  # transformers' own check, before a model is loaded rather than after
+        from transformers import GenerationConfig
+
+        try:
+            GenerationConfig(cache_implementation=args.cache_implementation).validate()
+        except ValueError as err:
+            raise PredictError(f"--cache_implementation: {_one_line(err)}") from None
 
     data_dir = args.data_dir or recipe.get("data_dir")  # evaluate on the data the run was trained on
     data_dir = resolve_data_dir(data_dir)

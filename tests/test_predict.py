@@ -417,6 +417,12 @@ def test_base_mismatch(adapter, tmp_path, capsys):
     assert predict.same_model("meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-1B-Instruct/")
 
 
+def test_unknown_cache_implementation_is_one_line_before_loading(tmp_path, capsys):
+    argv = ["--model", SMOKE_MODEL, "--output_dir", str(tmp_path / "o"), "--cache_implementation", "bogus"]
+    expect_error(capsys, argv, "--cache_implementation", "bogus", "static")
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_and_empty_split(tmp_path, capsys):
     expect_error(capsys, ["--model", SMOKE_MODEL, "--split", "validation", "--output_dir", str(tmp_path)],
                  "no FinQA split 'validation'")  # fmt: skip
