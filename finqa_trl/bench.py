@@ -78,6 +78,7 @@ LLAMA32 = {
     "pad_token_id": 128004,
 }
 EVAL_EXAMPLES = 1147
+BENCH_SPLITS = ("train", "dev", "test")  # every real prompt of the sample trains in the benchmark
 # Candidate speed levers, each a set of overrides on top of a recipe, timed as `recipe:<lever>[+<lever>]`
 # (results/speed-notes.md holds the prediction and the measured effect of each). None changes the objective:
 # same examples, same loss normalisation (TRL divides by the trained tokens of the whole accumulated batch),
@@ -272,7 +273,7 @@ def _recipe_trainer(
             "--config", f"recipes/{method}-{'1b' if shape == 'tiny' else shape}.yaml",
             "--model_name_or_path", str(model_dir),
             "--data_dir", str(data_dir),
-            "--train_splits", "train", "dev", "test",
+            "--train_splits", *BENCH_SPLITS,
             "--output_dir", str(out),
             "--save_strategy", "no",
             "--logging_steps", "1000",
@@ -456,14 +457,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "error: timing the 1b/3b shapes needs a CUDA GPU (--shapes tiny runs anywhere)", file=sys.stderr
         )
         return 2
-    from .data import load_split
     from .modeling import load_tokenizer, resolve_source
     from .prompts import format_split
+    from .train import load_records
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finqa-bench-"))
     tok = tokenizer_dir(Path(args.tokenizer), work / "tokenizer")
-    records = [ex for s in ("train", "dev", "test") for ex in load_split(args.data_dir, s)]
-    records = records[: args.max_examples] if args.max_examples else records
+    # the same examples, in the same order, as the recipe variants' --train_splits + --max_train_samples
+    records = load_records(args.data_dir, BENCH_SPLITS, args.max_examples)
+    eval_data = eval_split(records, work / "eval-data") if args.eval else None  # written once for all runs
     results: list[dict[str, Any]] = []
     device = torch.cuda.get_device_name(0) if _cuda() else "cpu"
     now = dt.datetime.now(dt.timezone.utc)
@@ -498,8 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(r)
                 write_json_atomic(out_file, {**header, "results": results})
         for variant in args.eval_variants if args.eval else ():
-            data = eval_split(records, work / "eval-data")
-            r = bench_eval(shape, model_dir, data, work / f"eval-{shape}-{variant}", variant)
+            r = bench_eval(shape, model_dir, eval_data, work / f"eval-{shape}-{variant}", variant)
             print(json.dumps(r), flush=True)
             results.append(r)
             write_json_atomic(out_file, {**header, "results": results})

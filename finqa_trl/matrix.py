@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .recipes import RecipeError, resolve
+from .report import loss_points
 from .score import write_json_atomic
 
 CONFIGS = ("multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
@@ -60,7 +61,7 @@ def run_summary(out: Path) -> dict[str, Any]:
     state = json.loads((out / "trainer_state.json").read_text())
     results = json.loads((out / "train_results.json").read_text())
     history = state.get("log_history", [])
-    losses = {int(h["step"]): float(h["loss"]) for h in history if "loss" in h}
+    losses = dict(loss_points(out / "trainer_state.json"))
     counted = [(int(h["step"]), h["num_tokens"]) for h in history if "num_tokens" in h]
     step, tokens = max(counted, default=(0, None))  # TRL's count, as of the last logged step
     runtime, steps = results.get("train_runtime"), state.get("global_step")
@@ -72,7 +73,7 @@ def run_summary(out: Path) -> dict[str, Any]:
         "train_runtime": runtime,
         "tokens_per_s": round(total / runtime, 1) if total and runtime else None,
         "peak_gpu_memory_gib": results.get("peak_gpu_memory_gib"),
-        "steps": state.get("global_step"),
+        "steps": steps,
     }
 
 
@@ -105,7 +106,7 @@ class Matrix:
         log.write_text(" ".join(cmd) + "\n" + text)
         return rc, text
 
-    def train_args(self, recipe: str, accumulation: int) -> str:
+    def train_args(self, accumulation: int) -> str:
         a = self.args
         parts = [
             *(["--model_name_or_path", a.model] if a.model else []),
@@ -143,7 +144,7 @@ class Matrix:
             ACCELERATE_CONFIG=config,
             NUM_GPUS=gpus,
             OUTPUT_DIR=out,
-            ARGS=self.train_args(recipe, accumulation),
+            ARGS=self.train_args(accumulation),
         )
         row["wall_s"] = round(time.perf_counter() - t, 1)
         if rc != 0 or not (out / "train_results.json").is_file():
@@ -154,13 +155,24 @@ class Matrix:
             erc, etext = self.make(
                 "eval", self.logs / f"{name}.eval.log", OUTPUT_DIR=out, NUM_GPUS=gpus, EVAL_ARGS=eval_args
             )
-            metrics = out / f"metrics_test_first{self.args.eval_limit}.json"
-            if erc == 0 and metrics.is_file():
+            metrics = self.metrics_file(out)
+            if erc == 0 and metrics is not None and metrics.is_file():
                 m = json.loads(metrics.read_text())
                 row["eval"] = {k: m.get(k) for k in ("n", "exe_acc", "prog_acc", "invalid", "num_processes")}
             else:
                 row["eval"] = {"error": error_line(etext)}
         return row
+
+    def metrics_file(self, out: Path) -> Path | None:
+        """Where `make eval --limit N` wrote its metrics: predict's own naming (`_first<N>` only when N is
+        less than the split)."""
+        from . import predict
+
+        args = predict.parse_args(["--model", str(out), "--limit", str(self.args.eval_limit)])
+        try:
+            return predict.select_examples(args)[0].path("metrics")
+        except predict.PredictError:
+            return None
 
     def save(self) -> None:
         meta = {

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from .data import DataError, load_split, resolve_data_dir
 from .dsl import Execution, execute, parse_generation
-from .recipes import RecipeError, read_run_recipe, run_recipe_file
+from .recipes import RecipeError, checkpoint_step, read_run_recipe, run_recipe_file
 from .score import ScoreError, score, write_json_atomic
 
 if TYPE_CHECKING:  # torch/transformers load only once a model is needed, after every input check
@@ -236,10 +236,7 @@ def inspect_model(
                 )
             gguf_file = ggufs[0]
         return ModelSpec("model", str(path), str(path), gguf_file, recipe, run_dir)
-    checkpoints = sorted(
-        path.glob("checkpoint-*"),
-        key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
-    )
+    checkpoints = sorted(path.glob("checkpoint-*"), key=checkpoint_step)
     hint = f" (training has not finished? its last checkpoint is {checkpoints[-1]})" if checkpoints else ""
     raise PredictError(
         f"{model} is neither a saved model (config.json) nor a PEFT adapter ({ADAPTER_CONFIG}){hint}"
@@ -731,17 +728,24 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def predict(args: PredictArguments, ranks: Ranks | None = None) -> tuple[Settings, dict[str, Any] | None]:
-    """The whole run; returns the settings and metrics (None for an unlabelled split, and on ranks other
-    than 0). Raises PredictError."""
-    ranks = ranks or Ranks.from_env()
+def select_examples(args: PredictArguments) -> tuple[Settings, list[dict], list[dict]]:
+    """The run's settings, its split, and what is evaluated: the split or its first --limit examples (then
+    the settings name files `*_first<N>`, so a partial run never replaces the whole split's files)."""
     settings = resolve_settings(args)
     all_examples = load_split(settings.data_dir, settings.split)
     if not all_examples:
         raise PredictError(f"split {settings.split!r} in {settings.data_dir} has no examples")
     examples = all_examples[: args.limit] if args.limit else all_examples
-    if len(examples) < len(all_examples):  # a partial run must not replace the whole split's files
+    if len(examples) < len(all_examples):
         settings = settings.first(len(examples))
+    return settings, all_examples, examples
+
+
+def predict(args: PredictArguments, ranks: Ranks | None = None) -> tuple[Settings, dict[str, Any] | None]:
+    """The whole run; returns the settings and metrics (None for an unlabelled split, and on ranks other
+    than 0). Raises PredictError."""
+    ranks = ranks or Ranks.from_env()
+    settings, all_examples, examples = select_examples(args)
     pred_path = settings.path("predictions")
     shards = settings.shards()
     existing: list[dict[str, Any]] = []

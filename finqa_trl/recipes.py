@@ -130,6 +130,12 @@ def run_recipe_file(path: str | Path) -> Path | None:
     return None
 
 
+def checkpoint_step(folder: Path) -> int:
+    """N of a run's `checkpoint-N` folder, else -1 (sorts checkpoints by step, not by name)."""
+    tail = folder.name.removeprefix("checkpoint-")
+    return int(tail) if folder.name.startswith("checkpoint-") and tail.isdigit() else -1
+
+
 def read_run_recipe(path: str | Path) -> dict[str, Any]:
     """That recipe's settings ({} when `path` is not part of a run); RecipeError if it is unreadable."""
     f = run_recipe_file(path)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import SPLITS
-from .recipes import RecipeError, method_name, quantization_name, read_run_recipe
+from .recipes import RecipeError, checkpoint_step, method_name, quantization_name, read_run_recipe
 
 HEADER = ("Model", "Method", "Quant", "Dev Acc", "Test Acc", "Dev Prog", "Test Prog", "Invalid", "Notes")
 
@@ -204,37 +204,33 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     tmp.replace(path)  # atomic: a half-written PNG never replaces the last good one
 
 
+def loss_points(state_file: Path) -> list[tuple[int, float]]:
+    """[(step, logged training loss)] of a trainer_state.json."""
+    history = json.loads(state_file.read_text()).get("log_history", [])
+    return [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h and "step" in h]
+
+
 def loss_curves(roots: Iterable[Path]) -> dict[str, list[tuple[int, float]]]:
-    """Run folder (relative to its root) -> [(step, logged training loss)], from trainer_state.json files."""
+    """Run folder (relative to its root) -> its loss curve, from the trainer_state.json that training wrote
+    at the end, else from its latest checkpoint's (an interrupted run)."""
     curves: dict[str, list[tuple[int, float]]] = {}
     for root in roots:
-        if not root.is_dir():
-            continue
-        own: dict[Path, Path] = {}  # run folder -> the state file training wrote at the end
-        last: dict[Path, tuple[int, Path]] = {}  # run folder -> its latest checkpoint's state file
-        for f in sorted(root.rglob("trainer_state.json")):
-            if f.parent.name.startswith("checkpoint-"):
-                run, step = f.parent.parent, _step(f.parent)
-                if step > last.get(run, (-1, f))[0]:
-                    last[run] = (step, f)
-            else:
-                own[f.parent] = f
-        states = {**{run: f for run, (_, f) in last.items()}, **own}
-        for run, f in sorted(states.items()):
+        best: dict[Path, tuple[int, Path]] = {}  # run folder -> (rank, state file); the run's own ranks first
+        for f in root.rglob("trainer_state.json") if root.is_dir() else ():
+            in_checkpoint = f.parent.name.startswith("checkpoint-")
+            run = f.parent.parent if in_checkpoint else f.parent
+            rank = checkpoint_step(f.parent) if in_checkpoint else sys.maxsize
+            if rank > best.get(run, (-2, f))[0]:
+                best[run] = (rank, f)
+        for run, (_, f) in sorted(best.items()):
             try:
-                history = json.loads(f.read_text()).get("log_history", [])
+                points = loss_points(f)
             except (OSError, json.JSONDecodeError):
                 continue
-            points = [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h and "step" in h]
+            inside = run != root and run.is_relative_to(root)  # root itself may be a checkpoint folder
             if points:
-                curves[str(run.relative_to(root)) if run != root else run.name] = points
+                curves[str(run.relative_to(root)) if inside else run.name] = points
     return curves
-
-
-def _step(folder: Path) -> int:
-    """N of a checkpoint-N folder, else -1."""
-    tail = folder.name.removeprefix("checkpoint-")
-    return int(tail) if folder.name.startswith("checkpoint-") and tail.isdigit() else -1
 
 
 def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -61,6 +62,12 @@ def test_two_processes_match_one_at_the_same_global_batch(in_repo, capsys):
     assert one["eval"]["n"] == 2 and two["eval"]["num_processes"] == 2
     table = (out / "matrix.md").read_text()
     assert "| cpu_ddp | smoke | 2 | works |" in table and "matches: max" in table
+    # eval's files are named as predict names them: _first<N> only when N is less than the split (6 here)
+    run = in_repo / "runs" / "cpu_ddp-smoke"
+    named = matrix.Matrix(argparse.Namespace(runs_dir=str(run), out=str(out), eval_limit=100)).metrics_file(
+        run
+    )
+    assert named == run / "metrics_test.json"
 
 
 def test_a_failing_launch_is_a_row_with_its_reason(in_repo):

@@ -133,6 +133,8 @@ def test_loss_curves_one_per_run(tmp_path, capsys):
     _state(out / "dora-1b" / "checkpoint-10" / "trainer_state.json", [2.2, 1.1])
     curves = report.loss_curves([out])
     assert curves == {"dora-1b": [(5, 2.2), (10, 1.1)], "lora-1b": [(5, 2.0), (10, 1.0), (15, 0.5)]}
+    # a checkpoint folder itself as the root: its curve, named after the run
+    assert report.loss_curves([out / "dora-1b" / "checkpoint-10"]) == {"dora-1b": [(5, 2.2), (10, 1.1)]}
     png = tmp_path / "loss.png"
     args = ["--outputs", str(out), "--markdown", "-", "--plot", "none", "--loss_plot", str(png)]
     assert report.main(args) == 0
