@@ -590,20 +590,33 @@ class Generator:
 
     def __call__(self, prompts: Sequence[Sequence[int]], ids: Sequence[str]) -> list[list[str]]:
         import torch
-        from transformers import set_seed
 
-        # Seeded from the batch's ids: a batch samples the same programs whatever ran before it (resume).
-        set_seed(self.args.seed + zlib.crc32("\n".join(ids).encode()) % 1_000_003)
-        enc = self.tokenizer.pad(
-            {"input_ids": [list(p) for p in prompts]},
-            padding=True,
-            return_tensors="pt",
-        ).to(self.model.device)
+        if self.kwargs["do_sample"]:
+            # Seeded from the batch's ids: a batch samples the same programs whatever ran before it (resume).
+            # torch.manual_seed seeds every device; generate draws from torch alone. (transformers.set_seed
+            # would do the same and more, but importing it pulls in the trainer stack: 1.5 s on a cold start.)
+            torch.manual_seed(self.args.seed + zlib.crc32("\n".join(ids).encode()) % 1_000_003)
+        enc = left_pad(prompts, self.tokenizer.pad_token_id, self.model.device)
         with torch.inference_mode():
             out = self.model.generate(**enc, **self.kwargs)
         texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         n = self.kwargs["num_return_sequences"]
         return [[t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(prompts))]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any) -> dict[str, Any]:
+    """input_ids / attention_mask, padded on the left to the longest prompt. tokenizer.pad does the same
+    through Python lists of lists: 0.1 s per batch of 256 long prompts, against milliseconds here."""
+    import torch
+
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, longest - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            mask[row, longest - len(p) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def longest_first(prompts: Sequence[Sequence[int]]) -> list[int]:

@@ -336,6 +336,19 @@ def test_batches_longest_first_within_budget_and_halved_on_oom():
                               num_samples=2) == 1  # fmt: skip
 
 
+def test_left_pad_matches_the_tokenizers_left_padding():
+    from finqa_trl.modeling import load_tokenizer, resolve_source
+
+    tok = load_tokenizer(resolve_source(SMOKE_MODEL))
+    tok.padding_side = "left"
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
+    mine = predict.left_pad(prompts, tok.pad_token_id, "cpu")
+    theirs = tok.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
+    assert mine["input_ids"].tolist() == theirs["input_ids"].tolist()
+    assert mine["attention_mask"].tolist() == theirs["attention_mask"].tolist()
+    assert mine["input_ids"][1].tolist() == [tok.pad_token_id] * 4 + [8]
+
+
 # ------------------------------------------------------------------------------------ self-consistency
 
 
