@@ -13,8 +13,10 @@ checkpoints.
 
 Writes `<out>/matrix.json` and `<out>/matrix.md` after every run: works / fails with the error line, tokens/s
 (TRL's token count over the processes, scaled from the last logged step to all, / train_runtime) and its
-ratio to one GPU, peak memory per GPU, and the
-largest relative difference between the loss curve and the one-GPU curve. Dropout would draw its masks per
+ratio to one GPU, peak memory per GPU, and the largest relative difference between the loss curve and the
+one-GPU curve. Rerunning the same command resumes: runs that worked are kept from `matrix.json` (their
+settings must be the same), failed and missing ones run, rows of other recipes stay; `--overwrite` starts
+afresh. Dropout would draw its masks per
 process, so the runs set `--lora_dropout 0`: the first logged losses then agree to the last digit, and later
 ones drift only by summation order (LOSS_TOLERANCE is what counts as matching). Each run's output and its
 `<run>.{train,eval}.log` are in `--runs_dir` (outputs/matrix).
@@ -42,6 +44,7 @@ RECIPES = ("smollm2-135m-lora", "smollm2-135m-qdora")
 BASELINE = "single_gpu"
 LOSS_TOLERANCE = 0.05  # largest relative difference of a logged loss from the one-GPU run's at the same step
 LOGGING_STEPS = 5
+KEPT = " (kept from the last run)"
 
 
 def error_line(log: str) -> str:
@@ -85,12 +88,65 @@ def loss_difference(curve: dict[int, float], reference: dict[int, float]) -> flo
     return max(abs(curve[s] - reference[s]) / abs(reference[s]) for s in common if reference[s])
 
 
+class MatrixError(Exception):
+    """Bad input to the matrix: one line, before anything runs."""
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str, int]:
+    return row["recipe"], row["config"], row["num_gpus"]
+
+
 class Matrix:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.logs = Path(args.runs_dir)
         self.rows: list[dict[str, Any]] = []
         self.out = Path(args.out)
+
+    def settings(self) -> dict[str, Any]:
+        """What a kept row must have been run with (other settings make other numbers)."""
+        a = self.args
+        return {
+            "num_gpus": a.num_gpus,
+            "model": a.model,
+            "data_dir": a.data_dir,
+            "accumulation": a.accumulation,
+            "train_args": a.train_args,
+            "eval_limit": a.eval_limit,
+        }
+
+    def load(self) -> None:
+        """The rows of an earlier run of the same settings (resume), unless --overwrite."""
+        path = self.out / "matrix.json"
+        if getattr(self.args, "overwrite", False) or not path.is_file():
+            return
+        try:
+            old = json.loads(path.read_text())
+            rows = old["runs"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise MatrixError(f"{path} is not a matrix file ({err}); --overwrite starts afresh") from None
+        differ = [k for k, v in self.settings().items() if old.get("settings", {}).get(k) != v]
+        if differ:
+            raise MatrixError(
+                f"{path} holds runs made with other settings ({', '.join(differ)}): pass --overwrite to "
+                "replace them, or --out for a matrix of its own"
+            )
+        for row in rows:  # JSON made the logged steps strings
+            row["loss"] = {int(k): v for k, v in row.get("loss", {}).items()}
+        self.rows = rows
+
+    def kept(self, recipe: str, config: str, gpus: int) -> dict[str, Any] | None:
+        return next((r for r in self.rows if _key(r) == (recipe, config, gpus) and r["works"]), None)
+
+    def put(self, row: dict[str, Any], note: str = "") -> None:
+        """Add a row, in place of an older one of the same run; then save and print it."""
+        at = next((i for i, r in enumerate(self.rows) if _key(r) == _key(row)), None)
+        if at is None:
+            self.rows.append(row)
+        else:
+            self.rows[at] = row
+        self.save()
+        print(_line(row) + note, flush=True)
 
     def make(self, target: str, log: Path, **variables: Any) -> tuple[int, str]:
         """`make <target>` with this interpreter (no install step); its output goes to `log`."""
@@ -179,6 +235,7 @@ class Matrix:
             "date": dt.date.today().isoformat(),
             "num_gpus": self.args.num_gpus,
             "tolerance": LOSS_TOLERANCE,
+            "settings": self.settings(),
         }
         write_json_atomic(self.out / "matrix.json", {**meta, "runs": self.rows})
         (self.out / "matrix.md").write_text(table(self.rows) + "\n")
@@ -196,21 +253,25 @@ class Matrix:
                     file=sys.stderr,
                 )
                 return 2
+        self.load()
         self.logs.mkdir(parents=True, exist_ok=True)
         for recipe, accumulation in plan.items():
-            base = self.run(recipe, BASELINE, 1, accumulation)
-            self.rows.append(base)
-            self.save()
-            print(_line(base), flush=True)
+            base = self.kept(recipe, BASELINE, 1)
+            if base is not None:
+                self.put(base, KEPT)
+            else:
+                self.put(base := self.run(recipe, BASELINE, 1, accumulation))
             for config in a.configs:
+                row = self.kept(recipe, config, a.num_gpus)
+                if row is not None:
+                    self.put(row, KEPT)
+                    continue
                 row = self.run(recipe, config, a.num_gpus, accumulation // a.num_gpus)
                 if row["works"] and base["works"]:
                     row["loss_rel_diff"] = loss_difference(row["loss"], base["loss"])
                     if row["tokens_per_s"] and base["tokens_per_s"]:
                         row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
-                self.rows.append(row)
-                self.save()
-                print(_line(row), flush=True)
+                self.put(row)
         print(f"\n{table(self.rows)}\n\n-> {self.out / 'matrix.md'}")
         return 0
 
@@ -261,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per make call")
     ap.add_argument("--out", default="results/multi-gpu", help="matrix.json and matrix.md go here")
     ap.add_argument("--runs_dir", default="outputs/matrix", help="each run's output_dir and logs go here")
+    ap.add_argument("--overwrite", action="store_true", help="rerun all (default: keep what worked)")
     args = ap.parse_args(argv)
     if args.num_gpus < 2:
         ap.error("--num_gpus must be at least 2")
@@ -270,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         return Matrix(args)()
-    except RecipeError as err:
+    except (RecipeError, MatrixError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -62,6 +62,17 @@ def test_two_processes_match_one_at_the_same_global_batch(in_repo, capsys):
     assert one["eval"]["n"] == 2 and two["eval"]["num_processes"] == 2
     table = (out / "matrix.md").read_text()
     assert "| cpu_ddp | smoke | 2 | works |" in table and "matches: max" in table
+    # The same command again resumes: both runs worked, so both are kept and nothing is launched.
+    capsys.readouterr()
+    saved = (out / "matrix.json").read_text()
+    assert matrix.main([*args, "--out", str(out), *extra]) == 0
+    assert capsys.readouterr().out.count(matrix.KEPT) == 2
+    assert json.loads((out / "matrix.json").read_text())["runs"] == json.loads(saved)["runs"]
+    # Other settings would mix numbers of two setups in one table: one line, the file untouched.
+    other = [*args[:-1], "5", "--out", str(out), *extra]
+    assert matrix.main(other) == 2
+    assert "other settings (eval_limit)" in capsys.readouterr().err
+    assert json.loads((out / "matrix.json").read_text())["runs"] == json.loads(saved)["runs"]
     # eval's files are named as predict names them: _first<N> only when N is less than the split (6 here)
     run = in_repo / "runs" / "cpu_ddp-smoke"
     named = matrix.Matrix(argparse.Namespace(runs_dir=str(run), out=str(out), eval_limit=100)).metrics_file(
