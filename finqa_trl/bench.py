@@ -26,6 +26,7 @@ CPU dry run of every code path).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -34,7 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -348,9 +349,11 @@ def bench_training(
 
 
 def bench_eval(
-    shape: str, model_dir: Path, data_dir: Path, out: Path, variant: str = "auto"
+    shape: str, model_dir: Path, data_dir: Path, out: Path, variant: str = "auto", profile: Path | None = None
 ) -> dict[str, Any]:
-    """`make eval` on 1,147 prompts: wall time of generation + scoring (the model load is timed apart)."""
+    """`make eval` on 1,147 prompts: wall time of generation + scoring (the model load is timed apart).
+    With `profile`, the run goes under torch.profiler and its busiest CUDA kernels are written there (the
+    profiler slows the run: such a row's times are not the variant's speed)."""
     from . import predict
 
     args = predict.parse_args(
@@ -369,7 +372,8 @@ def bench_eval(
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     try:
-        _, metrics = predict.predict(args)
+        with profiled(profile):
+            _, metrics = predict.predict(args)
     except Exception as err:  # one failing variant must not lose the others' numbers
         return {
             "shape": shape,
@@ -381,12 +385,35 @@ def bench_eval(
     return {
         "shape": shape,
         "eval": variant,
+        **({"profile": profile.name} if profile else {}),
         "examples": metrics["n"],
         "wall_seconds": round(wall, 2),
         # everything but loading the weights: prompts, generation, parsing, scoring, writing the files
         "eval_seconds": round(wall - (timing["load_seconds"] or 0.0), 2),
         **timing,
     }
+
+
+@contextlib.contextmanager
+def profiled(dest: Path | None) -> Iterator[None]:
+    """Run the body under torch.profiler (CPU + CUDA) and write the ops that took the most GPU time to `dest`:
+    where generation spends its time (GEMMs, attention, KV-cache copies, ...)."""
+    if dest is None:
+        yield
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if _cuda() else [])
+    with profile(activities=activities) as prof:
+        yield
+    _sync()
+    key = "self_device_time_total" if _cuda() else "self_cpu_time_total"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(
+        f"torch {torch.__version__}, {torch.cuda.get_device_name(0) if _cuda() else 'cpu'}; sorted by {key}\n"
+        + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+    )
 
 
 def eval_split(records: list[dict], dest: Path) -> Path:
@@ -437,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup_examples", type=int, default=48, help="untimed training examples first")
     ap.add_argument("--eval", action="store_true", help="also time evaluation (generation + scoring)")
     ap.add_argument("--eval_variants", nargs="+", default=["auto"], choices=list(EVAL_VARIANTS))
+    ap.add_argument(
+        "--profile", action="store_true", help="profile each eval variant (its times are then not its speed)"
+    )
     ap.add_argument("--workdir", default=None, help="where the random-weight models are saved")
     ap.add_argument("--out", default="results")
     ap.add_argument("--max_examples", type=int, default=None, help="use only the first N examples (dry runs)")
@@ -500,7 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(r)
                 write_json_atomic(out_file, {**header, "results": results})
         for variant in args.eval_variants if args.eval else ():
-            r = bench_eval(shape, model_dir, eval_data, work / f"eval-{shape}-{variant}", variant)
+            name = f"{out_file.stem}-profile-{shape}-{variant}.txt"
+            prof = out_file.with_name(name) if args.profile else None
+            r = bench_eval(shape, model_dir, eval_data, work / f"eval-{shape}-{variant}", variant, prof)
             print(json.dumps(r), flush=True)
             results.append(r)
             write_json_atomic(out_file, {**header, "results": results})

@@ -88,6 +88,18 @@ def test_eval_timing_reaches_the_result(tmp_path):
     assert abs(r["eval_seconds"] - (r["wall_seconds"] - r["load_seconds"])) < 0.02  # rounded to 0.01
 
 
+def test_a_profiled_eval_writes_its_busiest_ops(tmp_path):
+    from finqa_trl.data import FIXTURE_DIR
+    from finqa_trl.modeling import SMOKE_MODEL, resolve_source
+
+    model = resolve_source(SMOKE_MODEL).path
+    prof = tmp_path / "bench-x-profile-smoke-prefill.txt"
+    r = bench.bench_eval("smoke", model, FIXTURE_DIR, tmp_path / "eval", "prefill", prof)
+    assert r["profile"] == prof.name and r["examples"] == 6
+    text = prof.read_text()
+    assert "sorted by self_cpu_time_total" in text and "aten::" in text  # the model's ops, timed
+
+
 def test_an_eval_variant_that_fails_is_recorded_not_raised(tmp_path):
     r = bench.bench_eval("smoke", tmp_path / "no-such-model", tmp_path, tmp_path / "eval", "static")
     assert r["eval"] == "static" and "error" in r
