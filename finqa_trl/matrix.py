@@ -207,24 +207,49 @@ class Matrix:
             return {**row, "works": False, "error": error_line(text)}
         row.update(works=True, **run_summary(out))
         if self.args.eval_limit:
-            eval_args = f"--limit {self.args.eval_limit} --overwrite true"
-            erc, etext = self.make(
-                "eval", self.logs / f"{name}.eval.log", OUTPUT_DIR=out, NUM_GPUS=gpus, EVAL_ARGS=eval_args
-            )
-            metrics = self.metrics_file(out)
-            if erc == 0 and metrics is not None and metrics.is_file():
-                m = json.loads(metrics.read_text())
-                row["eval"] = {k: m.get(k) for k in ("n", "exe_acc", "prog_acc", "invalid", "num_processes")}
-            else:
-                row["eval"] = {"error": error_line(etext)}
+            row["eval"] = self.evaluate(name, out, gpus)
+            if config == BASELINE and "error" not in row["eval"]:
+                row["eval_across"] = self.eval_across(name, out)
         return row
 
-    def metrics_file(self, out: Path) -> Path | None:
+    def evaluate(self, name: str, out: Path, gpus: int, output_dir: Path | None = None) -> dict[str, Any]:
+        """`make eval` of a run's adapter on `gpus` GPUs: its metrics, or the error line."""
+        eval_args = f"--limit {self.args.eval_limit} --overwrite true"
+        if output_dir is not None:
+            eval_args += f" --output_dir {output_dir}"
+        log = self.logs / f"{name}.eval{'' if output_dir is None else f'-{gpus}gpu'}.log"
+        rc, text = self.make("eval", log, OUTPUT_DIR=out, NUM_GPUS=gpus, EVAL_ARGS=eval_args)
+        metrics = self.metrics_file(out, output_dir)
+        if rc == 0 and metrics is not None and metrics.is_file():
+            m = json.loads(metrics.read_text())
+            return {k: m.get(k) for k in ("n", "exe_acc", "prog_acc", "invalid", "num_processes")}
+        return {"error": error_line(text)}
+
+    def eval_across(self, name: str, out: Path) -> dict[str, Any]:
+        """The one-GPU run's adapter evaluated again on --num_gpus GPUs: how many predictions are identical
+        to the one-GPU file's (the processes split the examples; rank 0 merges them in one-process order)."""
+        across = out / f"eval-{self.args.num_gpus}gpu"
+        result = self.evaluate(name, out, self.args.num_gpus, across)
+        one, many = self.metrics_file(out), self.metrics_file(out, across)
+        result["num_gpus"] = self.args.num_gpus
+        if "error" in result or one is None or many is None:
+            return result
+        a = json.loads(one.with_name(one.name.replace("metrics_", "predictions_", 1)).read_text())
+        b = json.loads(many.with_name(many.name.replace("metrics_", "predictions_", 1)).read_text())
+        by_id = {p["id"]: p for p in b}
+        return {
+            **result,
+            "identical": sum(p == by_id.get(p["id"]) for p in a),
+            "same_order": [p["id"] for p in a] == [p["id"] for p in b],
+        }
+
+    def metrics_file(self, out: Path, output_dir: Path | None = None) -> Path | None:
         """Where `make eval --limit N` wrote its metrics: predict's own naming (`_first<N>` only when N is
         less than the split)."""
         from . import predict
 
-        args = predict.parse_args(["--model", str(out), "--limit", str(self.args.eval_limit)])
+        where = ["--output_dir", str(output_dir)] if output_dir is not None else []
+        args = predict.parse_args(["--model", str(out), "--limit", str(self.args.eval_limit), *where])
         try:
             return predict.select_examples(args)[0].path("metrics")
         except predict.PredictError:
@@ -306,6 +331,18 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "–"
         speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "–"
         lines.append(f"{head} works | {tps} | {speed} | {peak} | {loss} | {evs} |")
+    for r in rows:
+        across = r.get("eval_across")
+        if not across:
+            continue
+        lines.append("")
+        what = (
+            f"fails: {across['error']}"
+            if "error" in across
+            else f"{across['identical']}/{across['n']} predictions identical to the one-GPU run's, "
+            f"{'in the same order' if across['same_order'] else 'in another order'}"
+        )
+        lines.append(f"Eval of the one-GPU {r['recipe']} adapter on {across['num_gpus']} GPUs: {what}.")
     return "\n".join(lines)
 
 

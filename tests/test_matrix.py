@@ -60,8 +60,13 @@ def test_two_processes_match_one_at_the_same_global_batch(in_repo, capsys):
     assert two["loss"][first] == pytest.approx(one["loss"][first], rel=1e-5)
     assert two["loss_rel_diff"] <= matrix.LOSS_TOLERANCE and two["speedup"] > 0
     assert one["eval"]["n"] == 2 and two["eval"]["num_processes"] == 2
+    # the one-process adapter evaluated again across both processes: the same predictions, in the same order
+    across = one["eval_across"]
+    assert across["num_processes"] == across["num_gpus"] == 2
+    assert across["identical"] == across["n"] == 2 and across["same_order"]
     table = (out / "matrix.md").read_text()
     assert "| cpu_ddp | smoke | 2 | works |" in table and "matches: max" in table
+    assert "adapter on 2 GPUs: 2/2 predictions identical to the one-GPU run's, in the same order" in table
     # The same command again resumes: both runs worked, so both are kept and nothing is launched.
     capsys.readouterr()
     saved = (out / "matrix.json").read_text()
