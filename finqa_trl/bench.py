@@ -96,6 +96,10 @@ LEVERS: dict[str, list[str]] = {
 }
 
 
+# Plain TRL as its defaults have it, and with max_length=None: the same examples as the recipes (the "no more
+# peak memory" comparison needs equal data).
+TRL_VARIANTS = ("trl", "trl:full_length")
+
 # Ways to run the evaluation, each a set of `finqa_trl.predict` flags (`auto`: what `make eval` does).
 EVAL_VARIANTS: dict[str, list[str]] = {
     "auto": [],  # length-sorted batches sized from free GPU memory, dynamic KV cache
@@ -203,9 +207,17 @@ class _Meter:
 
 
 def _plain_trl_trainer(
-    method: str, model_dir: Path, rows: list[dict], warmup_examples: int, examples: int, out: Path
+    method: str,
+    model_dir: Path,
+    rows: list[dict],
+    warmup_examples: int,
+    examples: int,
+    out: Path,
+    full_length: bool = False,
 ) -> tuple[Any, int]:
-    """What a user assembles by hand from TRL's docs: SFTTrainer defaults + a LoraConfig (+ 4-bit base)."""
+    """What a user assembles by hand from TRL's docs: SFTTrainer defaults + a LoraConfig (+ 4-bit base).
+    `full_length`: max_length=None instead of the default 1024, so that it trains on every example, as the
+    recipes do (the default truncates, then drops three quarters of the sample's examples)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -245,6 +257,7 @@ def _plain_trl_trainer(
         logging_steps=1000,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
+        **({"max_length": None} if full_length else {}),
     )
     peft = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", use_dora=method.endswith("dora")
@@ -311,9 +324,10 @@ def bench_training(
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as tmp:
         try:
-            if variant == "trl":
+            if variant in TRL_VARIANTS:
+                full = variant == "trl:full_length"
                 trainer, warmup = _plain_trl_trainer(
-                    method, model_dir, rows, warmup_examples, examples, Path(tmp)
+                    method, model_dir, rows, warmup_examples, examples, Path(tmp), full
                 )
             else:
                 trainer, warmup = _recipe_trainer(
@@ -458,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--variants",
         nargs="*",
         default=["trl", "recipe"],
-        help=f"trl, recipe, or recipe:LEVER[+LEVER] with LEVER in {', '.join(LEVERS)}; none: eval only",
+        help=f"trl, trl:full_length, recipe, or recipe:LEVER[+LEVER] with LEVER in {', '.join(LEVERS)}; "
+        "none: eval only",
     )
     ap.add_argument("--examples", type=int, default=192, help="timed training examples per variant")
     ap.add_argument("--warmup_examples", type=int, default=48, help="untimed training examples first")
@@ -476,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {flag} {path}: no such directory", file=sys.stderr)
             return 2
     for v in args.variants:
-        if v != "trl" and not v.startswith("recipe"):
+        if v not in TRL_VARIANTS and not v.startswith("recipe"):
             ap.error(f"unknown variant {v!r}")
         lever_args(v)
 

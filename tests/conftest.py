@@ -35,6 +35,16 @@ def sample_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Llama 3 tokenizer as a loadable folder (tokenizer.json decompressed)."""
+    if TOKENIZER_DIR is None:
+        pytest.skip("Llama 3 tokenizer not available (set LLAMA3_TOKENIZER_DIR)")
+    from finqa_trl.bench import tokenizer_dir
+
+    return tokenizer_dir(TOKENIZER_DIR, tmp_path_factory.mktemp("llama3-tokenizer-dir"))
+
+
+@pytest.fixture(scope="session")
 def llama3_tokenizer(tmp_path_factory: pytest.TempPathFactory):
     """The Llama 3 tokenizer (with its chat template), loaded offline from TOKENIZER_DIR.
 

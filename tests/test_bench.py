@@ -111,3 +111,23 @@ def test_eval_variants_override_the_benchs_own_flags():
     base = ["--model", "m", "--split", "test", "--max_new_tokens", "20"]
     assert predict.parse_args([*base, *bench.EVAL_VARIANTS["prefill"]]).max_new_tokens == 1  # last one wins
     assert predict.parse_args([*base, *bench.EVAL_VARIANTS["static"]]).cache_implementation == "static"
+
+
+@pytest.mark.slow
+def test_plain_trl_full_length_trains_on_every_example(sample_dir, llama3_tokenizer_dir, tmp_path):
+    # TRL's default max_length=1024 truncates, then drops the examples whose program was cut off; the
+    # full_length variant is plain TRL on the recipes' data, for the memory comparison.
+    from finqa_trl.modeling import load_tokenizer, resolve_source
+    from finqa_trl.prompts import format_split
+
+    model = bench.build_shape("tiny", llama3_tokenizer_dir, tmp_path / "m")
+    records = train.load_records(sample_dir, ["train"], 12)
+    tokenizer = load_tokenizer(resolve_source(str(model)))
+    rows = format_split(records, tokenizer=tokenizer, max_prompt_tokens=3072, trim="gold")
+    kept = {}
+    for variant in bench.TRL_VARIANTS:
+        r = bench.bench_training(variant, "lora", "tiny", model, sample_dir, rows, 4, 4)
+        assert "error" not in r, r
+        kept[variant] = r["train_examples"]
+    assert kept["trl:full_length"] == len(rows) == 12
+    assert kept["trl"] < 12  # the sample's prompts are mostly longer than 1,024 tokens
