@@ -47,15 +47,21 @@ LOGGING_STEPS = 5
 KEPT = " (kept from the last run)"
 
 
+# The launcher's own exception when a rank failed: it says nothing; the rank's exception above it does.
+_WRAPPERS = ("ChildFailedError", "CalledProcessError")
+
+
 def error_line(log: str) -> str:
-    """The one line that says why a run failed: our `error:` line, else the last exception, else the end."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    """The one line that says why a run failed: our `error:` line, else the last exception a process raised
+    (a rank's, prefixed `[rankN]:` by torchrun, before the launcher's ChildFailedError), else the end."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", ln.strip()) for ln in log.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if ln.startswith("error:"):
             return ln
-    for ln in reversed(lines):
-        if re.match(r"^[\w.]*(Error|Exception)\b", ln):
-            return ln[:300]
+    exceptions = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
+    real = [ln for ln in exceptions if not any(w in ln.split(":")[0] for w in _WRAPPERS)]
+    if real or exceptions:
+        return (real or exceptions)[-1][:300]
     return lines[-1][:300] if lines else "no output"
 
 
