@@ -518,8 +518,9 @@ Q4 = ["--load_in_4bit", "true"]
         ),
         ({**ZERO3, "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false"}, Q4, "set zero3_init_flag: true"),
         (ZERO3, ["--load_in_8bit", "true"], "bitsandbytes issue #1451"),
+        (FSDP, [*Q4, "--use_dora", "true"], "QDoRA) under FSDP fails at the first optimizer step"),
     ],
-    ids=["fsdp-storage-vs-fp32", "fsdp-storage-vs-fp16", "zero3-init-off", "8bit"],
+    ids=["fsdp-storage-vs-fp32", "fsdp-storage-vs-fp16", "zero3-init-off", "8bit", "fsdp-qdora"],
 )
 def test_sharded_quantization_traps_stop_at_launch(
     env: dict[str, str], extra: list[str], expected: str, tmp_path: Path, capsys, launched
@@ -549,6 +550,19 @@ def test_sharded_quantization_settings_that_work_pass(
 
     launched(**env)
     _validate(parse(smoke_args(Path("unused"), *extra)))  # raises UsageError on a trap
+
+
+def test_qdora_under_zero2_is_warned_about(launched, caplog) -> None:
+    from finqa_trl.train import _validate, parse
+
+    zero2 = {**ZERO3, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false"}
+    launched(**zero2)
+    with caplog.at_level("WARNING", logger="finqa_trl"):
+        _validate(parse(smoke_args(Path("unused"), *Q4, "--use_dora", "true")))
+        assert "QDoRA under DeepSpeed ZeRO-2 trains, but" in caplog.text
+        caplog.clear()
+        _validate(parse(smoke_args(Path("unused"), *Q4)))  # QLoRA: nothing measured against it
+        assert "ZeRO-2" not in caplog.text
 
 
 def test_single_process_uses_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
