@@ -264,6 +264,7 @@ class Matrix:
     def save(self) -> None:
         meta = {
             "date": dt.date.today().isoformat(),
+            "device": _device(),
             "num_gpus": self.args.num_gpus,
             "tolerance": LOSS_TOLERANCE,
             "settings": self.settings(),
@@ -305,6 +306,18 @@ class Matrix:
                 self.put(row)
         print(f"\n{table(self.rows)}\n\n-> {self.out / 'matrix.md'}")
         return 0
+
+
+def _device() -> str | None:
+    """The GPUs' names (the runs are child processes; this one only asks)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    except Exception:  # a broken CUDA install must not lose the matrix
+        return None
+    return None
 
 
 def _line(r: dict[str, Any]) -> str:
