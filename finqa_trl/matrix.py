@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .recipes import RecipeError, resolve
-from .report import loss_points
+from .report import loss_points, plot_losses
 from .score import write_json_atomic
 
 CONFIGS = ("multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
@@ -271,6 +271,7 @@ class Matrix:
         }
         write_json_atomic(self.out / "matrix.json", {**meta, "runs": self.rows})
         (self.out / "matrix.md").write_text(table(self.rows) + "\n")
+        plot(self.rows, self.out / "loss.png")
 
     def __call__(self) -> int:
         a = self.args
@@ -306,6 +307,19 @@ class Matrix:
                 self.put(row)
         print(f"\n{table(self.rows)}\n\n-> {self.out / 'matrix.md'}")
         return 0
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Every run's loss curve in one chart: N-GPU curves should lie on their recipe's one-GPU curve."""
+    curves = {
+        f"{r['recipe']} {r['config']} ({r['num_gpus']} GPU{'s' if r['num_gpus'] > 1 else ''})": sorted(
+            (int(k), v) for k, v in r["loss"].items()
+        )
+        for r in rows
+        if r["works"] and r.get("loss")
+    }
+    if curves:
+        plot_losses(curves, path)
 
 
 def _device() -> str | None:
@@ -345,7 +359,13 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             else (f"{'matches' if diff <= LOSS_TOLERANCE else 'differs'}: max {diff:.1%}")
         )
         ev = r.get("eval", {})
-        evs = "–" if not ev else f"fails: {ev['error']}" if "error" in ev else f"runs (n={ev['n']})"
+        evs = (
+            "–"
+            if not ev
+            else f"fails: {ev['error']}"
+            if "error" in ev
+            else f"runs (n={ev['n']}: exe acc {ev['exe_acc']:.0%}, invalid {ev['invalid']:.0%})"
+        )
         peak = ", ".join(f"{p:g}" for p in r.get("peak_gpu_memory_gib") or []) or "–"
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "–"
         speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "–"

@@ -74,6 +74,7 @@ def test_two_processes_match_one_at_the_same_global_batch(in_repo, capsys):
     assert across["identical"] == across["n"] == 2 and across["same_order"]
     table = (out / "matrix.md").read_text()
     assert "| cpu_ddp | smoke | 2 | works |" in table and "matches: max" in table
+    assert "| runs (n=2: exe acc " in table and (out / "loss.png").stat().st_size > 1000
     assert "adapter on 2 GPUs: 2/2 predictions identical to the one-GPU run's, in the same order" in table
     # The same command again resumes: both runs worked, so both are kept and nothing is launched.
     capsys.readouterr()
