@@ -424,8 +424,8 @@ def _check_sharded_4bit(run: Run) -> None:
     if m.use_dora and zero_stage is not None and int(zero_stage) == 2:
         logger.warning(
             "QDoRA under DeepSpeed ZeRO-2 trains, but in this project's 2-GPU check its loss curve left the "
-            "one-GPU curve (up to 17%% apart within 35 steps, where LoRA stayed within 1%% and QDoRA under "
-            "DDP within 1.2%%; results/multi-gpu): prefer ACCELERATE_CONFIG=multi_gpu"
+            "one-GPU curve (up to 17% apart within 35 steps, where LoRA stayed within 1% and QDoRA under "
+            "DDP within 1.2%; results/multi-gpu): prefer ACCELERATE_CONFIG=multi_gpu"
         )
     # DoRA on a 4-bit base under ZeRO-3 (QDoRA) once failed with a shape mismatch (peft issue #1731); a GPU
     # run of this project trained it with peft 0.21, so it is not blocked here (docs/multi-gpu.md).
