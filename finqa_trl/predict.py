@@ -48,7 +48,14 @@ from typing import TYPE_CHECKING, Any
 
 from .data import DataError, load_split, resolve_data_dir
 from .dsl import Execution, execute, parse_generation
-from .recipes import RecipeError, checkpoint_step, read_run_recipe, run_recipe_file
+from .recipes import (
+    RecipeError,
+    checkpoint_step,
+    known_quant,
+    quantization_name,
+    read_run_recipe,
+    run_recipe_file,
+)
 from .score import ScoreError, score, write_json_atomic
 
 if TYPE_CHECKING:  # torch/transformers load only once a model is needed, after every input check
@@ -243,8 +250,11 @@ def inspect_model(
     )
 
 
-def quant_label(load_in_4bit: bool, dtype: Any) -> str:
-    return "4-bit NF4" if load_in_4bit else str(dtype).replace("torch.", "")
+def quant_label(settings: Settings, dtype: Any) -> str:
+    """E.g. "4-bit NF4+DQ" (named as recipes name a training run's quantization) or "bfloat16"."""
+    if settings.load_in_4bit:
+        return quantization_name(settings.quantization())
+    return str(dtype).replace("torch.", "")
 
 
 def method_label(spec: ModelSpec, eg_k: int) -> str:
@@ -278,6 +288,17 @@ class Settings:
 
     def path(self, kind: str) -> Path:
         return self.output_dir / f"{kind}_{self.tag}.json"
+
+    def quantization(self) -> dict[str, Any]:
+        """How a 4-bit load quantizes: as the run was trained (its recipe.yaml; a key it lacks had TRL's
+        default, off), else NF4 with double quantization."""
+        recipe = self.spec.recipe
+        if self.spec.kind == "adapter" and recipe.get("load_in_4bit"):
+            kind = recipe.get("bnb_4bit_quant_type") or "nf4"
+            nested = bool(recipe.get("use_bnb_nested_quant"))
+        else:
+            kind, nested = "nf4", True
+        return {"load_in_4bit": True, "bnb_4bit_quant_type": kind, "use_bnb_nested_quant": nested}
 
     def first(self, n: int) -> Settings:
         """These settings for the first `n` examples only (`--limit`): files of their own, tagged `_first<n>`
@@ -477,6 +498,9 @@ def load_model(settings: Settings, args: PredictArguments) -> tuple[PreTrainedMo
 
     spec = settings.spec
     kwargs: dict[str, Any] = {"dtype": args.dtype, "load_in_4bit": settings.load_in_4bit}
+    if settings.load_in_4bit:  # as the adapter was trained (a 4-bit base differs with the quantization)
+        quant = settings.quantization()
+        kwargs.update(quant_type=quant["bnb_4bit_quant_type"], double_quant=quant["use_bnb_nested_quant"])
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
     if torch.cuda.is_available():
@@ -803,8 +827,8 @@ def predict(args: PredictArguments, ranks: Ranks | None = None) -> tuple[Setting
     if not todo and settings.path("metrics").is_file():  # nothing generated now: keep the last run's info
         old = _read_json(settings.path("metrics"))
         run_info = {k: old[k] for k in (*RUN_INFO_KEYS, "quant") if isinstance(old, dict) and k in old}
-    quant = run_info.get("quant") or quant_label(
-        settings.load_in_4bit, run_info.get("dtype", args.dtype or "auto")
+    quant = known_quant(run_info.get("quant")) or quant_label(
+        settings, run_info.get("dtype", args.dtype or "auto")
     )
     metrics.update(
         **recorded_settings(settings, args),
@@ -876,17 +900,17 @@ def _check_same_settings(settings: Settings, args: PredictArguments) -> None:
             same = was == now
         if not same:
             differ.append(f"{key} {was} (now {now})")
-    was, four_bit = old.get("quant"), quant_label(True, None)
+    was = known_quant(old.get("quant"))
     if was and was != "auto":  # "auto": a rescore wrote it before the dtype was recorded
         if settings.load_in_4bit:
-            now = four_bit
+            now = quant_label(settings, None)
         elif args.dtype and args.dtype != "auto":
             from .modeling import to_dtype
 
-            now = quant_label(False, to_dtype(args.dtype))
+            now = quant_label(settings, to_dtype(args.dtype))
         else:
             now = None  # the default dtype is known once loaded; whether 4-bit is known now
-        if now != was and (now is not None or was == four_bit):
+        if now != was and (now is not None or was.startswith("4-bit")):
             differ.append(f"quant {was} (now {now or 'not 4-bit'})")
     if differ:
         raise PredictError(

@@ -73,6 +73,16 @@ def quantization_name(values: Mapping[str, Any]) -> str:
     return "-"
 
 
+# Before 2026-11-26 predict named every 4-bit evaluation "4-bit NF4"; it always loaded NF4 with double
+# quantization, which quantization_name calls "4-bit NF4+DQ".
+_OLD_QUANT_NAMES = {"4-bit NF4": "4-bit NF4+DQ"}
+
+
+def known_quant(name: str | None) -> str | None:
+    """A quantization name as metrics files record it, in today's naming."""
+    return _OLD_QUANT_NAMES.get(name, name) if name else name
+
+
 def available(recipes_dir: Path = RECIPES_DIR) -> list[str]:
     """Runnable recipe names (YAML files not starting with `_`), sorted."""
     if not recipes_dir.is_dir():

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from .data import SPLITS
-from .recipes import RecipeError, checkpoint_step, method_name, quantization_name, read_run_recipe
+from .recipes import (
+    RecipeError,
+    checkpoint_step,
+    known_quant,
+    method_name,
+    quantization_name,
+    read_run_recipe,
+)
 
 HEADER = ("Model", "Method", "Quant", "Dev Acc", "Test Acc", "Dev Prog", "Test Prog", "Invalid", "Notes")
 
@@ -91,7 +98,7 @@ def describe(path: Path, metrics: dict[str, Any], root: Path | None = None) -> R
         method = str(recipe.get("method") or method_name(recipe))
     else:
         method = f"base ({eg_k}-shot)"
-    quant = str(metrics.get("quant") or (quantization_name(recipe) if recipe else "-"))
+    quant = str(known_quant(metrics.get("quant")) or (quantization_name(recipe) if recipe else "-"))
     notes = []
     where = path.parent
     if root is not None and where.is_relative_to(root):

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,7 @@ def test_adapter_on_4bit_base(adapter, tmp_path):
         pytest.skip(str(err))
     assert run("--model", str(adapter), "--load_in_4bit", "--output_dir", str(tmp_path)) == 0
     m = check_outputs(tmp_path, "test_4bit")
-    assert m["quant"] == "4-bit NF4"
+    assert m["quant"] == "4-bit NF4+DQ"  # not trained in 4-bit: NF4 with double quantization
 
 
 def test_adapter_loads_only_its_own_tokenizer(adapter, tmp_path, monkeypatch):
@@ -334,6 +335,31 @@ def test_batches_longest_first_within_budget_and_halved_on_oom():
                               num_samples=1) == 2  # fmt: skip
     assert predict.next_batch([4, 1, 3], [5, 30, 10, 20, 40], rows_cap=None, budget=100, max_new_tokens=10,
                               num_samples=2) == 1  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "recipe", "expected"),
+    [
+        ("adapter", {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, "FP4"),
+        ("adapter", {"load_in_4bit": True, "use_bnb_nested_quant": True}, "NF4+DQ"),
+        ("adapter", {"load_in_4bit": True}, "NF4"),  # a key the run lacked had TRL's default: no nesting
+        ("adapter", {}, "NF4+DQ"),  # trained in bf16, evaluated in 4-bit
+        ("model", {}, "NF4+DQ"),
+    ],
+)
+def test_4bit_evaluation_quantizes_as_the_run_was_trained(kind, recipe, expected, tmp_path):
+    spec = predict.ModelSpec(kind, "m", "base", None, recipe, None)
+    settings = predict.Settings(spec, "test", tmp_path, 0, "full", 100, True, 1, False, tmp_path, "test")
+    assert predict.quant_label(settings, None) == f"4-bit {expected}"
+    assert predict.quant_label(replace(settings, load_in_4bit=False), "torch.bfloat16") == "bfloat16"
+
+
+def test_old_metrics_name_4bit_evaluations_as_today():
+    from finqa_trl.recipes import known_quant
+
+    assert known_quant("4-bit NF4") == "4-bit NF4+DQ"  # what the evaluation always loaded
+    assert known_quant("4-bit FP4") == "4-bit FP4" and known_quant("bfloat16") == "bfloat16"
+    assert known_quant(None) is None
 
 
 def test_left_pad_matches_the_tokenizers_left_padding():
