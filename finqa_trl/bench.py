@@ -39,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import one_line
 from .score import write_json_atomic
 
 METHODS = ("lora", "dora", "qlora", "qdora")
@@ -354,7 +355,7 @@ def bench_training(
         except torch.OutOfMemoryError:
             res = {"error": "out of memory"}
         except Exception as err:  # one failing configuration must not lose the others' numbers
-            res = {"error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
+            res = {"error": f"{type(err).__name__}: {one_line(err, 300)}"}
         finally:
             trainer = None
             gc.collect()
@@ -392,7 +393,7 @@ def bench_eval(
         return {
             "shape": shape,
             "eval": variant,
-            "error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}",
+            "error": f"{type(err).__name__}: {one_line(err, 300)}",
         }
     wall = time.perf_counter() - t
     timing = {k: metrics.get(k) for k in predict.RUN_INFO_KEYS}

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import OneLineError
+
 SPLITS: tuple[str, ...] = ("train", "dev", "test", "private_test")
 #: Splits without `qa.program` / `qa.exe_ans`.
 UNLABELLED_SPLITS: frozenset[str] = frozenset({"private_test"})
@@ -55,11 +57,8 @@ _HOW_TO_GET = (
 )
 
 
-class DataError(Exception):
+class DataError(OneLineError):
     """A data problem the user can fix; `str()` is always one line, fit for a CLI error."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 # --------------------------------------------------------------------------------------------- locate

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import OneLineError
 from .recipes import RecipeError, resolve
 from .report import loss_points, plot_losses
 from .score import write_json_atomic
@@ -94,7 +95,7 @@ def loss_difference(curve: dict[int, float], reference: dict[int, float]) -> flo
     return max(abs(curve[s] - reference[s]) / abs(reference[s]) for s in common if reference[s])
 
 
-class MatrixError(Exception):
+class MatrixError(OneLineError):
     """Bad input to the matrix: one line, before anything runs."""
 
 

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import one_line
 from .predict import PredictError, inspect_model
 from .recipes import RUN_RECIPE as RECIPE_FILE
 
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
     except (PredictError, ModelError, OSError, ValueError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(f"merged model saved in {out}")
     return 0

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import OneLineError, one_line
+
 if TYPE_CHECKING:  # keep `import finqa_trl.modeling` cheap; torch/transformers load on first use
     import torch
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -69,7 +71,7 @@ _PROGRAM_WORDS = (
 )
 
 
-class ModelError(Exception):
+class ModelError(OneLineError):
     """A model source or precision request that cannot work here; the message is one line."""
 
 
@@ -86,11 +88,6 @@ class ModelSource:
 
 
 # ----------------------------------------------------------------------------------------------- sources
-
-
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def cache_dir() -> Path:
@@ -249,7 +246,7 @@ def load_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     except OSError as err:
-        raise ModelError(f"cannot load tokenizer {source.describe()}: {_first_line(err)}") from None
+        raise ModelError(f"cannot load tokenizer {source.describe()}: {one_line(err, 300)}") from None
     if not tokenizer.chat_template:
         raise ModelError(f"{source.describe()} has no chat template: use an instruct/chat model")
     configure_padding(tokenizer)
@@ -304,7 +301,7 @@ def load_model(
     try:
         return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except OSError as err:  # gated, misspelled, or not cached while offline
-        raise ModelError(f"cannot load model {source.describe()}: {_first_line(err)}") from None
+        raise ModelError(f"cannot load model {source.describe()}: {one_line(err, 300)}") from None
 
 
 def materialize_gguf(source: ModelSource) -> ModelSource:

@@ -46,6 +46,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import OneLineError, one_line
 from .data import DataError, load_split, resolve_data_dir
 from .dsl import Execution, execute, parse_generation
 from .recipes import (
@@ -72,7 +73,7 @@ CPU_TOKEN_BUDGET = 8192
 MAX_BATCH_ROWS = 256  # past this, decoding is bound by KV-cache reads and bigger batches stop paying
 
 
-class PredictError(Exception):
+class PredictError(OneLineError):
     """Bad input for a prediction run; `str()` is one line."""
 
 
@@ -165,7 +166,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PredictError(f"{path}: cannot read ({' '.join(str(err).split())})") from None
+        raise PredictError(f"{path}: cannot read ({err})") from None
 
 
 def _is_local(name: str) -> bool:
@@ -358,7 +359,7 @@ def resolve_settings(args: PredictArguments) -> Settings:
         try:
             GenerationConfig(cache_implementation=args.cache_implementation).validate()
         except ValueError as err:
-            raise PredictError(f"--cache_implementation: {_one_line(err)}") from None
+            raise PredictError(f"--cache_implementation: {one_line(err)}") from None
 
     data_dir = args.data_dir or recipe.get("data_dir")  # evaluate on the data the run was trained on
     data_dir = resolve_data_dir(data_dir)
@@ -368,7 +369,7 @@ def resolve_settings(args: PredictArguments) -> Settings:
         try:
             select_shots(load_split(data_dir, "train"), eg_k)
         except ValueError as err:
-            raise PredictError(f"eg_k={eg_k}: {_one_line(err)}; pass a smaller --eg_k") from None
+            raise PredictError(f"eg_k={eg_k}: {one_line(err)}; pass a smaller --eg_k") from None
 
     if args.output_dir:
         output_dir = Path(args.output_dir)
@@ -544,7 +545,7 @@ def build_prompts(examples: Sequence[dict], tokenizer: Any, settings: Settings) 
             return_ids=True,  # measuring the prompts tokenized them: keep those ids
         )
     except ValueError as err:
-        raise PredictError(" ".join(str(err).split())) from None
+        raise PredictError(err) from None
     # Only trimmed prompts (or all, without a budget) still need tokenizing.
     todo = [i for i, r in enumerate(records) if r["prompt_ids"] is None]
     for i, ids in zip(todo, prompt_token_ids(tokenizer, [records[i]["prompt"] for i in todo]), strict=True):
@@ -759,10 +760,6 @@ def gather(ranks: Ranks, obj: Any) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------------- run
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def select_examples(args: PredictArguments) -> tuple[Settings, list[dict], list[dict]]:
@@ -1021,7 +1018,7 @@ def _load(
     try:
         model, tokenizer = load_model(settings, args)
     except (OSError, ValueError) as err:  # e.g. a Hub id that does not exist, or no network to fetch it
-        raise PredictError(f"cannot load {settings.spec.load_from}: {_one_line(err)}") from None
+        raise PredictError(f"cannot load {settings.spec.load_from}: {one_line(err)}") from None
     load_s = time.perf_counter() - t0
     return model, tokenizer, build_prompts(todo, tokenizer, settings), load_s
 
@@ -1155,7 +1152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings, metrics = predict(args, ranks)
     except (PredictError, DataError, ScoreError, ModelError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # every finished batch is already on disk
         print(

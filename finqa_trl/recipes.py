@@ -30,11 +30,13 @@ from typing import Any
 
 import yaml
 
+from . import OneLineError
+
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 BASE_KEY = "base"
 
 
-class RecipeError(Exception):
+class RecipeError(OneLineError):
     """A recipe that does not exist or does not resolve; `str()` is one line."""
 
 

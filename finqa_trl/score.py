@@ -26,8 +26,10 @@ from typing import Any
 from finqa_trl.data import DataError, load_file
 from finqa_trl.dsl import ALL_OPS, answers_match, as_tokens, equal_program, execute, program_to_string
 
+from . import OneLineError
 
-class ScoreError(Exception):
+
+class ScoreError(OneLineError):
     """Input the scorer cannot score; the message is one line naming the culprit."""
 
 

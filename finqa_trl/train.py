@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from . import OneLineError, one_line
 from .data import DataError, load_split, resolve_data_dir
 from .modeling import (
     ModelError,
@@ -73,7 +74,7 @@ IDENTITY = (
 )
 
 
-class UsageError(Exception):
+class UsageError(OneLineError):
     """A bad command line or setting; `str()` is one line."""
 
 
@@ -279,7 +280,7 @@ def parse(argv: Sequence[str]) -> Run:
                 ["--config", str(resolved_file), *rest], return_remaining_strings=True
             )
         except ValueError as err:  # raised by the dataclasses' __post_init__ checks
-            raise UsageError(" ".join(str(err).split())) from None
+            raise UsageError(err) from None
     if remaining:
         raise UsageError(f"unexpected argument(s): {' '.join(remaining)}")
 
@@ -475,7 +476,7 @@ def build_dataset(
             trim=script.trim,
         )
     except ValueError as err:
-        raise UsageError(" ".join(str(err).split())) from None
+        raise UsageError(err) from None
     rows = [r for r in rows if "completion" in r]  # unlabelled records cannot be trained on
     if not rows:
         raise DataError("no labelled examples to train on")
@@ -731,7 +732,7 @@ def train(run: Run) -> int:
     if hasattr(trainer, "end"):  # transformers >= 5.18: close trackers, destroy the process group
         trainer.end()
     if failed:
-        print(f"error: {' '.join(failed.split())}", file=sys.stderr)
+        print(f"error: {one_line(failed)}", file=sys.stderr)
         return 1
     return 0
 
