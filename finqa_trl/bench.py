@@ -105,6 +105,8 @@ TRL_VARIANTS = ("trl", "trl:full_length")
 EVAL_VARIANTS: dict[str, list[str]] = {
     "auto": [],  # length-sorted batches sized from free GPU memory, dynamic KV cache
     "static": ["--cache_implementation", "static"],  # static KV cache: transformers compiles the decode step
+    # transformers' continuous batching: paged KV cache, no padding, CUDA graphs (chunks of 512 prompts)
+    "continuous": ["--generation", "continuous"],
     # Diagnostic, not a way to evaluate: one new token, so generation_seconds is the prefill (+ one step);
     # `auto` minus this is what the decoding loop costs.
     "prefill": ["--max_new_tokens", "1"],

@@ -71,6 +71,9 @@ DEFAULT_MAX_PROMPT_TOKENS = 3072  # the training default (recipes/_base.yaml)
 SHOT_TOKENS = 512  # budget added per few-shot example, so shots never crowd out the question's context
 CPU_TOKEN_BUDGET = 8192
 MAX_BATCH_ROWS = 256  # past this, decoding is bound by KV-cache reads and bigger batches stop paying
+# --generation continuous: prompts per generate_batch call (one scheduler and cache each). Big, so that the
+# scheduler keeps its slots full; finished chunks are saved, so an interruption loses one chunk at most.
+CONTINUOUS_CHUNK = 512
 
 
 class PredictError(OneLineError):
@@ -133,6 +136,14 @@ class PredictArguments:
         default=None, metadata={"help": "Only the first N examples of the split (files tagged _first<N>)."}
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flash_attention_2."})
+    generation: str = field(
+        default="batched",
+        metadata={
+            "help": "batched: length-sorted, left-padded batches through generate; continuous: transformers' "
+            "continuous batching (paged KV cache, no padding, finished rows replaced at once; greedy only).",
+            "choices": ["batched", "continuous"],
+        },
+    )
     cache_implementation: str | None = field(
         default=None,
         metadata={
@@ -353,6 +364,11 @@ def resolve_settings(args: PredictArguments) -> Settings:
         raise PredictError(f"--batch_size must be a positive integer or auto, got {args.batch_size!r}")
     if not args.split.strip():
         raise PredictError("--split is empty: use train, dev, test or private_test")
+    if args.generation == "continuous" and (do_sample or args.cache_implementation):
+        raise PredictError(
+            "--generation continuous decodes greedily with its own paged KV cache: drop --do_sample, "
+            "--num_samples and --cache_implementation, or use --generation batched"
+        )
     if args.cache_implementation:  # transformers' own check, before a model is loaded rather than after
         from transformers import GenerationConfig
 
@@ -571,6 +587,14 @@ def token_budget(model: Any, args: PredictArguments) -> int:
     return max(1024, int(0.5 * free / ((kv + activations) * elem)))
 
 
+def rows_per_call(args: PredictArguments) -> int | None:
+    """--batch_size; for auto, None (rows from the token budget) in batched mode, and a chunk of prompts in
+    continuous mode, which sizes its own cache: the chunks are where predictions are saved (resume)."""
+    if args.batch_size != "auto":
+        return int(args.batch_size)
+    return CONTINUOUS_CHUNK if args.generation == "continuous" else None
+
+
 def next_batch(
     pending: Sequence[int],
     lengths: Sequence[int],
@@ -621,12 +645,33 @@ class Generator:
             # torch.manual_seed seeds every device; generate draws from torch alone. (transformers.set_seed
             # would do the same and more, but importing it pulls in the trainer stack: 1.5 s on a cold start.)
             torch.manual_seed(self.args.seed + zlib.crc32("\n".join(ids).encode()) % 1_000_003)
+        if self.args.generation == "continuous":
+            texts = self.tokenizer.batch_decode(self.continuous(prompts), skip_special_tokens=True)
+            return [[t.strip()] for t in texts]
         enc = left_pad(prompts, self.tokenizer.pad_token_id, self.model.device)
         with torch.inference_mode():
             out = self.model.generate(**enc, **self.kwargs)
         texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         n = self.kwargs["num_return_sequences"]
         return [[t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(prompts))]
+
+
+    def continuous(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """The generated ids of each prompt through transformers' continuous batching: one scheduler over all
+        the prompts, a paged KV cache with no padding, and a finished row's place taken by the next prompt."""
+        import torch
+        from transformers import GenerationConfig
+
+        keys = ("max_new_tokens", "eos_token_id", "pad_token_id", "do_sample")
+        config = GenerationConfig(**{k: self.kwargs[k] for k in keys})
+        with torch.inference_mode():
+            out = self.model.generate_batch([list(p) for p in prompts], generation_config=config)
+        # One manager per call, so its request ids are req_0 .. req_<n-1>, in the order of the prompts.
+        results = [out.get(f"req_{i}") for i in range(len(prompts))]
+        failed = [r.error if r is not None else "no result" for r in results if r is None or r.error]
+        if failed:
+            raise PredictError(f"continuous batching failed for {len(failed)} prompt(s): {failed[0]}")
+        return [list(r.generated_tokens) for r in results]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any) -> dict[str, Any]:
@@ -859,6 +904,7 @@ def recorded_settings(settings: Settings, args: PredictArguments) -> dict[str, A
         "top_p": args.top_p if settings.do_sample else None,
         "seed": args.seed,
         "max_new_tokens": args.max_new_tokens,
+        "generation": args.generation,
     }
 
 
@@ -1059,7 +1105,7 @@ def _generate(
             generate,
             prompts,
             ids,
-            batch_size=None if args.batch_size == "auto" else int(args.batch_size),
+            batch_size=rows_per_call(args),
             budget=budget,
             max_new_tokens=args.max_new_tokens,
             num_samples=settings.num_samples,

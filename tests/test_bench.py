@@ -111,6 +111,7 @@ def test_eval_variants_override_the_benchs_own_flags():
     base = ["--model", "m", "--split", "test", "--max_new_tokens", "20"]
     assert predict.parse_args([*base, *bench.EVAL_VARIANTS["prefill"]]).max_new_tokens == 1  # last one wins
     assert predict.parse_args([*base, *bench.EVAL_VARIANTS["static"]]).cache_implementation == "static"
+    assert predict.parse_args([*base, *bench.EVAL_VARIANTS["continuous"]]).generation == "continuous"
 
 
 @pytest.mark.slow

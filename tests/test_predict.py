@@ -99,6 +99,29 @@ def test_base_model_greedy_then_self_consistency(tmp_path, capsys):
     assert "| greedy |" in out and "| self-consistency x2 |" in out  # side by side
 
 
+def test_continuous_batching_writes_what_batched_generation_writes(greedy_run, tmp_path):
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path), "--generation", "continuous") == 0
+    m = check_outputs(tmp_path)
+    assert m["generation"] == "continuous"
+    assert read(greedy_run / "metrics_test.json")["generation"] == "batched"
+    ours, theirs = read(tmp_path / "predictions_test.json"), read(greedy_run / "predictions_test.json")
+    assert ours == theirs  # greedy either way: the same programs, in the same order
+
+
+def test_continuous_batching_of_an_adapter_on_a_4bit_base(adapter, tmp_path):
+    from finqa_trl.modeling import ModelError, check_4bit_supported
+
+    try:
+        check_4bit_supported()
+    except ModelError as err:
+        pytest.skip(str(err))
+    base = ["--model", str(adapter), "--load_in_4bit", "--limit", "3"]
+    assert run(*base, "--output_dir", str(tmp_path / "b")) == 0
+    assert run(*base, "--output_dir", str(tmp_path / "c"), "--generation", "continuous") == 0
+    tag = "predictions_test_4bit_first3.json"
+    assert read(tmp_path / "c" / tag) == read(tmp_path / "b" / tag)
+
+
 def test_adapter_writes_into_its_run_dir(adapter):
     assert run("--model", str(adapter)) == 0
     m = check_outputs(adapter)
@@ -460,6 +483,13 @@ def test_unknown_cache_implementation_is_one_line_before_loading(tmp_path, capsy
     argv = ["--model", SMOKE_MODEL, "--output_dir", str(tmp_path / "o"), "--cache_implementation", "bogus"]
     expect_error(capsys, argv, "--cache_implementation", "bogus", "static")
     assert not (tmp_path / "o").exists()
+
+
+def test_continuous_batching_is_greedy_only(tmp_path, capsys):
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path), "--generation", "continuous",
+               "--num_samples", "3") == 2  # fmt: skip
+    assert "--generation continuous decodes greedily" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_unknown_and_empty_split(tmp_path, capsys):
