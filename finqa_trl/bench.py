@@ -347,8 +347,9 @@ def bench_training(
             meter = _Meter(warmup)
             trainer.add_callback(meter.callback())
             trainer.train()
-            peak = torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None
-            res = {**meter.result(), "peak_gib": None if peak is None else round(peak, 2)}
+            from .modeling import peak_gpu_memory_gib
+
+            res = {**meter.result(), "peak_gib": peak_gpu_memory_gib()}
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps
             res["timed_steps"] = trainer.args.max_steps - warmup

@@ -123,6 +123,15 @@ def resolve_source(name_or_path: str, gguf_file: str | None = None) -> ModelSour
 # ----------------------------------------------------------------------------------------------- precision
 
 
+def peak_gpu_memory_gib() -> float | None:
+    """This process's peak of allocated CUDA memory so far, in GiB to 2 decimals (None without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
 def bf16_supported() -> bool:
     """True where bf16 training runs natively (an Ampere+ CUDA GPU, or XPU)."""
     import torch

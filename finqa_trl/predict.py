@@ -1117,9 +1117,8 @@ def _generate(
             write_json_atomic(out_path, predictions)
     gen_s = time.perf_counter() - t0
     n = len(predictions) - n_before
-    import torch
+    from .modeling import peak_gpu_memory_gib
 
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {
         "dtype": str(model.dtype).replace("torch.", ""),
         "device": str(model.device),
@@ -1131,7 +1130,7 @@ def _generate(
         "max_batch_tokens": None if args.batch_size != "auto" else budget,
         "batches": batches,
         "largest_batch": largest,
-        "peak_gpu_memory_gib": None if peak is None else round(peak, 2),
+        "peak_gpu_memory_gib": peak_gpu_memory_gib(),
     }
 
 

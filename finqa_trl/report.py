@@ -33,6 +33,7 @@ from .recipes import (
     quantization_name,
     read_run_recipe,
 )
+from .score import write_atomic
 
 HEADER = ("Model", "Method", "Quant", "Dev Acc", "Test Acc", "Dev Prog", "Test Prog", "Invalid", "Notes")
 
@@ -204,11 +205,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)  # atomic: a half-written PNG never replaces the last good one
+    _save(fig, path)
 
 
 def loss_points(state_file: Path) -> list[tuple[int, float]]:
@@ -255,11 +252,15 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    """The figure as a PNG, atomically: a half-written chart never replaces the last good one."""
+    import matplotlib.pyplot as plt
+
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), "wb")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,10 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table, end="")
     if args.markdown != "-":
         out = Path(args.markdown)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(table)
-        tmp.replace(out)
+        write_atomic(out, lambda f: f.write(table))
         print(f"table written to {out}", file=sys.stderr)
     if args.plot.lower() != "none":
         plot(rows, Path(args.plot))

@@ -19,7 +19,7 @@ import os
 import sys
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,15 +140,20 @@ def score(
 
 def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     """Write-then-rename, so an interrupted run never leaves a truncated file behind."""
+    write_atomic(path, lambda f: (json.dump(obj, f, indent=indent, ensure_ascii=False), f.write("\n")))
+
+
+def write_atomic(path: str | Path, write: Callable[[Any], Any], mode: str = "w") -> None:
+    """`write(file)` into a temporary file beside `path`, then rename it over `path`: readers (other ranks, a
+    resumed run) see the old file or the new one, never half of one. `mode` "wb" for binary writers."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     # os.open with mode 0o666 lets the umask decide, as for any other file (mkstemp would force 0600).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False)
-            f.write("\n")
+        with os.fdopen(fd, mode) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

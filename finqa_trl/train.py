@@ -47,11 +47,13 @@ from .modeling import (
     load_model,
     load_tokenizer,
     materialize_gguf,
+    peak_gpu_memory_gib,
     prepare_4bit_for_training,
     resolve_source,
     sync_special_tokens,
 )
 from .recipes import RUN_RECIPE, Recipe, RecipeError, available, check_keys, method_name, resolve
+from .score import write_atomic
 
 logger = logging.getLogger("finqa_trl.train")
 # bitsandbytes' CPU backend warns at import, on AVX512-bf16 CPUs, that an optional Hub kernel is missing and
@@ -358,14 +360,12 @@ def _norm(value: Any) -> Any:
 
 def _write_recipe(output_dir: Path, resolved: dict[str, Any]) -> None:
     """The fully resolved recipe; itself a valid --config (rerunning it resumes this run)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / f".{RECIPE_FILE}.tmp"
-    tmp.write_text(
+    text = (
         f"# {method_name(resolved)} run of recipe {resolved.get('recipe')}: the fully resolved recipe\n"
         "# (recipe + command line), written by finqa_trl.train. `--config` accepts it as it is.\n"
         + yaml.safe_dump(resolved, sort_keys=False)
     )
-    os.replace(tmp, output_dir / RECIPE_FILE)  # atomic: other ranks may be reading it
+    write_atomic(output_dir / RECIPE_FILE, lambda f: f.write(text))  # other ranks may be reading it
 
 
 def _uses_fsdp(training: Any) -> bool:
@@ -739,12 +739,10 @@ def train(run: Run) -> int:
 
 def _peak_gpu_memory_gib() -> list[float]:
     """torch.cuda.max_memory_allocated of every process in rank order (empty without CUDA); a collective."""
-    import torch
     from accelerate.utils import gather_object
 
-    if not torch.cuda.is_available():
-        return []
-    return gather_object([round(torch.cuda.max_memory_allocated() / 2**30, 2)])
+    peak = peak_gpu_memory_gib()
+    return [] if peak is None else gather_object([peak])
 
 
 def _one_gpu_unless_launched() -> None:
