@@ -317,6 +317,17 @@ def _validate(run: Run) -> None:
         raise UsageError("a 4-bit base can only be trained through an adapter: set use_peft true")
     if m.load_in_4bit:
         _check_sharded_4bit(run)
+    if m.use_dora and getattr(run.training, "deepspeed_plugin", None) is not None and run.training.bf16:
+        # DeepSpeed casts every parameter to bf16 for the forward (its keep_in_fp32_modules covers buffers
+        # only), the DoRA magnitude vector included, which TRL and PEFT otherwise keep in fp32: its small
+        # updates reach the forward only once they add up to a bf16 step (measured on the CPU: every DoRA
+        # magnitude is bf16 at step 1 under ZeRO-2, fp32 without it).
+        logger.warning(
+            "DoRA under DeepSpeed: every parameter runs in bf16, the DoRA magnitude vector included, so its "
+            "updates show only once they add up to a bf16 step (0.4%); in this project's 2-GPU check QDoRA "
+            "under ZeRO-2 followed the LoRA loss curve, up to 17% from one GPU's (results/multi-gpu). "
+            "ACCELERATE_CONFIG=multi_gpu (DDP) keeps the magnitude in fp32"
+        )
     if s.eg_k < 0:
         raise UsageError(f"eg_k must be >= 0, got {s.eg_k}")
     if s.max_prompt_tokens is not None and s.max_prompt_tokens <= 0:
@@ -420,13 +431,6 @@ def _check_sharded_4bit(run: Run) -> None:
             "DoRA on a 4-bit base (QDoRA) under FSDP fails at the first optimizer step (AdamW: 'Tensors of "
             "the same index must be on the same device and the same dtype'; 2 GPUs, torch 2.11, accelerate "
             "1.15, peft 0.21.2): use ACCELERATE_CONFIG=multi_gpu (DDP) for QDoRA"
-        )
-    zero_stage = getattr(getattr(training, "deepspeed_plugin", None), "zero_stage", None)
-    if m.use_dora and zero_stage is not None and int(zero_stage) == 2:
-        logger.warning(
-            "QDoRA under DeepSpeed ZeRO-2 trains, but in this project's 2-GPU check its loss curve left the "
-            "one-GPU curve (up to 17% apart within 35 steps, where LoRA stayed within 1% and QDoRA under "
-            "DDP within 1.2%; results/multi-gpu): prefer ACCELERATE_CONFIG=multi_gpu"
         )
     # DoRA on a 4-bit base under ZeRO-3 (QDoRA) once failed with a shape mismatch (peft issue #1731); a GPU
     # run of this project trained it with peft 0.21, so it is not blocked here (docs/multi-gpu.md).

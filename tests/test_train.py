@@ -552,17 +552,23 @@ def test_sharded_quantization_settings_that_work_pass(
     _validate(parse(smoke_args(Path("unused"), *extra)))  # raises UsageError on a trap
 
 
-def test_qdora_under_zero2_is_warned_about(launched, caplog) -> None:
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_dora_under_deepspeed_in_bf16_is_warned_about(stage, launched, caplog) -> None:
     from finqa_trl.train import _validate, parse
 
-    zero2 = {**ZERO3, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false"}
-    launched(**zero2)
+    launched(**{**ZERO3, "ACCELERATE_DEEPSPEED_ZERO_STAGE": stage})
+    bf16 = ["--bf16", "true", "--dtype", "bfloat16"]
     with caplog.at_level("WARNING", logger="finqa_trl"):
-        _validate(parse(smoke_args(Path("unused"), *Q4, "--use_dora", "true")))
-        assert "QDoRA under DeepSpeed ZeRO-2 trains, but" in caplog.text and "(up to 17% apart" in caplog.text
+        _validate(parse(smoke_args(Path("unused"), *Q4, "--use_dora", "true", *bf16)))
+        assert "DoRA under DeepSpeed: every parameter runs in bf16" in caplog.text
+        assert "(0.4%); in this" in caplog.text and "up to 17% from" in caplog.text
         caplog.clear()
-        _validate(parse(smoke_args(Path("unused"), *Q4)))  # QLoRA: nothing measured against it
-        assert "ZeRO-2" not in caplog.text
+        _validate(parse(smoke_args(Path("unused"), "--use_dora", "true", *bf16)))  # DoRA on a bf16 base too
+        assert "DoRA under DeepSpeed" in caplog.text
+        caplog.clear()
+        _validate(parse(smoke_args(Path("unused"), *Q4, *bf16)))  # QLoRA: no magnitude vector
+        _validate(parse(smoke_args(Path("unused"), *Q4, "--use_dora", "true")))  # fp32: nothing is cast
+        assert "DoRA under DeepSpeed" not in caplog.text
 
 
 def test_single_process_uses_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
