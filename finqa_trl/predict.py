@@ -121,7 +121,10 @@ class PredictArguments:
     merge_in_memory: bool = field(
         default=True, metadata={"help": "Merge an adapter into a non-4-bit base before generating (faster)."}
     )
-    batch_size: str = field(default="auto", metadata={"help": "Prompts per batch, or auto (token budget)."})
+    batch_size: str = field(
+        default="auto",
+        metadata={"help": "Prompts per batch, or auto (token budget); continuous: per call (auto: 512)."},
+    )
     max_batch_tokens: int | None = field(
         default=None,
         metadata={"help": "auto: tokens (prompt + new, x samples) per batch; default from memory."},
@@ -666,11 +669,12 @@ class Generator:
         config = GenerationConfig(**{k: self.kwargs[k] for k in keys})
         with torch.inference_mode():
             out = self.model.generate_batch([list(p) for p in prompts], generation_config=config)
-        # One manager per call, so its request ids are req_0 .. req_<n-1>, in the order of the prompts.
-        results = [out.get(f"req_{i}") for i in range(len(prompts))]
-        failed = [r.error if r is not None else "no result" for r in results if r is None or r.error]
-        if failed:
-            raise PredictError(f"continuous batching failed for {len(failed)} prompt(s): {failed[0]}")
+        # Results arrive as they finish; request ids ("req_<n>") count up in the order the prompts were added.
+        results = sorted(out.values(), key=lambda r: int(r.request_id.rsplit("_", 1)[-1]))
+        failed = [r.error for r in results if r.error]
+        if len(results) != len(prompts) or failed:
+            why = failed[0] if failed else f"{len(results)} results for {len(prompts)} prompts"
+            raise PredictError(f"continuous batching failed: {why}")
         return [list(r.generated_tokens) for r in results]
 
 
@@ -868,8 +872,9 @@ def predict(args: PredictArguments, ranks: Ranks | None = None) -> tuple[Setting
         d["raw"] = raw.get(d["id"])
     if not todo and settings.path("metrics").is_file():  # nothing generated now: keep the last run's info
         old = _read_json(settings.path("metrics"))
-        run_info = {k: old[k] for k in (*RUN_INFO_KEYS, "quant") if isinstance(old, dict) and k in old}
-    quant = known_quant(run_info.get("quant")) or quant_label(
+        run_info = {k: old[k] for k in RUN_INFO_KEYS if isinstance(old, dict) and k in old}
+        run_info["quant"] = known_quant(old) if isinstance(old, dict) else None
+    quant = run_info.get("quant") or quant_label(
         settings, run_info.get("dtype", args.dtype or "auto")
     )
     metrics.update(
@@ -943,7 +948,7 @@ def _check_same_settings(settings: Settings, args: PredictArguments) -> None:
             same = was == now
         if not same:
             differ.append(f"{key} {was} (now {now})")
-    was = known_quant(old.get("quant"))
+    was = known_quant(old)
     if was and was != "auto":  # "auto": a rescore wrote it before the dtype was recorded
         if settings.load_in_4bit:
             now = quant_label(settings, None)
@@ -1127,7 +1132,7 @@ def _generate(
         "generation_seconds": round(gen_s, 3),
         "examples_per_s": round(n / gen_s, 3) if gen_s > 0 else None,
         "seconds_per_example": round(gen_s / n, 4) if n else None,
-        "max_batch_tokens": None if args.batch_size != "auto" else budget,
+        "max_batch_tokens": budget if args.batch_size == "auto" and args.generation == "batched" else None,
         "batches": batches,
         "largest_batch": largest,
         "peak_gpu_memory_gib": peak_gpu_memory_gib(),

@@ -76,13 +76,17 @@ def quantization_name(values: Mapping[str, Any]) -> str:
 
 
 # Before 2026-11-26 predict named every 4-bit evaluation "4-bit NF4"; it always loaded NF4 with double
-# quantization, which quantization_name calls "4-bit NF4+DQ".
+# quantization, which quantization_name calls "4-bit NF4+DQ" ("4-bit NF4" now means no double quantization).
+# Metrics files of that time are those without the "generation" field, which came with today's naming.
 _OLD_QUANT_NAMES = {"4-bit NF4": "4-bit NF4+DQ"}
 
 
-def known_quant(name: str | None) -> str | None:
-    """A quantization name as metrics files record it, in today's naming."""
-    return _OLD_QUANT_NAMES.get(name, name) if name else name
+def known_quant(metrics: Mapping[str, Any]) -> str | None:
+    """The quantization a metrics file records, in today's naming (None where it records none)."""
+    name = metrics.get("quant")
+    if name and "generation" not in metrics:
+        return _OLD_QUANT_NAMES.get(name, name)
+    return name
 
 
 def available(recipes_dir: Path = RECIPES_DIR) -> list[str]:

@@ -99,7 +99,7 @@ def describe(path: Path, metrics: dict[str, Any], root: Path | None = None) -> R
         method = str(recipe.get("method") or method_name(recipe))
     else:
         method = f"base ({eg_k}-shot)"
-    quant = str(known_quant(metrics.get("quant")) or (quantization_name(recipe) if recipe else "-"))
+    quant = str(known_quant(metrics) or (quantization_name(recipe) if recipe else "-"))
     notes = []
     where = path.parent
     if root is not None and where.is_relative_to(root):

@@ -320,13 +320,14 @@ def _validate(run: Run) -> None:
     if m.use_dora and getattr(run.training, "deepspeed_plugin", None) is not None and run.training.bf16:
         # DeepSpeed casts every parameter to bf16 for the forward (its keep_in_fp32_modules covers buffers
         # only), the DoRA magnitude vector included, which TRL and PEFT otherwise keep in fp32: its small
-        # updates reach the forward only once they add up to a bf16 step (measured on the CPU: every DoRA
-        # magnitude is bf16 at step 1 under ZeRO-2, fp32 without it).
+        # updates reach the forward only once they add up to half a bf16 step (seen on the CPU: every DoRA
+        # magnitude is bf16 at step 1 under ZeRO-2, fp32 without it). The likely cause of the ZeRO-2 QDoRA
+        # curve in results/multi-gpu; not confirmed on a GPU.
         logger.warning(
             "DoRA under DeepSpeed: every parameter runs in bf16, the DoRA magnitude vector included, so its "
-            "updates show only once they add up to a bf16 step (0.4%); in this project's 2-GPU check QDoRA "
-            "under ZeRO-2 followed the LoRA loss curve, up to 17% from one GPU's (results/multi-gpu). "
-            "ACCELERATE_CONFIG=multi_gpu (DDP) keeps the magnitude in fp32"
+            "updates show only once they add up to half a bf16 step (0.2-0.4% of its value); in this "
+            "project's 2-GPU check QDoRA under ZeRO-2 then ran close to the LoRA loss curve, up to 17% from "
+            "one GPU's QDoRA curve (results/multi-gpu). ACCELERATE_CONFIG=multi_gpu (DDP) keeps it in fp32"
         )
     if s.eg_k < 0:
         raise UsageError(f"eg_k must be >= 0, got {s.eg_k}")

@@ -105,6 +105,18 @@ def test_an_eval_variant_that_fails_is_recorded_not_raised(tmp_path):
     assert r["eval"] == "static" and "error" in r
 
 
+def test_every_variant_name_passes_the_cli_check(capsys, sample_dir, monkeypatch):
+    # Regression: trl:full_length was refused as an unknown lever. The check runs before anything is built;
+    # on a machine without a GPU the 1b shape then stops at the GPU check, which shows the names passed.
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    names = ["trl", "trl:full_length", "recipe", "recipe:liger+bs16"]
+    assert bench.main(["--data_dir", str(sample_dir), "--tokenizer", str(sample_dir), "--shapes", "1b",
+                       "--variants", *names]) == 2  # fmt: skip
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--data_dir", str(sample_dir), "--tokenizer", str(sample_dir), "--variants", "recipe:no"])
+
+
 def test_eval_variants_override_the_benchs_own_flags():
     from finqa_trl import predict
 

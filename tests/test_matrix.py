@@ -44,6 +44,35 @@ def test_bad_arguments_are_one_line(capsys, tmp_path):
     assert not list(tmp_path.iterdir())  # refused before anything was started or written
 
 
+def test_resume_compares_kept_rows_with_a_new_baseline_and_reruns_failed_evals(tmp_path, monkeypatch, capsys):
+    ran: list[str] = []
+    fails = {"single_gpu", "fsdp eval"}  # the first time: the one-GPU run fails, and the FSDP run's eval
+
+    def fake_run(self, recipe, config, gpus, accumulation):
+        ran.append(config)
+        row = {"recipe": recipe, "config": config, "num_gpus": gpus, "works": config not in fails}
+        if not row["works"]:
+            return {**row, "error": "error: boom"}
+        loss = {1: 2.0, 2: 1.0} if config == "single_gpu" else {1: 2.02, 2: 1.0}
+        ev = {"error": "timed out"} if f"{config} eval" in fails else {"n": 2, "exe_acc": 0.0, "invalid": 1.0}
+        return {**row, "loss": loss, "tokens_per_s": 100.0 * gpus, "eval": ev}
+
+    monkeypatch.setattr(matrix.Matrix, "run", fake_run)
+    monkeypatch.setattr(matrix, "plot", lambda rows, path: None)
+    args = ["--recipes", "smoke", "--configs", "multi_gpu", "fsdp", "--accumulation", "2",
+            "--out", str(tmp_path / "m"), "--runs_dir", str(tmp_path / "runs")]  # fmt: skip
+    assert matrix.main(args) == 0
+    first = {r["config"]: r for r in json.loads((tmp_path / "m" / "matrix.json").read_text())["runs"]}
+    assert "speedup" not in first["multi_gpu"]  # nothing to compare with
+    fails.clear()
+    ran.clear()
+    assert matrix.main(args) == 0
+    assert ran == ["single_gpu", "fsdp"]  # multi_gpu kept; fsdp reran, its eval had failed
+    rows = {r["config"]: r for r in json.loads((tmp_path / "m" / "matrix.json").read_text())["runs"]}
+    assert rows["multi_gpu"]["speedup"] == 2.0 and rows["multi_gpu"]["loss_rel_diff"] == pytest.approx(0.01)
+    assert "error" not in rows["fsdp"]["eval"] and rows["fsdp"]["speedup"] == 2.0
+
+
 @pytest.fixture
 def in_repo(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)  # make, the recipes and the accelerate configs live there

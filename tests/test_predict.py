@@ -99,7 +99,8 @@ def test_base_model_greedy_then_self_consistency(tmp_path, capsys):
     assert "| greedy |" in out and "| self-consistency x2 |" in out  # side by side
 
 
-def test_continuous_batching_writes_what_batched_generation_writes(greedy_run, tmp_path):
+def test_continuous_batching_writes_what_batched_generation_writes(greedy_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(predict, "CONTINUOUS_CHUNK", 2)  # 6 prompts: three calls, each with its own scheduler
     assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path), "--generation", "continuous") == 0
     m = check_outputs(tmp_path)
     assert m["generation"] == "continuous"
@@ -380,9 +381,20 @@ def test_4bit_evaluation_quantizes_as_the_run_was_trained(kind, recipe, expected
 def test_old_metrics_name_4bit_evaluations_as_today():
     from finqa_trl.recipes import known_quant
 
-    assert known_quant("4-bit NF4") == "4-bit NF4+DQ"  # what the evaluation always loaded
-    assert known_quant("4-bit FP4") == "4-bit FP4" and known_quant("bfloat16") == "bfloat16"
-    assert known_quant(None) is None
+    # Before the "generation" field, every 4-bit evaluation was called "4-bit NF4" and loaded NF4+DQ.
+    assert known_quant({"quant": "4-bit NF4"}) == "4-bit NF4+DQ"
+    assert known_quant({"quant": "bfloat16"}) == "bfloat16" and known_quant({}) is None
+    # Today "4-bit NF4" is NF4 without double quantization, and stays so.
+    assert known_quant({"quant": "4-bit NF4", "generation": "batched"}) == "4-bit NF4"
+
+
+def test_a_no_double_quant_evaluation_resumes_with_its_own_name(tmp_path):
+    spec = predict.ModelSpec("adapter", "m", "base", None, {"load_in_4bit": True}, tmp_path)
+    settings = predict.Settings(spec, "test", tmp_path, 0, "full", 100, True, 1, False, tmp_path, "test")
+    args = predict.parse_args(["--model", "m"])
+    recorded = {**predict.recorded_settings(settings, args), "quant": predict.quant_label(settings, None)}
+    (tmp_path / "metrics_test.json").write_text(json.dumps(recorded))
+    predict._check_same_settings(settings, args)  # "4-bit NF4" written today is not read as NF4+DQ
 
 
 def test_left_pad_matches_the_tokenizers_left_padding():
