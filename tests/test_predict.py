@@ -109,6 +109,30 @@ def test_continuous_batching_writes_what_batched_generation_writes(greedy_run, t
     assert ours == theirs  # greedy either way: the same programs, in the same order
 
 
+def test_continuous_batching_stops_where_batched_generation_stops():
+    from finqa_trl.modeling import load
+
+    model, tok = load(SMOKE_MODEL)
+    model.eval()
+    chats = [[{"role": "user", "content": f"what is {i} plus {3 * i}? " * (1 + i % 3)}] for i in range(5)]
+    prompts = [list(tok.apply_chat_template(c, add_generation_prompt=True, return_dict=True)["input_ids"])
+               for c in chats]  # fmt: skip
+    spec = predict.ModelSpec("model", "m", "m", None, {}, None)
+    settings = predict.Settings(spec, "test", Path(), 0, "full", 100, False, 1, False, Path(), "test")
+    batched = predict.parse_args(["--model", "m", "--max_new_tokens", "12"])
+    continuous = predict.parse_args(["--model", "m", "--max_new_tokens", "12", "--generation", "continuous"])
+    # An end-of-sequence token that the random model writes early for some prompts (its 4th for the first).
+    enc = predict.left_pad(prompts, tok.pad_token_id, "cpu")
+    out = model.generate(**enc, **predict.Generator(model, tok, batched, settings).kwargs)
+    model.generation_config.eos_token_id = [int(out[0, enc["input_ids"].shape[1] + 3])]
+    ids = [str(i) for i in range(5)]
+    lengths = [len(g) for g in predict.Generator(model, tok, continuous, settings).continuous(prompts)]
+    assert lengths[0] <= 4 and min(lengths) < 12  # stopped at that token (kept), at the latest the 4th
+    assert predict.Generator(model, tok, continuous, settings)(prompts, ids) == predict.Generator(
+        model, tok, batched, settings
+    )(prompts, ids)
+
+
 def test_continuous_batching_of_an_adapter_on_a_4bit_base(adapter, tmp_path):
     from finqa_trl.modeling import ModelError, check_4bit_supported
 
