@@ -19,9 +19,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import one_line
+from . import OneLineError, one_line
 from .predict import PredictError, inspect_model
-from .recipes import RUN_RECIPE as RECIPE_FILE
+from .recipes import RUN_RECIPE, run_recipe_file
 
 logger = logging.getLogger("finqa_trl.merge")
 
@@ -54,8 +54,9 @@ def merge(
         shutil.rmtree(out)  # no stale shards of an earlier merge may survive next to the new ones
     # The tokenizer saved beside the adapter is the one it was trained with; merge_adapter copies it.
     merged = merge_adapter(spec.model, out, base=spec.load_from, gguf_file=spec.gguf_file, dtype=dtype)
-    if (Path(spec.model) / RECIPE_FILE).is_file():
-        shutil.copyfile(Path(spec.model) / RECIPE_FILE, merged / RECIPE_FILE)
+    recipe = run_recipe_file(spec.model)  # in the run, or one up for <run>/checkpoint-N
+    if recipe is not None:
+        shutil.copyfile(recipe, merged / RUN_RECIPE)
     return merged
 
 
@@ -69,7 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     args = ap.parse_args(argv)
-    from .modeling import ModelError
 
     try:
         out = merge(
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
         )
-    except (PredictError, ModelError, OSError, ValueError) as err:
+    except (OneLineError, OSError, ValueError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(f"merged model saved in {out}")

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import OneLineError, one_line
-from .data import DataError, load_split, resolve_data_dir
+from .data import load_split, resolve_data_dir
 from .dsl import Execution, execute, parse_generation
 from .recipes import (
     RecipeError,
@@ -57,7 +57,7 @@ from .recipes import (
     read_run_recipe,
     run_recipe_file,
 )
-from .score import ScoreError, score, write_json_atomic
+from .score import score, write_json_atomic
 
 if TYPE_CHECKING:  # torch/transformers load only once a model is needed, after every input check
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -1192,7 +1192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.INFO if ranks.main else logging.ERROR
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
-    from .modeling import ModelError
 
     if not ranks.main:
         from transformers.utils import logging as hf_logging
@@ -1201,7 +1200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         settings, metrics = predict(args, ranks)
-    except (PredictError, DataError, ScoreError, ModelError) as err:
+    except OneLineError as err:  # every error the user can fix (DataError, ModelError, PredictError, ...)
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # every finished batch is already on disk

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from finqa_trl import train
@@ -35,3 +37,14 @@ def test_overwrite_replaces_a_merged_model_but_never_another_folder(adapter, tmp
     (merged / "stale.safetensors").write_text("old shard")
     assert main([str(adapter), "--output", str(merged), "--overwrite"]) == 0
     assert (merged / "config.json").is_file() and not (merged / "stale.safetensors").exists()
+
+
+def test_a_merged_checkpoint_keeps_its_runs_recipe(adapter, tmp_path):
+    # Checkpoints hold no recipe.yaml (the run folder does); the merged model must still say how it trained.
+    ckpt = adapter / "checkpoint-x"
+    ckpt.mkdir(exist_ok=True)
+    for f in adapter.iterdir():
+        if f.is_file() and f.name != "recipe.yaml":
+            shutil.copy(f, ckpt / f.name)
+    assert main([str(ckpt), "--output", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "recipe.yaml").read_text() == (adapter / "recipe.yaml").read_text()
