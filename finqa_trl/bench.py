@@ -492,6 +492,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default="results")
     ap.add_argument("--max_examples", type=int, default=None, help="use only the first N examples (dry runs)")
     args = ap.parse_args(argv)
+    if min(args.examples, args.warmup_examples, 1 if args.max_examples is None else args.max_examples) < 1:
+        ap.error("--examples, --warmup_examples and --max_examples must be at least 1")
+    if args.profile and not args.eval:
+        ap.error("--profile profiles the eval variants: add --eval")
     for flag, path in (("--data_dir", args.data_dir), ("--tokenizer", args.tokenizer)):
         if not Path(path).is_dir():
             print(f"error: {flag} {path}: no such directory", file=sys.stderr)
@@ -533,8 +537,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for shape in args.shapes:
         model_dir = build_shape(shape, tok, work / f"llama-3.2-{shape}")
         tokenizer = load_tokenizer(resolve_source(str(model_dir)))
-        # The recipes' prompt settings (max_prompt_tokens 3072, trimmed by the gold facts), for both variants.
-        rows = format_split(records, tokenizer=tokenizer, max_prompt_tokens=3072, trim="gold")
+        # The recipes' prompt settings (max_prompt_tokens 3072, trimmed by the gold facts), for plain TRL.
+        rows = []
+        if any(v in TRL_VARIANTS for v in args.variants):  # the recipe variants format their own data
+            rows = format_split(records, tokenizer=tokenizer, max_prompt_tokens=3072, trim="gold")
         for method in args.methods:
             for variant in args.variants:
                 r = bench_training(

@@ -19,7 +19,8 @@ one-GPU curve. Rerunning the same command resumes: runs that trained and evaluat
 starts afresh. Dropout would draw its masks per process, so the runs set `--lora_dropout 0`: the first logged
 losses then agree (LoRA on 2 H200s: to the digit under DDP and ZeRO-2/3, 0.18% off under FSDP), and later
 ones drift by summation order (LOSS_TOLERANCE is what counts as matching). Each run's output and its
-`<run>.{train,eval}.log` are in `--runs_dir` (outputs/matrix).
+`<run>.{train,eval}.log` are in `--runs_dir` (matrix-runs/: outside outputs/, so that `make report` does not
+take these short runs for results).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 from . import OneLineError
 from .recipes import RecipeError, resolve
 from .report import loss_points, plot_losses
-from .score import write_json_atomic
+from .score import write_atomic, write_json_atomic
 
 CONFIGS = ("multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 RECIPES = ("smollm2-135m-lora", "smollm2-135m-qdora")
@@ -109,6 +110,7 @@ class Matrix:
         self.logs = Path(args.runs_dir)
         self.rows: list[dict[str, Any]] = []
         self.out = Path(args.out)
+        self.device = _device()
 
     def settings(self) -> dict[str, Any]:
         """What a kept row must have been run with (other settings make other numbers)."""
@@ -197,7 +199,7 @@ class Matrix:
         return " ".join(parts)
 
     def run(self, recipe: str, config: str, gpus: int, accumulation: int) -> dict[str, Any]:
-        name = f"{config}-{recipe}"
+        name = f"{config}-{gpus}gpu-{recipe}"  # another GPU count (or matrix) never reuses a run's folder
         out = self.logs / name
         row: dict[str, Any] = {
             "recipe": recipe,
@@ -271,13 +273,14 @@ class Matrix:
     def save(self) -> None:
         meta = {
             "date": dt.date.today().isoformat(),
-            "device": _device(),
+            "device": self.device,
             "num_gpus": self.args.num_gpus,
             "tolerance": LOSS_TOLERANCE,
             "settings": self.settings(),
         }
         write_json_atomic(self.out / "matrix.json", {**meta, "runs": self.rows})
-        (self.out / "matrix.md").write_text(table(self.rows) + "\n")
+        text = table(self.rows) + "\n"
+        write_atomic(self.out / "matrix.md", lambda f: f.write(text))
         plot(self.rows, self.out / "loss.png")
 
     def __call__(self) -> int:
@@ -398,6 +401,24 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# Set by the matrix itself for every run: --train_args may not change them (the global batch, the data).
+OWN_TRAIN_ARGS = ("--gradient_accumulation_steps", "--train_splits", "--output_dir")
+
+
+def _bad_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command line, before any run starts (None: nothing)."""
+    if args.accumulation is not None and args.accumulation < 1:
+        return f"--accumulation must be at least 1, got {args.accumulation}"
+    if args.eval_limit < 0 or args.timeout < 1:
+        return "--eval_limit must be >= 0 and --timeout >= 1"
+    if BASELINE in args.configs or len(set(args.configs)) < len(args.configs):
+        return f"--configs lists each N-GPU config once; {BASELINE} is every recipe's one-GPU reference"
+    own = [a for a in args.train_args.split() if a.split("=")[0] in OWN_TRAIN_ARGS]
+    if own:
+        return f"--train_args may not set {', '.join(own)}: the matrix sets it (use --accumulation)"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finqa_trl.matrix", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="base model for every recipe (default: each recipe's)")
@@ -410,11 +431,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--train_args", default="", help="extra training options for every run")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per make call")
     ap.add_argument("--out", default="results/multi-gpu", help="matrix.json and matrix.md go here")
-    ap.add_argument("--runs_dir", default="outputs/matrix", help="each run's output_dir and logs go here")
+    ap.add_argument("--runs_dir", default="matrix-runs", help="each run's output_dir and logs go here")
     ap.add_argument("--overwrite", action="store_true", help="rerun all (default: keep what worked)")
     args = ap.parse_args(argv)
     if args.num_gpus < 2:
         ap.error("--num_gpus must be at least 2")
+    problem = _bad_arguments(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     for config in args.configs:
         if not Path(f"accelerate_configs/{config}.yaml").is_file():
             print(f"error: no accelerate config accelerate_configs/{config}.yaml", file=sys.stderr)

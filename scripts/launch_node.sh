@@ -52,7 +52,7 @@ cmd=(
   --num_machines "$NNODES" --machine_rank "$NODE_RANK"
   --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT"
   --num_processes "$((NNODES * GPUS_PER_NODE))"
-  -m finqa_trl.train --config "recipes/$RECIPE.yaml" --output_dir "$OUTPUT_DIR" "${extra[@]}"
+  -m finqa_trl.train --config "recipes/$RECIPE.yaml" --output_dir "$OUTPUT_DIR" ${extra[@]+"${extra[@]}"}
 )
 echo "[launch_node $NODE_RANK/$NNODES on $(hostname)] ${cmd[*]}" >&2
 exec "${cmd[@]}"

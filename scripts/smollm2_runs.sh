@@ -41,14 +41,14 @@ keep() {  # keep what a results row is made of: test metrics/predictions, the re
 for method in ${METHODS:-lora dora qlora qdora}; do
   out=outputs/smollm2-135m-$method
   run "$py" -m finqa_trl.train --config "recipes/smollm2-135m-$method.yaml" --model_name_or_path "$model" \
-    --data_dir "$data" --train_splits train dev --output_dir "$out" "${train_args[@]}"
-  run "$py" -m finqa_trl.predict --model "$out" --split test --overwrite "${predict_args[@]}"
+    --data_dir "$data" --train_splits train dev --output_dir "$out" ${train_args[@]+"${train_args[@]}"}
+  run "$py" -m finqa_trl.predict --model "$out" --split test --overwrite ${predict_args[@]+"${predict_args[@]}"}
   keep "$out" "$method"
 done
 for k in ${SHOTS:-0 3}; do
   out=outputs/smollm2-135m-base-${k}shot
   run "$py" -m finqa_trl.predict --model "$model" --data_dir "$data" --split test --eg_k "$k" \
-    --output_dir "$out" --overwrite "${predict_args[@]}"
+    --output_dir "$out" --overwrite ${predict_args[@]+"${predict_args[@]}"}
   keep "$out" "base-${k}shot"
 done
 run "$py" -m finqa_trl.report --outputs "$results" --markdown "$results/table.md" --plot "$results/accuracy.png" \

@@ -56,6 +56,15 @@ def test_cli_refuses_timing_real_shapes_without_a_gpu(capsys, sample_dir):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "bad", [["--examples", "0"], ["--warmup_examples", "-1"], ["--max_examples", "0"], ["--profile"]]
+)
+def test_cli_refuses_empty_windows_and_a_profile_without_eval(bad, capsys, sample_dir):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--data_dir", str(sample_dir), "--tokenizer", str(sample_dir), *bad])
+    assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
+
+
 def test_cli_names_a_missing_folder_in_one_line(capsys, sample_dir):
     assert bench.main(["--data_dir", str(sample_dir), "--tokenizer", "no/such/tokenizer"]) == 2
     assert capsys.readouterr().err == "error: --tokenizer no/such/tokenizer: no such directory\n"

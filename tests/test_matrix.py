@@ -42,6 +42,16 @@ def test_bad_arguments_are_one_line(capsys, tmp_path):
     assert matrix.main(["--recipes", "smoke", "--configs", "cpu_ddp", "--runs_dir", str(tmp_path)]) == 2
     assert "accumulation 1 is not a multiple of --num_gpus 2" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before anything was started or written
+    for bad, says in (
+        (["--accumulation", "0"], "--accumulation must be at least 1"),
+        (["--eval_limit", "-1"], "--eval_limit must be >= 0"),
+        (["--configs", "multi_gpu", "single_gpu"], "each N-GPU config once"),
+        (["--train_args", "--gradient_accumulation_steps 8"], "may not set --gradient_accumulation_steps"),
+    ):
+        assert matrix.main([*bad, "--runs_dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    assert not list(tmp_path.iterdir())
 
 
 def test_resume_compares_kept_rows_with_a_new_baseline_and_reruns_failed_evals(tmp_path, monkeypatch, capsys):
@@ -117,7 +127,7 @@ def test_two_processes_match_one_at_the_same_global_batch(in_repo, capsys):
     assert "other settings (eval_limit)" in capsys.readouterr().err
     assert json.loads((out / "matrix.json").read_text())["runs"] == json.loads(saved)["runs"]
     # eval's files are named as predict names them: _first<N> only when N is less than the split (6 here)
-    run = in_repo / "runs" / "cpu_ddp-smoke"
+    run = in_repo / "runs" / "cpu_ddp-2gpu-smoke"
     named = matrix.Matrix(argparse.Namespace(runs_dir=str(run), out=str(out), eval_limit=100)).metrics_file(
         run
     )
