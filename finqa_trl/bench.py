@@ -10,7 +10,9 @@ tokenizer is Llama 3's and the prompts are real FinQA examples, so every tensor 
 autotuning, allocator growth), then on `--examples` timed ones. Windows are counted in examples, not optimizer
 steps, because a plain-TRL step (batch 4) is a quarter of a recipe step (4 x 4 accumulated): every variant is
 timed on about the same amount of data. Tokens/s counts the non-padding tokens of the timed steps only; peak
-memory is `torch.cuda.max_memory_allocated` over the whole run (model included).
+memory is `torch.cuda.max_memory_allocated` over the whole run (model included), and again over one extra
+forward + backward on the variant's longest micro-batch (its worst step in an epoch: the number that compares
+two variants' memory, since a short window meets different batches).
 
 * `trl`: plain TRL as a user would write it — `SFTTrainer` defaults on the same prompt/completion data,
   padded batches of 4, gradient checkpointing on, sdpa, the same LoRA/DoRA config and 4-bit base.
@@ -311,6 +313,33 @@ def _recipe_trainer(
     return train.prepare(run).trainer, warmup
 
 
+def longest_batch_peak(trainer: Any) -> dict[str, Any]:
+    """One more forward + backward, on the micro-batch of the variant's longest examples: the peak memory
+    of its worst step in an epoch. The timed window's peak depends on which batches it happened to meet
+    (length grouping puts the longest batch first, random batches meet it somewhere in the epoch), so only
+    this number compares the memory of two variants. Run after training (optimizer state allocated)."""
+    import torch
+
+    from .modeling import peak_gpu_memory_gib
+
+    data = trainer.train_dataset
+    size = trainer.args.per_device_train_batch_size
+    lengths = [len(ids) for ids in data["input_ids"]]
+    longest = sorted(range(len(lengths)), key=lengths.__getitem__)[-size:]
+    # Only the columns the trainer feeds the model (TRL keeps e.g. the prompt text beside the token ids).
+    rows = trainer._remove_unused_columns(data.select(longest), description="longest batch")
+    batch = trainer._prepare_inputs(trainer.data_collator([rows[i] for i in range(len(rows))]))
+    trainer.model.train()
+    _sync()
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.training_step(trainer.model, batch)
+    _sync()
+    trainer.model.zero_grad(set_to_none=True)
+    tokens = sum(lengths[i] for i in longest)
+    return {"longest_batch_tokens": tokens, "longest_batch_peak_gib": peak_gpu_memory_gib()}
+
+
 def bench_training(
     variant: str,
     method: str,
@@ -351,7 +380,7 @@ def bench_training(
             trainer.train()
             from .modeling import peak_gpu_memory_gib
 
-            res = {**meter.result(), "peak_gib": peak_gpu_memory_gib()}
+            res = {**meter.result(), "peak_gib": peak_gpu_memory_gib(), **longest_batch_peak(trainer)}
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps
             res["timed_steps"] = trainer.args.max_steps - warmup
@@ -451,20 +480,21 @@ def eval_split(records: list[dict], dest: Path) -> Path:
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """One row per (shape, method, variant); speed-up and memory relative to plain TRL of the same pair."""
     lines = [
-        "| shape | method | variant | tokens/s | peak GiB | vs plain TRL |",
-        "|---|---|---|---:|---:|---:|",
+        "| shape | method | variant | tokens/s | peak GiB (run) | peak GiB (worst step) | vs plain TRL |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     base = {(r["shape"], r["method"]): r for r in rows if r.get("variant") == "trl" and "tokens_per_s" in r}
     for r in rows:
         if "variant" not in r:
             continue
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['shape']} | {r['method']} | {r['variant']} | {r.get('error', '–')} | | |")
+            lines.append(f"| {r['shape']} | {r['method']} | {r['variant']} | {r.get('error', '–')} | | | |")
             continue
         b = base.get((r["shape"], r["method"]))
         rel = "–" if b is None else f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x"
         name = f"| {r['shape']} | {r['method']} | {r['variant']} |"
-        lines.append(f"{name} {r['tokens_per_s']:,.0f} | {r['peak_gib']} | {rel} |")
+        worst = r.get("longest_batch_peak_gib", "–")
+        lines.append(f"{name} {r['tokens_per_s']:,.0f} | {r['peak_gib']} | {worst} | {rel} |")
     return "\n".join(lines)
 
 

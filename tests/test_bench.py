@@ -40,14 +40,15 @@ def test_levers_combine_and_unknown_ones_are_refused():
 def test_table_compares_each_variant_with_plain_trl():
     rows = [
         {"variant": "trl", "shape": "1b", "method": "lora", "tokens_per_s": 1000.0, "peak_gib": 4.8},
-        {"variant": "recipe:bs16", "shape": "1b", "method": "lora", "tokens_per_s": 2500.0, "peak_gib": 5.1},
+        {"variant": "recipe:bs16", "shape": "1b", "method": "lora", "tokens_per_s": 2500.0, "peak_gib": 5.1,
+         "longest_batch_peak_gib": 6.2},
         {"variant": "recipe", "shape": "3b", "method": "dora", "error": "out of memory"},
         {"shape": "1b", "examples": 1147, "wall_seconds": 9.0},
     ]
     lines = bench.table(rows).splitlines()
-    assert lines[2] == "| 1b | lora | trl | 1,000 | 4.8 | 1.00x |"
-    assert lines[3] == "| 1b | lora | recipe:bs16 | 2,500 | 5.1 | 2.50x |"
-    assert lines[4] == "| 3b | dora | recipe | out of memory | | |"
+    assert lines[2] == "| 1b | lora | trl | 1,000 | 4.8 | – | 1.00x |"
+    assert lines[3] == "| 1b | lora | recipe:bs16 | 2,500 | 5.1 | 6.2 | 2.50x |"
+    assert lines[4] == "| 3b | dora | recipe | out of memory | | | |"
     assert len(lines) == 5
 
 
@@ -136,20 +137,24 @@ def test_eval_variants_override_the_benchs_own_flags():
 
 
 @pytest.mark.slow
-def test_plain_trl_full_length_trains_on_every_example(sample_dir, llama3_tokenizer_dir, tmp_path):
-    # TRL's default max_length=1024 truncates, then drops the examples whose program was cut off; the
-    # full_length variant is plain TRL on the recipes' data, for the memory comparison.
+def test_the_worst_step_is_the_same_longest_batch_on_equal_data(sample_dir, llama3_tokenizer_dir, tmp_path):
+    # The memory condition compares each variant's worst step: plain TRL at full length and the recipe train
+    # on the same examples at the same micro-batch, so their longest micro-batches hold the same tokens.
     from finqa_trl.modeling import load_tokenizer, resolve_source
     from finqa_trl.prompts import format_split
 
     model = bench.build_shape("tiny", llama3_tokenizer_dir, tmp_path / "m")
-    records = train.load_records(sample_dir, ["train"], 12)
+    records = train.load_records(sample_dir, list(bench.BENCH_SPLITS), 12)
     tokenizer = load_tokenizer(resolve_source(str(model)))
     rows = format_split(records, tokenizer=tokenizer, max_prompt_tokens=3072, trim="gold")
-    kept = {}
-    for variant in bench.TRL_VARIANTS:
-        r = bench.bench_training(variant, "lora", "tiny", model, sample_dir, rows, 4, 4)
-        assert "error" not in r, r
-        kept[variant] = r["train_examples"]
-    assert kept["trl:full_length"] == len(rows) == 12
-    assert kept["trl"] < 12  # the sample's prompts are mostly longer than 1,024 tokens
+    got = {
+        v: bench.bench_training(v, "lora", "tiny", model, sample_dir, rows, 4, 4, limit=12)
+        for v in ("trl:full_length", "recipe", "trl")
+    }
+    assert all("error" not in r for r in got.values()), got
+    # TRL's default max_length=1024 truncates, then drops the examples whose program was cut off; the
+    # full_length variant is plain TRL on the recipes' data, for the memory comparison.
+    assert got["trl:full_length"]["train_examples"] == got["recipe"]["train_examples"] == len(rows) == 12
+    assert got["trl"]["train_examples"] < 12  # the sample's prompts are mostly longer than 1,024 tokens
+    assert got["trl:full_length"]["longest_batch_tokens"] == got["recipe"]["longest_batch_tokens"] > 4 * 1024
+    assert got["trl"]["longest_batch_tokens"] <= 4 * 1024  # plain TRL's default truncation
