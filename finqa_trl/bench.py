@@ -114,6 +114,11 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     # Diagnostic, not a way to evaluate: one new token, so generation_seconds is the prefill (+ one step);
     # `auto` minus this is what the decoding loop costs.
     "prefill": ["--max_new_tokens", "1"],
+    # sdpa without cuDNN's attention kernel (flash or memory-efficient): no plan to build per decoding step
+    "no_cudnn": ["--cudnn_attention", "false"],
+    "prefill_no_cudnn": ["--max_new_tokens", "1", "--cudnn_attention", "false"],
+    # static KV cache (no per-step concatenation) without transformers' automatic compile of the decoding step
+    "static_eager": ["--cache_implementation", "static", "--compile_decoding", "false"],
 }
 
 

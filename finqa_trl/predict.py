@@ -31,6 +31,7 @@ order and format as one process writes) and scores it. Leftover shards of an int
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -151,6 +152,20 @@ class PredictArguments:
         default=None,
         metadata={
             "help": "KV cache for generate, e.g. static (transformers then compiles the decoding step)."
+        },
+    )
+    compile_decoding: bool = field(
+        default=True,
+        metadata={
+            "help": "With a static cache, let transformers compile the decoding step (false: a static cache "
+            "without compiling: no per-step cache concatenation, no compile time)."
+        },
+    )
+    cudnn_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "Let sdpa pick cuDNN's attention kernel on CUDA. false: flash/memory-efficient kernels "
+            "only (cuDNN builds a plan per new shape, and every decoding step has a new key length)."
         },
     )
     save_every: int = field(default=1, metadata={"help": "Checkpoint predictions every N batches."})
@@ -635,6 +650,8 @@ class Generator:
         }
         if args.cache_implementation:
             self.kwargs["cache_implementation"] = args.cache_implementation
+        if not args.compile_decoding:
+            self.kwargs["disable_compile"] = True
         if settings.do_sample:
             self.kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=None)
         else:  # instruct models ship sampling defaults (Llama 3: T=0.6, p=0.9) that greedy must not inherit
@@ -652,12 +669,21 @@ class Generator:
             texts = self.tokenizer.batch_decode(self.continuous(prompts), skip_special_tokens=True)
             return [[t.strip()] for t in texts]
         enc = left_pad(prompts, self.tokenizer.pad_token_id, self.model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.attention_kernels():
             out = self.model.generate(**enc, **self.kwargs)
         texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         n = self.kwargs["num_return_sequences"]
         return [[t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(prompts))]
 
+
+    def attention_kernels(self) -> Any:
+        """The sdpa kernels generation may use: all (torch's choice), or all but cuDNN's."""
+        if self.args.cudnn_attention:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        return sdpa_kernel(backends)
 
     def continuous(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """The generated ids of each prompt through transformers' continuous batching: one scheduler over all

@@ -109,6 +109,17 @@ def test_continuous_batching_writes_what_batched_generation_writes(greedy_run, t
     assert ours == theirs  # greedy either way: the same programs, in the same order
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [("--cudnn_attention", "false"), ("--cache_implementation", "static", "--compile_decoding", "false")],
+)
+def test_speed_options_write_what_the_default_writes(flags, greedy_run, tmp_path):
+    # Kernel choice and cache layout are speed options: greedy decoding must produce the same programs.
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path), *flags) == 0
+    ours, theirs = read(tmp_path / "predictions_test.json"), read(greedy_run / "predictions_test.json")
+    assert ours == theirs
+
+
 def test_continuous_batching_stops_where_batched_generation_stops():
     from finqa_trl.modeling import load
 
