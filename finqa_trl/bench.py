@@ -115,8 +115,9 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     # `auto` minus this is what the decoding loop costs.
     "prefill": ["--max_new_tokens", "1"],
     # sdpa without cuDNN's attention kernel (flash or memory-efficient): no plan to build per decoding step
-    "no_cudnn": ["--cudnn_attention", "false"],
-    "prefill_no_cudnn": ["--max_new_tokens", "1", "--cudnn_attention", "false"],
+    "no_cudnn": ["--cudnn_attention", "never"],
+    "prefill_no_cudnn": ["--max_new_tokens", "1", "--cudnn_attention", "never"],
+    "cudnn_always": ["--cudnn_attention", "always"],  # the default before 2026-11-26
     # static KV cache (no per-step concatenation) without transformers' automatic compile of the decoding step
     "static_eager": ["--cache_implementation", "static", "--compile_decoding", "false"],
 }

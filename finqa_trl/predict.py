@@ -161,11 +161,13 @@ class PredictArguments:
             "without compiling: no per-step cache concatenation, no compile time)."
         },
     )
-    cudnn_attention: bool = field(
-        default=True,
+    cudnn_attention: str = field(
+        default="prefill",
         metadata={
-            "help": "Let sdpa pick cuDNN's attention kernel on CUDA. false: flash/memory-efficient kernels "
-            "only (cuDNN builds a plan per new shape, and every decoding step has a new key length)."
+            "help": "Where sdpa may use cuDNN's attention kernel on CUDA: prefill (the default: its fastest "
+            "kernel for the long masked prompts), always, or never. cuDNN builds a plan for each new shape, "
+            "and every decoding step has a new key length, so decoding uses flash/memory-efficient kernels.",
+            "choices": ["prefill", "always", "never"],
         },
     )
     save_every: int = field(default=1, metadata={"help": "Checkpoint predictions every N batches."})
@@ -669,21 +671,12 @@ class Generator:
             texts = self.tokenizer.batch_decode(self.continuous(prompts), skip_special_tokens=True)
             return [[t.strip()] for t in texts]
         enc = left_pad(prompts, self.tokenizer.pad_token_id, self.model.device)
-        with torch.inference_mode(), self.attention_kernels():
+        with torch.inference_mode(), cudnn_attention(self.model, self.args.cudnn_attention):
             out = self.model.generate(**enc, **self.kwargs)
         texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         n = self.kwargs["num_return_sequences"]
         return [[t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(prompts))]
 
-
-    def attention_kernels(self) -> Any:
-        """The sdpa kernels generation may use: all (torch's choice), or all but cuDNN's."""
-        if self.args.cudnn_attention:
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        return sdpa_kernel(backends)
 
     def continuous(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """The generated ids of each prompt through transformers' continuous batching: one scheduler over all
@@ -702,6 +695,37 @@ class Generator:
             why = failed[0] if failed else f"{len(results)} results for {len(prompts)} prompts"
             raise PredictError(f"continuous batching failed: {why}")
         return [list(r.generated_tokens) for r in results]
+
+
+@contextlib.contextmanager
+def cudnn_attention(model: Any, where: str) -> Iterator[None]:
+    """Allow sdpa's cuDNN kernel always, never, or only in the forwards of more than one new token (prefill).
+    Measured on an H100 (results/speed-notes.md): with cuDNN every decoding step of a fresh process built a
+    plan for its new key length (1B: 7 s of 20 for 100 steps); without it prefill was 1.8 s slower."""
+    import torch
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    hook = None
+    if where == "never":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    elif where == "prefill":
+        # A global switch flipped by the model's own forward: generate runs prefill and decoding steps
+        # through it, and the context (not a per-layer check) keeps the attention code untouched.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+        def switch(_module: Any, args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                ids = kwargs.get("inputs_embeds")
+            torch.backends.cuda.enable_cudnn_sdp(before and ids is not None and ids.shape[1] > 1)
+
+        hook = inner.register_forward_pre_hook(switch, with_kwargs=True)
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hook.remove()
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any) -> dict[str, Any]:

@@ -111,13 +111,40 @@ def test_continuous_batching_writes_what_batched_generation_writes(greedy_run, t
 
 @pytest.mark.parametrize(
     "flags",
-    [("--cudnn_attention", "false"), ("--cache_implementation", "static", "--compile_decoding", "false")],
+    [
+        ("--cudnn_attention", "never"),
+        ("--cudnn_attention", "always"),
+        ("--cache_implementation", "static", "--compile_decoding", "false"),
+    ],
 )
 def test_speed_options_write_what_the_default_writes(flags, greedy_run, tmp_path):
     # Kernel choice and cache layout are speed options: greedy decoding must produce the same programs.
     assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path), *flags) == 0
     ours, theirs = read(tmp_path / "predictions_test.json"), read(greedy_run / "predictions_test.json")
     assert ours == theirs
+
+
+def test_cudnn_attention_is_allowed_in_prefill_only_and_restored_after():
+    import torch
+
+    from finqa_trl.modeling import load
+
+    model, tok = load(SMOKE_MODEL)
+    seen = []  # (new tokens in this forward, cuDNN sdpa allowed) at the first layer's attention
+    attn = model.model.layers[0].self_attn
+    allowed = torch.backends.cuda.cudnn_sdp_enabled
+    attn.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append((kw["hidden_states"].shape[1], allowed())), with_kwargs=True
+    )
+    enc = predict.left_pad([[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu")
+    kwargs = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    cases = (("prefill", [True, False, False]), ("never", [False] * 3), ("always", [True] * 3))
+    for where, expected in cases:
+        seen.clear()
+        with torch.inference_mode(), predict.cudnn_attention(model, where):
+            model.generate(**enc, **kwargs)
+        assert [n for n, _ in seen] == [4, 1, 1] and [on for _, on in seen] == expected, where
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # the global switch is put back
 
 
 def test_continuous_batching_stops_where_batched_generation_stops():
