@@ -371,15 +371,17 @@ def prepare_4bit_for_training(
     gradient_checkpointing: bool,
     gradient_checkpointing_kwargs: dict | None,
     sharded: bool,
+    upcast: bool = True,
 ) -> PreTrainedModel:
     """PEFT's k-bit preparation (freeze base, fp32 norms/embeddings, checkpointing) for one-device/DDP runs.
 
     Under FSDP or ZeRO-3 the base is sharded, and the fp32 upcast would break the single-dtype requirement of
-    the shards, so only checkpointing is switched on there (Trainer does that from the training arguments).
+    the shards, so only checkpointing is switched on there (Trainer does that from the training arguments,
+    and TRL makes the inputs require grad for it); `upcast=False` does the same on one device or DDP.
     """
     from peft import prepare_model_for_kbit_training
 
-    if sharded:
+    if sharded or not upcast:
         return model
     return prepare_model_for_kbit_training(
         model,

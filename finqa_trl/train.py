@@ -117,6 +117,14 @@ class FinQAArguments:
     gguf_file: str | None = field(
         default=None, metadata={"help": "GGUF file inside model_name_or_path (a .gguf path works too)."}
     )
+    kbit_fp32_upcast: bool = field(
+        default=True,
+        metadata={
+            "help": "4-bit bases: PEFT's k-bit preparation casts the weights left unquantized (embeddings, "
+            "norms, LM head) to fp32, so hidden states run in fp32. false keeps them in the compute dtype, "
+            "as plain TRL does (less memory; not yet timed as a default)."
+        },
+    )
     merge: bool = field(
         default=False, metadata={"help": "After training, write a merged bf16 model to output_dir/merged."}
     )
@@ -318,16 +326,16 @@ def _validate(run: Run) -> None:
     if m.load_in_4bit:
         _check_sharded_4bit(run)
     if m.use_dora and getattr(run.training, "deepspeed_plugin", None) is not None and run.training.bf16:
-        # DeepSpeed casts every parameter to bf16 for the forward (its keep_in_fp32_modules covers buffers
-        # only), the DoRA magnitude vector included, which TRL and PEFT otherwise keep in fp32: its small
-        # updates reach the forward only once they add up to half a bf16 step (seen on the CPU: every DoRA
-        # magnitude is bf16 at step 1 under ZeRO-2, fp32 without it). The likely cause of the ZeRO-2 QDoRA
-        # curve in results/multi-gpu; not confirmed on a GPU.
-        logger.warning(
-            "DoRA under DeepSpeed: every parameter runs in bf16, the DoRA magnitude vector included, so its "
-            "updates show only once they add up to half a bf16 step (0.2-0.4% of its value); in this "
-            "project's 2-GPU check QDoRA under ZeRO-2 then ran close to the LoRA loss curve, up to 17% from "
-            "one GPU's QDoRA curve (results/multi-gpu). ACCELERATE_CONFIG=multi_gpu (DDP) keeps it in fp32"
+        # DeepSpeed's bf16 mode runs the forward on bf16 copies of every parameter (its keep_in_fp32_modules
+        # covers buffers only), the DoRA magnitude vector included, which TRL and PEFT otherwise keep in fp32
+        # for exactly this reason (TRL #7268): an update smaller than half a bf16 step (0.2-0.4% of a
+        # magnitude of ~6) never reaches the forward. Seen on the CPU (every magnitude bf16 at step 1 under
+        # ZeRO-2, fp32 without it); measured on 2 GPUs (results/multi-gpu): QDoRA under ZeRO-2 ran close to
+        # the LoRA loss curve, up to 17.4% from one GPU's QDoRA curve. ZeRO-3 uses the same bf16 mode.
+        raise UsageError(
+            "DoRA under DeepSpeed in bf16 does not train like one GPU: DeepSpeed runs the DoRA magnitude in "
+            "bf16, where its small updates are lost (QDoRA under ZeRO-2 on 2 GPUs: loss up to 17% from one "
+            "GPU's, results/multi-gpu); use ACCELERATE_CONFIG=multi_gpu (DDP), or LoRA/QLoRA under DeepSpeed"
         )
     if s.eg_k < 0:
         raise UsageError(f"eg_k must be >= 0, got {s.eg_k}")
@@ -649,6 +657,7 @@ def prepare(run: Run) -> Prepared:
             gradient_checkpointing=training.activation_checkpointing,
             gradient_checkpointing_kwargs=training.activation_checkpointing_kwargs,
             sharded=_is_sharded(training),
+            upcast=script.kbit_fp32_upcast,
         )
     logger.info(
         "%s: %s of %s (%s, %s), %d training examples (%s), %d process(es), end-of-turn %s, pad %s",

@@ -16,7 +16,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe():
         "liger": ("use_liger_kernel", True),
         "compile": ("torch_compile", True),
     }
-    assert set(expected) == set(bench.LEVERS)
+    assert set(expected) | {"no_upcast"} == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
         training = train.parse(
@@ -25,6 +25,9 @@ def test_every_lever_is_a_valid_override_of_a_recipe():
         assert getattr(training, field) == value != getattr(base, field), name
         # The objective stays the same: the effective batch is the recipe's 16.
         assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 16
+    q = ["--config", "recipes/qlora-1b.yaml"]
+    assert train.parse(q).script.kbit_fp32_upcast is True
+    assert train.parse([*q, *bench.lever_args("recipe:no_upcast")]).script.kbit_fp32_upcast is False
 
 
 def test_levers_combine_and_unknown_ones_are_refused():

@@ -553,31 +553,27 @@ def test_sharded_quantization_settings_that_work_pass(
 
 
 @pytest.mark.parametrize("stage", ["2", "3"])
-def test_dora_under_deepspeed_in_bf16_is_warned_about(stage, launched, caplog) -> None:
+def test_dora_under_deepspeed_in_bf16_stops_at_launch(stage, launched, tmp_path, capsys) -> None:
     from finqa_trl.train import _validate, parse
 
     launched(**{**ZERO3, "ACCELERATE_DEEPSPEED_ZERO_STAGE": stage})
     bf16 = ["--bf16", "true", "--dtype", "bfloat16"]
-    with caplog.at_level("WARNING", logger="finqa_trl"):
-        _validate(parse(smoke_args(Path("unused"), *Q4, "--use_dora", "true", *bf16)))
-        assert "DoRA under DeepSpeed: every parameter runs in bf16" in caplog.text
-        assert "(0.2-0.4% of its value); in this" in caplog.text and "up to 17% from" in caplog.text
-        caplog.clear()
-        _validate(parse(smoke_args(Path("unused"), "--use_dora", "true", *bf16)))  # DoRA on a bf16 base too
-        assert "DoRA under DeepSpeed" in caplog.text
-        caplog.clear()
-        _validate(parse(smoke_args(Path("unused"), *Q4, *bf16)))  # QLoRA: no magnitude vector
-        _validate(parse(smoke_args(Path("unused"), *Q4, "--use_dora", "true")))  # fp32: nothing is cast
-        assert "DoRA under DeepSpeed" not in caplog.text
+    for extra in ([*Q4, "--use_dora", "true"], ["--use_dora", "true"]):  # QDoRA, and DoRA on a bf16 base
+        assert main(smoke_args(tmp_path / "o", *extra, *bf16)) == 2
+        line = one_line_error(capsys)
+        assert "DoRA under DeepSpeed in bf16 does not train like one GPU" in line
+        assert "multi_gpu (DDP)" in line
+        assert not (tmp_path / "o").exists()
+    _validate(parse(smoke_args(Path("unused"), *Q4, *bf16)))  # QLoRA: no magnitude vector
+    _validate(parse(smoke_args(Path("unused"), *Q4, "--use_dora", "true")))  # fp32: nothing is cast
 
 
-def test_dora_in_bf16_without_deepspeed_is_not_warned_about(caplog) -> None:
+def test_dora_in_bf16_without_deepspeed_passes() -> None:
     from finqa_trl.train import _validate, parse
 
-    with caplog.at_level("WARNING", logger="finqa_trl"):  # one process / DDP keep the magnitude in fp32
-        bf16 = ["--bf16", "true", "--dtype", "bfloat16"]
-        _validate(parse(smoke_args(Path("unused"), *Q4, "--use_dora", "true", *bf16)))
-    assert "DoRA under DeepSpeed" not in caplog.text
+    # one process / DDP keep the magnitude in fp32
+    bf16 = ["--bf16", "true", "--dtype", "bfloat16"]
+    _validate(parse(smoke_args(Path("unused"), *Q4, "--use_dora", "true", *bf16)))
 
 
 def test_single_process_uses_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -653,3 +649,20 @@ def test_recorded_recipe_keeps_the_recipes_precision_and_drops_one_off_flags():
     assert run.resolved["bf16"] is True and run.resolved["dtype"] == "bfloat16"  # ...but not recorded
     assert run.resolved["use_cpu"] is False
     assert "overwrite_output_dir" not in run.resolved
+
+
+@pytest.mark.parametrize("upcast, expected", [("true", "float32"), ("false", "bfloat16")])
+def test_kbit_fp32_upcast_decides_the_dtype_of_the_unquantized_weights(upcast, expected, tmp_path) -> None:
+    # PEFT's k-bit preparation casts embeddings, norms and LM head to fp32 (hidden states then run in fp32);
+    # without it they stay in the compute dtype, as plain TRL leaves them. Adapters are TRL's business.
+    from finqa_trl.train import parse, prepare
+
+    run = parse(smoke_args(tmp_path / "o", *Q4, "--dtype", "bfloat16", "--kbit_fp32_upcast", upcast))
+    model = prepare(run).trainer.model
+    unquantized = {
+        str(p.dtype).removeprefix("torch.")
+        for n, p in model.named_parameters()
+        if "lora_" not in n and type(p).__name__ != "Params4bit"  # adapters; packed 4-bit storage
+    }
+    assert unquantized == {expected}
+    assert str(model.get_input_embeddings().weight.dtype) == f"torch.{expected}"
