@@ -165,8 +165,9 @@ class PredictArguments:
         default="prefill",
         metadata={
             "help": "Where sdpa may use cuDNN's attention kernel on CUDA: prefill (the default: its fastest "
-            "kernel for the long masked prompts), always, or never. cuDNN builds a plan for each new shape, "
-            "and every decoding step has a new key length, so decoding uses flash/memory-efficient kernels.",
+            "kernel for the long masked prompts), always, or never. cuDNN pays a one-time cost per new "
+            "shape, and every decoding step has a new key length, so decoding uses flash/memory-efficient "
+            "kernels.",
             "choices": ["prefill", "always", "never"],
         },
     )
@@ -700,8 +701,9 @@ class Generator:
 @contextlib.contextmanager
 def cudnn_attention(model: Any, where: str) -> Iterator[None]:
     """Allow sdpa's cuDNN kernel always, never, or only in the forwards of more than one new token (prefill).
-    Measured on an H100 (results/speed-notes.md): with cuDNN every decoding step of a fresh process built a
-    plan for its new key length (1B: 7 s of 20 for 100 steps); without it prefill was 1.8 s slower."""
+    Measured on an H100 (results/speed-notes.md): with cuDNN, each decoding step of a fresh process paid a
+    one-time cost for its new key length (most likely cuDNN building a plan; 1B bench: 4.6 s of 22.2 s);
+    without cuDNN, prefill was 1.8 s slower."""
     import torch
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
