@@ -20,8 +20,9 @@ split holds more examples):
   details_<tag>.json      per example: question, gold and predicted program, values, invalid reason
 Resumable: ids already in predictions_<tag>.json are skipped; the file is rewritten atomically after every
 `--save_every` batches. Predictions made with other generation settings than those recorded in
-metrics_<tag>.json are not resumed or rescored (pass --overwrite). Bad input: one line on stderr, exit code
-2, nothing written.
+metrics_<tag>.json (or, for a run interrupted before its metrics, in settings_<tag>.json, written when it
+started) are not resumed or rescored (pass --overwrite). Bad input: one line on stderr, exit code 2,
+nothing written.
 
 Several processes (`torchrun --nproc_per_node N -m finqa_trl.predict ...`, or `accelerate launch`): the
 pending examples are dealt out by prompt length, each rank generates its share on its own GPU into
@@ -943,6 +944,7 @@ def predict(args: PredictArguments, ranks: Ranks | None = None) -> tuple[Setting
     )
     write_json_atomic(settings.path("details"), details)
     write_json_atomic(settings.path("metrics"), metrics)
+    settings.path("settings").unlink(missing_ok=True)  # the metrics record them now
     return settings, metrics
 
 
@@ -988,9 +990,10 @@ GENERATION_KEYS = (
 
 def _check_same_settings(settings: Settings, args: PredictArguments) -> None:
     """Refuse to resume or rescore predictions that other generation settings made, as metrics_<tag>.json
-    records them (no metrics file: nothing to compare). The dtype is compared when --dtype names one."""
-    path = settings.path("metrics")
-    old = _read_json(path) if path.is_file() else None
+    records them, or settings_<tag>.json for a run interrupted before its metrics (neither: nothing to
+    compare). The dtype is compared when --dtype names one."""
+    path = next((p for p in (settings.path("metrics"), settings.path("settings")) if p.is_file()), None)
+    old = _read_json(path) if path is not None else None
     if not isinstance(old, dict):
         return
     new = recorded_settings(settings, args)
@@ -1061,6 +1064,9 @@ def _predict_pending(
             path.unlink()
     if ranks.main and not existing:  # a new run: the old metrics no longer describe the predictions on disk
         settings.path("metrics").unlink(missing_ok=True)
+        if loaded is not None:
+            # Until its metrics exist, this file is what vouches for the settings of an interrupted run.
+            write_json_atomic(settings.path("settings"), recorded_settings(settings, args))
     barrier(ranks)
     predictions = list(existing)
     if loaded is None:  # all done before: `existing` came from pred_path, or rank 0 just wrote it there

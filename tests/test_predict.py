@@ -370,8 +370,15 @@ def test_interrupted_overwrite_is_resumed_with_its_own_settings(greedy_run, tmp_
     assert predict.main([*base, "--max_new_tokens", "3", "--overwrite"]) == 130
     # The old run's metrics went with its predictions: they cannot vouch for a resume with the old settings.
     assert len(read(out / "predictions_test.json")) == 1 and not (out / "metrics_test.json").exists()
+    # The interrupted run's own settings file does: a resume with other settings would mix two runs.
+    assert read(out / "settings_test.json")["max_new_tokens"] == 3
+    monkeypatch.undo()
+    before = snapshot(out)
+    assert predict.main([*base, "--max_new_tokens", "6"]) == 2
+    assert "max_new_tokens 3 (now 6)" in capsys.readouterr().err and snapshot(out) == before
     assert predict.main([*base, "--max_new_tokens", "3"]) == 0
     assert read(out / "metrics_test.json")["max_new_tokens"] == 3
+    assert not (out / "settings_test.json").exists()  # the metrics record the settings now
     assert predict.main([*base, "--max_new_tokens", "6"]) == 2  # from now on, checked against the new run
     assert "max_new_tokens 3 (now 6)" in capsys.readouterr().err
 
