@@ -31,7 +31,7 @@ help:
 	@echo "make test                      lint + unit/integration tests"
 	@echo "make data [FINQA_DIR=data/finqa]   download + verify the official FinQA splits"
 	@echo "make recipes                   list the training recipes"
-	@echo "make train RECIPE=qdora-3b [ACCELERATE_CONFIG=deepspeed_zero3] [NUM_GPUS=2] [ARGS='--learning_rate 5e-5']"
+	@echo "make train RECIPE=qlora-3b [ACCELERATE_CONFIG=deepspeed_zero3] [NUM_GPUS=2] [ARGS='--learning_rate 5e-5']"
 	@echo "                               (CPU, two processes: ACCELERATE_CONFIG=cpu_ddp NUM_GPUS=2)"
 	@echo "make train-slurm RECIPE=lora-3b SBATCH_ARGS='--nodes 2 --gpus-per-node 8'   several machines (docs/multi-gpu.md)"
 	@echo "make eval RECIPE=qdora-3b [SPLIT=test] [NUM_GPUS=2] [EVAL_ARGS='--batch_size 64']"

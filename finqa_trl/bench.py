@@ -323,9 +323,11 @@ def _recipe_trainer(
 
 def longest_batch_peak(trainer: Any) -> dict[str, Any]:
     """One more forward + backward, on the micro-batch of the variant's longest examples: the peak memory
-    of its worst step in an epoch. The timed window's peak depends on which batches it happened to meet
-    (length grouping puts the longest batch first, random batches meet it somewhere in the epoch), so only
-    this number compares the memory of two variants. Run after training (optimizer state allocated)."""
+    of its worst step in an epoch (every batch holding the longest example is padded to the same shape).
+    The timed window's peak depends on which batches it happened to meet (length grouping puts the longest
+    batch first, random batches meet it somewhere in the epoch), so only this number compares the memory
+    of two variants. Run after training (optimizer state allocated), through the module training ran
+    (`model_wrapped`: compiled under --torch_compile)."""
     import torch
 
     from .modeling import peak_gpu_memory_gib
@@ -337,11 +339,12 @@ def longest_batch_peak(trainer: Any) -> dict[str, Any]:
     # Only the columns the trainer feeds the model (TRL keeps e.g. the prompt text beside the token ids).
     rows = trainer._remove_unused_columns(data.select(longest), description="longest batch")
     batch = trainer._prepare_inputs(trainer.data_collator([rows[i] for i in range(len(rows))]))
-    trainer.model.train()
+    model = trainer.model_wrapped
+    model.train()
     _sync()
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
-    trainer.training_step(trainer.model, batch)
+    trainer.training_step(model, batch)
     _sync()
     trainer.model.zero_grad(set_to_none=True)
     tokens = sum(lengths[i] for i in longest)
@@ -388,7 +391,11 @@ def bench_training(
             trainer.train()
             from .modeling import peak_gpu_memory_gib
 
-            res = {**meter.result(), "peak_gib": peak_gpu_memory_gib(), **longest_batch_peak(trainer)}
+            res = {**meter.result(), "peak_gib": peak_gpu_memory_gib()}
+            try:  # the throughput stands even if the extra step fails
+                res.update(longest_batch_peak(trainer))
+            except torch.OutOfMemoryError:
+                res["longest_batch_peak_gib"] = "out of memory"
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps
             res["timed_steps"] = trainer.args.max_steps - warmup

@@ -168,7 +168,7 @@ class PredictArguments:
             "help": "Where sdpa may use cuDNN's attention kernel on CUDA: prefill (the default: its fastest "
             "kernel for the long masked prompts), always, or never. cuDNN pays a one-time cost per new "
             "shape, and every decoding step has a new key length, so decoding uses flash/memory-efficient "
-            "kernels.",
+            "kernels. Batched generation only (--generation continuous keeps torch's choice).",
             "choices": ["prefill", "always", "never"],
         },
     )

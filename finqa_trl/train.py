@@ -328,14 +328,16 @@ def _validate(run: Run) -> None:
     if m.use_dora and getattr(run.training, "deepspeed_plugin", None) is not None and run.training.bf16:
         # DeepSpeed's bf16 mode runs the forward on bf16 copies of every parameter (its keep_in_fp32_modules
         # covers buffers only), the DoRA magnitude vector included, which TRL and PEFT otherwise keep in fp32
-        # for exactly this reason (TRL #7268): an update smaller than half a bf16 step (0.2-0.4% of a
-        # magnitude of ~6) never reaches the forward. Seen on the CPU (every magnitude bf16 at step 1 under
-        # ZeRO-2, fp32 without it); measured on 2 GPUs (results/multi-gpu): QDoRA under ZeRO-2 ran close to
-        # the LoRA loss curve, up to 17.4% from one GPU's QDoRA curve. ZeRO-3 uses the same bf16 mode.
+        # for this reason (TRL #7268): its fp32 master copy learns, but updates reach the forward only once
+        # they add up to half a bf16 step (0.2-0.4% of a magnitude of ~6: ~150 steps at lr 1e-4). Seen on
+        # the CPU (every magnitude bf16 at step 1 under ZeRO-2, fp32 without it); measured on 2 GPUs
+        # (results/multi-gpu): QDoRA under ZeRO-2 ran close to the LoRA loss curve, up to 17.4% from one GPU's
+        # QDoRA curve, most likely for this reason. ZeRO-3 runs the same bf16 mode (not run with DoRA).
         raise UsageError(
             "DoRA under DeepSpeed in bf16 does not train like one GPU: DeepSpeed runs the DoRA magnitude in "
-            "bf16, where its small updates are lost (QDoRA under ZeRO-2 on 2 GPUs: loss up to 17% from one "
-            "GPU's, results/multi-gpu); use ACCELERATE_CONFIG=multi_gpu (DDP), or LoRA/QLoRA under DeepSpeed"
+            "bf16, where its small updates show only after many steps (QDoRA under ZeRO-2 on 2 GPUs: loss up "
+            "to 17% from one GPU's, results/multi-gpu); use ACCELERATE_CONFIG=multi_gpu (DDP), or LoRA/QLoRA "
+            "under DeepSpeed"
         )
     if s.eg_k < 0:
         raise UsageError(f"eg_k must be >= 0, got {s.eg_k}")
