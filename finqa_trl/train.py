@@ -444,7 +444,7 @@ def _check_sharded_4bit(run: Run) -> None:
             "1.15, peft 0.21.2): use ACCELERATE_CONFIG=multi_gpu (DDP) for QDoRA"
         )
     # DoRA on a 4-bit base under ZeRO-3 (QDoRA) once failed with a shape mismatch (peft issue #1731); a GPU
-    # run of this project trained it with peft 0.21, so it is not blocked here (docs/multi-gpu.md).
+    # run of this project trained it with peft 0.21. In bf16, _validate's DeepSpeed + DoRA check stops it.
 
 
 def describe_weights(model: Any) -> str:
