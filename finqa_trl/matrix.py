@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import OneLineError
-from .recipes import RecipeError, resolve
+from .recipes import resolve
 from .report import loss_points, plot_losses
 from .score import write_atomic, write_json_atomic
 
@@ -234,8 +234,10 @@ class Matrix:
             eval_args += f" --output_dir {output_dir}"
         log = self.logs / f"{name}.eval{'' if output_dir is None else f'-{gpus}gpu'}.log"
         rc, text = self.make("eval", log, OUTPUT_DIR=out, NUM_GPUS=gpus, EVAL_ARGS=eval_args)
+        if rc != 0:  # the eval's own error line; looking for its files could fail on the same bad input
+            return {"error": error_line(text)}
         metrics = self.metrics_file(out, output_dir)
-        if rc == 0 and metrics is not None and metrics.is_file():
+        if metrics is not None and metrics.is_file():
             m = json.loads(metrics.read_text())
             return {k: m.get(k) for k in ("n", "exe_acc", "prog_acc", "invalid", "num_processes")}
         return {"error": error_line(text)}
@@ -267,7 +269,7 @@ class Matrix:
         args = predict.parse_args(["--model", str(out), "--limit", str(self.args.eval_limit), *where])
         try:
             return predict.select_examples(args)[0].path("metrics")
-        except predict.PredictError:
+        except OneLineError:  # bad data or model: the eval itself said so
             return None
 
     def save(self) -> None:
@@ -401,8 +403,15 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# Set by the matrix itself for every run: --train_args may not change them (the global batch, the data).
-OWN_TRAIN_ARGS = ("--gradient_accumulation_steps", "--train_splits", "--output_dir")
+# Set by the matrix itself for every run: --train_args may not change them (the global batch, the data, and
+# what makes N-GPU steps compute what one GPU does). --logging_steps may be changed (a denser loss curve).
+OWN_TRAIN_ARGS = (
+    "--gradient_accumulation_steps",
+    "--train_splits",
+    "--output_dir",
+    "--lora_dropout",
+    "--train_sampling_strategy",
+)
 
 
 def _bad_arguments(args: argparse.Namespace) -> str | None:
@@ -415,7 +424,10 @@ def _bad_arguments(args: argparse.Namespace) -> str | None:
         return f"--configs lists each N-GPU config once; {BASELINE} is every recipe's one-GPU reference"
     own = [a for a in args.train_args.split() if a.split("=")[0] in OWN_TRAIN_ARGS]
     if own:
-        return f"--train_args may not set {', '.join(own)}: the matrix sets it (use --accumulation)"
+        return (
+            f"--train_args may not set {', '.join(own)}: the matrix sets it for every run "
+            "(--accumulation sets the accumulation)"
+        )
     return None
 
 
@@ -446,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         return Matrix(args)()
-    except (RecipeError, MatrixError) as err:
+    except OneLineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

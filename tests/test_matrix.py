@@ -47,6 +47,7 @@ def test_bad_arguments_are_one_line(capsys, tmp_path):
         (["--eval_limit", "-1"], "--eval_limit must be >= 0"),
         (["--configs", "multi_gpu", "single_gpu"], "each N-GPU config once"),
         (["--train_args", "--gradient_accumulation_steps 8"], "may not set --gradient_accumulation_steps"),
+        (["--train_args", "--lora_dropout 0.1"], "may not set --lora_dropout"),
     ):
         assert matrix.main([*bad, "--runs_dir", str(tmp_path)]) == 2
         err = capsys.readouterr().err
