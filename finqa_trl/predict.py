@@ -32,7 +32,6 @@ order and format as one process writes) and scores it. Leftover shards of an int
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -699,7 +698,7 @@ class Generator:
         return [list(r.generated_tokens) for r in results]
 
 
-@contextlib.contextmanager
+@contextmanager
 def cudnn_attention(model: Any, where: str) -> Iterator[None]:
     """Allow sdpa's cuDNN kernel always, never, or only in the forwards of more than one new token (prefill).
     Measured on an H100 (results/speed-notes.md): with cuDNN, each decoding step of a fresh process paid a
@@ -1056,9 +1055,10 @@ def _predict_pending(
     pred_path = settings.path("predictions")
     barrier(ranks)  # every rank has read the old predictions before rank 0 rewrites them
     loaded = _load(settings, args, todo) if todo else None
-    if ranks.main and (shards or (args.overwrite and ranks.world > 1)):
+    if ranks.main and (shards or args.overwrite):
         # Fold an interrupted run's shards into the one file (or, with --overwrite, drop the old predictions)
-        # before this run writes shards of the same names, and so that a crash cannot mix the two runs.
+        # before this run writes shards of the same names, and so that a crash cannot mix the two runs (nor
+        # leave the old predictions beside the new run's settings file).
         write_json_atomic(pred_path, existing)
         for path in shards:
             path.unlink()
@@ -1066,7 +1066,9 @@ def _predict_pending(
         settings.path("metrics").unlink(missing_ok=True)
         if loaded is not None:
             # Until its metrics exist, this file is what vouches for the settings of an interrupted run.
-            write_json_atomic(settings.path("settings"), recorded_settings(settings, args))
+            model = loaded[0]
+            recorded = {**recorded_settings(settings, args), "quant": quant_label(settings, model.dtype)}
+            write_json_atomic(settings.path("settings"), recorded)
     barrier(ranks)
     predictions = list(existing)
     if loaded is None:  # all done before: `existing` came from pred_path, or rank 0 just wrote it there

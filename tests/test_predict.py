@@ -383,6 +383,23 @@ def test_interrupted_overwrite_is_resumed_with_its_own_settings(greedy_run, tmp_
     assert "max_new_tokens 3 (now 6)" in capsys.readouterr().err
 
 
+def test_an_interrupted_run_keeps_its_precision_and_an_overwrite_its_own_predictions(
+    greedy_run, tmp_path, monkeypatch, capsys
+):
+    out = copy_run(greedy_run, tmp_path)
+    base = ["--model", SMOKE_MODEL, "--output_dir", str(out), "--data_dir", str(FIXTURE_DIR)]
+    base += ["--batch_size", "1"]
+    interrupt_generation_at(monkeypatch, 1)  # before this run saved anything
+    assert predict.main([*base, "--max_new_tokens", "3", "--overwrite"]) == 130
+    assert read(out / "predictions_test.json") == []  # not the old run's beside this run's settings
+    monkeypatch.undo()
+    interrupt_generation_at(monkeypatch, 2)
+    assert predict.main([*base, "--max_new_tokens", "3", "--dtype", "float32", "--overwrite"]) == 130
+    monkeypatch.undo()
+    assert predict.main([*base, "--max_new_tokens", "3", "--dtype", "bfloat16"]) == 2
+    assert "quant float32 (now bfloat16)" in capsys.readouterr().err
+
+
 def test_rescore_keeps_the_precision_it_was_generated_in(greedy_run, tmp_path):
     out = copy_run(greedy_run, tmp_path)
     first = read(out / "metrics_test.json")
