@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import one_line
+from . import OneLineError, one_line
 from .score import write_json_atomic
 
 METHODS = ("lora", "dora", "qlora", "qdora")
@@ -396,6 +396,8 @@ def bench_training(
                 res.update(longest_batch_peak(trainer))
             except torch.OutOfMemoryError:
                 res["longest_batch_peak_gib"] = "out of memory"
+            except Exception as err:
+                res["longest_batch_peak_gib"] = f"{type(err).__name__}: {one_line(err, 300)}"
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps
             res["timed_steps"] = trainer.args.max_steps - warmup
@@ -546,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {flag} {path}: no such directory", file=sys.stderr)
             return 2
     for v in args.variants:
-        if v not in TRL_VARIANTS and not v.startswith("recipe"):
+        if v not in TRL_VARIANTS and v != "recipe" and not v.startswith("recipe:"):
             ap.error(f"unknown variant {v!r}")
         if v.startswith("recipe"):
             lever_args(v)  # exits with one line on an unknown lever
@@ -562,10 +564,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .prompts import format_split
     from .train import load_records
 
+    # the same examples, in the same order, as the recipe variants' --train_splits + --max_train_samples
+    try:
+        records = load_records(args.data_dir, BENCH_SPLITS, args.max_examples)
+    except OneLineError as err:  # e.g. a folder without the FinQA splits: refused before anything is written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finqa-bench-"))
     tok = tokenizer_dir(Path(args.tokenizer), work / "tokenizer")
-    # the same examples, in the same order, as the recipe variants' --train_splits + --max_train_samples
-    records = load_records(args.data_dir, BENCH_SPLITS, args.max_examples)
     eval_data = eval_split(records, work / "eval-data") if args.eval else None  # written once for all runs
     results: list[dict[str, Any]] = []
     device = torch.cuda.get_device_name(0) if _cuda() else "cpu"

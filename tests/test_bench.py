@@ -161,3 +161,16 @@ def test_the_worst_step_is_the_same_longest_batch_on_equal_data(sample_dir, llam
     assert got["trl"]["train_examples"] < 12  # the sample's prompts are mostly longer than 1,024 tokens
     assert got["trl:full_length"]["longest_batch_tokens"] == got["recipe"]["longest_batch_tokens"] > 4 * 1024
     assert got["trl"]["longest_batch_tokens"] <= 4 * 1024  # plain TRL's default truncation
+
+
+def test_cli_refuses_a_variant_that_only_starts_like_recipe_and_a_folder_without_splits(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--data_dir", str(tmp_path), "--tokenizer", str(tmp_path), "--variants", "recipex"])
+    assert exit_.value.code == 2 and "unknown variant 'recipex'" in capsys.readouterr().err
+    work = tmp_path / "work"
+    argv = ["--data_dir", str(tmp_path), "--tokenizer", str(tmp_path), "--shapes", "tiny"]
+    argv += ["--workdir", str(work)]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not work.exists()  # refused before anything was written
