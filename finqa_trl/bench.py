@@ -96,8 +96,10 @@ LEVERS: dict[str, list[str]] = {
     "bs16": ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1"],
     "liger": ["--use_liger_kernel", "true"],  # needs liger-kernel
     "compile": ["--torch_compile", "true"],
-    # 4-bit bases: embeddings/norms/LM head kept in bf16 (plain TRL's choice) rather than PEFT's fp32 upcast
+    # 4-bit bases: embeddings/norms/LM head kept in bf16 (plain TRL's choice) rather than PEFT's fp32 upcast.
+    # The 4-bit recipes' default since 2026-11-26; `upcast` times the fp32 upcast they had before.
     "no_upcast": ["--kbit_fp32_upcast", "false"],
+    "upcast": ["--kbit_fp32_upcast", "true"],
 }
 
 

@@ -371,13 +371,14 @@ def prepare_4bit_for_training(
     gradient_checkpointing: bool,
     gradient_checkpointing_kwargs: dict | None,
     sharded: bool,
-    upcast: bool = True,
+    upcast: bool,
 ) -> PreTrainedModel:
-    """PEFT's k-bit preparation (freeze base, fp32 norms/embeddings, checkpointing) for one-device/DDP runs.
+    """With `upcast`, PEFT's k-bit preparation (freeze base, fp32 norms/embeddings, checkpointing) for
+    one-device/DDP runs; otherwise the model as it is (the recipes' default: less memory, faster).
 
-    Under FSDP or ZeRO-3 the base is sharded, and the fp32 upcast would break the single-dtype requirement of
-    the shards, so only checkpointing is switched on there (Trainer does that from the training arguments,
-    and TRL makes the inputs require grad for it); `upcast=False` does the same on one device or DDP.
+    Without it only checkpointing is switched on (Trainer does that from the training arguments, and TRL makes
+    the inputs require grad for it). Under FSDP or ZeRO-3 the base is sharded, and the fp32 upcast would break
+    the single-dtype requirement of the shards, so it is never applied there.
     """
     from peft import prepare_model_for_kbit_training
 
