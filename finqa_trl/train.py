@@ -436,9 +436,10 @@ def _check_sharded_4bit(run: Run) -> None:
         )
     if _uses_fsdp(training) and m.use_dora:
         # Measured (results/multi-gpu): QDoRA under FSDP ran up to its first optimizer step, where AdamW found
-        # the tensors of one parameter (param, grad, state) in different dtypes. The likely cause, not proven:
-        # accelerate warned it had upcast low-precision trainable parameters of FSDP units to fp32. LoRA under
-        # FSDP trained and matched one GPU.
+        # the tensors of one parameter in different dtypes: the LoRA A/B flat parameters of DoRA layers get
+        # bf16 gradients, even with every trainable parameter cast to fp32 before wrapping
+        # (fsdp-qdora-diagnostic.txt). Likely, not proven: DoRA calls lora_A/lora_B twice per forward.
+        # LoRA under FSDP trains and matches one GPU.
         raise UsageError(
             "DoRA on a 4-bit base (QDoRA) under FSDP fails at the first optimizer step (AdamW: 'Tensors of "
             "the same index must be on the same device and the same dtype'; 2 GPUs, torch 2.11, accelerate "
