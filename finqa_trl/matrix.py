@@ -16,7 +16,8 @@ Writes `<out>/matrix.json` and `<out>/matrix.md` after every run: works / fails 
 ratio to one GPU, peak memory per GPU, and the largest relative difference between the loss curve and the
 one-GPU curve. Rerunning the same command resumes: runs that trained and evaluated are kept from
 `matrix.json` (their settings must be the same), the others run, rows of other recipes stay; `--overwrite`
-starts afresh. Dropout would draw its masks per process, so the runs set `--lora_dropout 0`: the first logged
+starts afresh. A recipe whose one-GPU run is refused on its input (the run's own `error:` line, not a
+timeout or a crash) launches no N-GPU runs: they would be refused alike. Dropout would draw its masks per process, so the runs set `--lora_dropout 0`: the first logged
 losses then agree (LoRA on 2 H200s: to the digit under DDP and ZeRO-2/3, 0.18% off under FSDP), and later
 ones drift by summation order (LOSS_TOLERANCE is what counts as matching). Each run's output and its
 `<run>.{train,eval}.log` are in `--runs_dir` (matrix-runs/: outside outputs/, so that `make report` does not
@@ -47,6 +48,7 @@ BASELINE = "single_gpu"
 LOSS_TOLERANCE = 0.05  # largest relative difference of a logged loss from the one-GPU run's at the same step
 LOGGING_STEPS = 5
 KEPT = " (kept from the last run)"
+TIMEOUT_RC = 124  # a make call that ran past --timeout (as `timeout` reports it)
 
 
 # The launcher's own exception when a rank failed: it says nothing; the rank's exception above it does.
@@ -173,7 +175,7 @@ class Matrix:
             text, rc = proc.stdout, proc.returncode
         except subprocess.TimeoutExpired as err:
             out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else err.stdout or ""
-            text, rc = out + f"\nerror: timed out after {self.args.timeout} s", 124
+            text, rc = out + f"\nerror: timed out after {self.args.timeout} s", TIMEOUT_RC
         log.write_text(" ".join(cmd) + "\n" + text)
         return rc, text
 
@@ -219,7 +221,11 @@ class Matrix:
         )
         row["wall_s"] = round(time.perf_counter() - t, 1)
         if rc != 0 or not (out / "train_results.json").is_file():
-            return {**row, "works": False, "error": error_line(text)}
+            error = error_line(text)
+            # Our own `error:` line (not the matrix's timeout): the run was refused on its input before it
+            # loaded anything, and every config of this recipe would be refused the same way.
+            refused = rc != TIMEOUT_RC and error.startswith("error:")
+            return {**row, "works": False, "error": error, **({"refused": True} if refused else {})}
         row.update(works=True, **run_summary(out))
         if self.args.eval_limit:
             row["eval"] = self.evaluate(name, out, gpus)
@@ -306,6 +312,15 @@ class Matrix:
                 self.put(base, KEPT)
             else:
                 self.put(base := self.run(recipe, BASELINE, 1, accumulation))
+            if base.get("refused"):
+                # A bad input refuses every launch alike: launching N-GPU runs to hear it again costs GPU time
+                # (a failure to fit one GPU, a timeout or a crash says nothing about N GPUs: those still run).
+                print(
+                    f"{recipe}: the one-GPU run was refused on its input, so its {len(a.configs)} N-GPU runs "
+                    "are not launched; fix the input and run the matrix again",
+                    file=sys.stderr,
+                )
+                continue
             for config in a.configs:
                 row = self.kept(recipe, config, a.num_gpus)
                 note = KEPT if row is not None else ""

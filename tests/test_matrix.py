@@ -62,8 +62,8 @@ def test_resume_compares_kept_rows_with_a_new_baseline_and_reruns_failed_evals(t
     def fake_run(self, recipe, config, gpus, accumulation):
         ran.append(config)
         row = {"recipe": recipe, "config": config, "num_gpus": gpus, "works": config not in fails}
-        if not row["works"]:
-            return {**row, "error": "error: boom"}
+        if not row["works"]:  # a failure that says nothing about N GPUs (unlike a refused input, below)
+            return {**row, "error": "torch.OutOfMemoryError: CUDA out of memory"}
         loss = {1: 2.0, 2: 1.0} if config == "single_gpu" else {1: 2.02, 2: 1.0}
         ev = {"error": "timed out"} if f"{config} eval" in fails else {"n": 2, "exe_acc": 0.0, "invalid": 1.0}
         return {**row, "loss": loss, "tokens_per_s": 100.0 * gpus, "eval": ev}
@@ -82,6 +82,17 @@ def test_resume_compares_kept_rows_with_a_new_baseline_and_reruns_failed_evals(t
     rows = {r["config"]: r for r in json.loads((tmp_path / "m" / "matrix.json").read_text())["runs"]}
     assert rows["multi_gpu"]["speedup"] == 2.0 and rows["multi_gpu"]["loss_rel_diff"] == pytest.approx(0.01)
     assert "error" not in rows["fsdp"]["eval"] and rows["fsdp"]["speedup"] == 2.0
+
+
+def test_a_timeout_is_not_a_refused_input(monkeypatch, tmp_path):
+    def fake_make(self, target, log, **variables):
+        return matrix.TIMEOUT_RC, "step 3\nerror: timed out after 5 s"
+
+    monkeypatch.setattr(matrix.Matrix, "make", fake_make)
+    m = matrix.Matrix(argparse.Namespace(runs_dir=str(tmp_path), out=str(tmp_path / "m"), eval_limit=0,
+                                         model=None, data_dir=None, train_args=""))  # fmt: skip
+    row = m.run("smoke", "single_gpu", 1, 2)
+    assert row["error"] == "error: timed out after 5 s" and "refused" not in row
 
 
 @pytest.fixture
@@ -135,12 +146,17 @@ def test_two_processes_match_one_at_the_same_global_batch(in_repo, capsys):
     assert named == run / "metrics_test.json"
 
 
-def test_a_failing_launch_is_a_row_with_its_reason(in_repo):
+def test_a_launch_refused_on_its_input_is_a_row_with_its_reason_and_no_n_gpu_run(in_repo, capsys):
+    # The one-GPU run stops on a bad training option (before loading anything): every config would stop the
+    # same way, so only that row is recorded and no N-GPU run is launched to hear it again.
     out = in_repo / "matrix"
     args = ["--recipes", "smoke", "--configs", "cpu_ddp", "--accumulation", "2", "--eval_limit", "0"]
     extra = ["--runs_dir", str(in_repo / "runs"), "--train_args", "--lora_r notanumber"]
     assert matrix.main([*args, "--out", str(out), *extra]) == 0
     runs = json.loads((out / "matrix.json").read_text())["runs"]
-    assert [r["works"] for r in runs] == [False, False]
-    assert all("notanumber" in r["error"] for r in runs), runs
+    assert [(r["config"], r["works"], r.get("refused")) for r in runs] == [("single_gpu", False, True)]
+    assert "invalid int value: 'notanumber'" in runs[0]["error"], runs
     assert "fails: " in (out / "matrix.md").read_text()
+    err = capsys.readouterr().err
+    assert "smoke: the one-GPU run was refused on its input, so its 1 N-GPU runs are not launched" in err
+    assert not (in_repo / "runs" / "cpu_ddp-2gpu-smoke.train.log").exists()
