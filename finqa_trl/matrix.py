@@ -18,8 +18,9 @@ one-GPU curve. Rerunning the same command resumes: runs that trained and evaluat
 `matrix.json` (their settings must be the same), the others run, rows of other recipes stay; `--overwrite`
 starts afresh. A recipe whose one-GPU run is refused on its input (the run's own `error:` line, not a
 timeout or a crash) launches no N-GPU runs: they would be refused alike. Dropout would draw its masks per
-process, so the runs set `--lora_dropout 0`: the first logged losses then agree (LoRA on 2 H200s: to the digit under DDP and ZeRO-2/3, 0.18% off under FSDP), and later
-ones drift by summation order (LOSS_TOLERANCE is what counts as matching). Each run's output and its
+process, so the runs set `--lora_dropout 0`: the first logged losses then agree (LoRA on 2 H200s: to the
+digit under DDP and ZeRO-2/3, 0.18% off under FSDP), and later ones drift by summation order
+(LOSS_TOLERANCE is what counts as matching). Each run's output and its
 `<run>.{train,eval}.log` are in `--runs_dir` (matrix-runs/: outside outputs/, so that `make report` does not
 take these short runs for results).
 """
