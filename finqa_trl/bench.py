@@ -100,6 +100,8 @@ LEVERS: dict[str, list[str]] = {
     # The 4-bit recipes' default since 2026-11-26; `upcast` times the fp32 upcast they had before.
     "no_upcast": ["--kbit_fp32_upcast", "false"],
     "upcast": ["--kbit_fp32_upcast", "true"],
+    # 16-bit bases: LoRA A/B in bf16 like TRL's 4-bit adapters (on the H100, 1b QLoRA ran at 1.5x 1b LoRA)
+    "bf16_adapters": ["--adapters_in_compute_dtype", "true"],
 }
 
 

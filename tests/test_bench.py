@@ -16,7 +16,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe():
         "liger": ("use_liger_kernel", True),
         "compile": ("torch_compile", True),
     }
-    assert set(expected) | {"no_upcast", "upcast"} == set(bench.LEVERS)
+    assert set(expected) | {"no_upcast", "upcast", "bf16_adapters"} == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
         training = train.parse(
@@ -29,6 +29,9 @@ def test_every_lever_is_a_valid_override_of_a_recipe():
     assert train.parse(q).script.kbit_fp32_upcast is False  # measured faster at plain TRL's memory
     assert train.parse([*q, *bench.lever_args("recipe:no_upcast")]).script.kbit_fp32_upcast is False
     assert train.parse([*q, *bench.lever_args("recipe:upcast")]).script.kbit_fp32_upcast is True
+    lora = ["--config", "recipes/lora-1b.yaml"]
+    assert train.parse(lora).script.adapters_in_compute_dtype is False
+    assert train.parse([*lora, *bench.lever_args("recipe:bf16_adapters")]).script.adapters_in_compute_dtype
 
 
 def test_levers_combine_and_unknown_ones_are_refused():

@@ -651,6 +651,23 @@ def test_recorded_recipe_keeps_the_recipes_precision_and_drops_one_off_flags():
     assert "overwrite_output_dir" not in run.resolved
 
 
+@pytest.mark.parametrize("flag, adapters", [("false", "float32"), ("true", "bfloat16")])
+def test_adapters_in_compute_dtype_puts_lora_weights_in_bf16_but_keeps_the_dora_magnitude_fp32(
+    flag, adapters, tmp_path
+) -> None:
+    # PEFT's default for a 16-bit base is fp32 adapters; the lever keeps them in the compute dtype, as TRL
+    # does for a 4-bit base, except the DoRA magnitude, whose updates bf16 would lose.
+    from finqa_trl.train import parse, prepare
+
+    args = smoke_args(tmp_path / "o", "--dtype", "bfloat16", "--use_dora", "true")
+    model = prepare(parse([*args, "--adapters_in_compute_dtype", flag])).trainer.model
+    trained = {n: str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad}
+    lora = {d for n, d in trained.items() if "lora_A" in n or "lora_B" in n}
+    assert lora == {adapters}
+    assert {d for n, d in trained.items() if "lora_magnitude_vector" in n} == {"float32"}
+    assert str(model.get_input_embeddings().weight.dtype) == "torch.bfloat16"  # the base is untouched
+
+
 @pytest.mark.parametrize("upcast, expected", [("true", "float32"), ("false", "bfloat16")])
 def test_kbit_fp32_upcast_decides_the_dtype_of_the_unquantized_weights(upcast, expected, tmp_path) -> None:
     # PEFT's k-bit preparation casts embeddings, norms and LM head to fp32 (hidden states then run in fp32);
