@@ -74,6 +74,9 @@ IDENTITY = (
     "context",
     "eg_k",
 )
+# Precision settings that also make a run what it is (a resume must not switch them halfway), recorded in
+# every saved recipe, with the value a saved recipe that lacks the key ran with: the default of its time.
+PRECISION = {"kbit_fp32_upcast": True, "adapters_in_compute_dtype": False}
 
 
 class UsageError(OneLineError):
@@ -129,9 +132,11 @@ class FinQAArguments:
     adapters_in_compute_dtype: bool = field(
         default=False,
         metadata={
-            "help": "16-bit bases: keep LoRA A/B in the compute dtype (bf16) instead of PEFT's fp32, as TRL "
-            "does for 4-bit bases (the DoRA magnitude stays fp32: its updates are below bf16's resolution). "
-            "Less precise trained weights; a speed lever to time, not a default."
+            "help": "16-bit bases, one GPU or DDP: keep LoRA A/B in the compute dtype (bf16) instead of "
+            "PEFT's fp32, as TRL does for 4-bit bases (the DoRA magnitude stays fp32: its updates are below "
+            "bf16's resolution). Less precise trained weights; a speed lever to time, not a default. No "
+            "effect on 4-bit bases (already so), under FSDP (accelerate upcasts trainable bf16 weights) or "
+            "DeepSpeed (bf16 everywhere); a resumed run most likely continues in fp32 (PEFT reloads so)."
         },
     )
     merge: bool = field(
@@ -304,7 +309,7 @@ def parse(argv: Sequence[str]) -> Run:
         raise UsageError(f"unexpected argument(s): {' '.join(remaining)}")
 
     objs = (script, training, model)
-    keys = list(dict.fromkeys([*values, *_cli_keys(rest)]))
+    keys = list(dict.fromkeys([*values, *_cli_keys(rest), *PRECISION]))
     final = {}
     for key in keys:
         for obj in objs:
@@ -374,7 +379,11 @@ def check_output_dir(output_dir: Path, resolved: dict[str, Any], overwrite: bool
         saved = yaml.safe_load(saved_file.read_text()) or {}
     except yaml.YAMLError:
         saved = {}
-    diff = [k for k in IDENTITY if _norm(saved.get(k)) != _norm(resolved.get(k))]
+    saved = {**PRECISION, **saved}  # a recipe saved before these keys were recorded ran with these values
+    keys = [*IDENTITY, *PRECISION]
+    if not resolved.get("load_in_4bit"):
+        keys.remove("kbit_fp32_upcast")  # means nothing for a 16-bit base
+    diff = [k for k in keys if _norm(saved.get(k)) != _norm(resolved.get(k))]
     if diff and not overwrite:
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {resolved.get(k)!r}" for k in diff)
         raise UsageError(
@@ -690,13 +699,16 @@ def prepare(run: Run) -> Prepared:
         hub = _hub_callback(training, output_dir)
         training.push_to_hub = False  # our callback pushes; Trainer's own pushing would duplicate it
     trainer = build_trainer(run, model, tokenizer, train_ds, eval_ds, [hub] if hub else [])
-    if script.adapters_in_compute_dtype:
+    if script.adapters_in_compute_dtype and not margs.load_in_4bit:
         # PEFT keeps the adapters of a 16-bit base in fp32, so each adapted layer casts its input to fp32; TRL
         # already puts those of a 4-bit base (and of ZeRO-3 runs) in the compute dtype. Same rule as TRL's:
-        # the DoRA magnitude keeps fp32 (TRL #7268).
+        # the DoRA magnitude keeps fp32 (TRL #7268). The compute dtype: the recipe's, after the CPU fallback.
+        import torch
+
+        compute = getattr(torch, margs.dtype) if margs.dtype not in (None, "auto") else default_dtype()
         for name, param in trainer.model.named_parameters():
             if param.requires_grad and "lora_magnitude_vector" not in name:
-                param.data = param.data.to(model.dtype)
+                param.data = param.data.to(compute)
     dropped = len(train_ds) - len(trainer.train_dataset)
     if dropped:
         logger.warning(

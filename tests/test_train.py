@@ -487,6 +487,30 @@ def test_output_dir_of_another_recipe_is_refused(
     assert yaml.safe_load((out / "recipe.yaml").read_text())["recipe"] == "smoke"
 
 
+def test_a_resume_never_switches_precision(tmp_path: Path) -> None:
+    # Every saved recipe records the precision settings; one saved before they were recorded ran with the
+    # default of its time (4-bit: fp32 upcast on), so resuming it under the new default is refused.
+    from finqa_trl.train import PRECISION, UsageError, check_output_dir, parse
+
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def saved_without_precision(*extra: str) -> None:
+        resolved = parse(smoke_args(out, *extra)).resolved
+        assert set(PRECISION) <= set(resolved)  # recorded in every run's recipe.yaml
+        old = {k: v for k, v in resolved.items() if k not in PRECISION}
+        (out / "recipe.yaml").write_text(yaml.safe_dump(old))
+
+    saved_without_precision(*Q4)
+    with pytest.raises(UsageError, match=r"differs \(kbit_fp32_upcast: True -> False\)"):
+        check_output_dir(out, parse(smoke_args(out, *Q4)).resolved, overwrite=False)
+    check_output_dir(out, parse(smoke_args(out, *Q4, "--kbit_fp32_upcast", "true")).resolved, overwrite=False)
+    saved_without_precision()  # a 16-bit run: the 4-bit setting means nothing there, the adapters' dtype does
+    check_output_dir(out, parse(smoke_args(out)).resolved, overwrite=False)
+    with pytest.raises(UsageError, match=r"adapters_in_compute_dtype: False -> True"):
+        check_output_dir(out, parse(smoke_args(out, "--adapters_in_compute_dtype", "true")).resolved, False)
+
+
 def test_push_to_hub_needs_a_repo_id(tmp_path: Path, capsys) -> None:
     assert main(smoke_args(tmp_path / "o", "--push_to_hub", "true")) == 2
     assert "push_to_hub needs --hub_model_id" in one_line_error(capsys)
@@ -659,13 +683,16 @@ def test_adapters_in_compute_dtype_puts_lora_weights_in_bf16_but_keeps_the_dora_
     # does for a 4-bit base, except the DoRA magnitude, whose updates bf16 would lose.
     from finqa_trl.train import parse, prepare
 
-    args = smoke_args(tmp_path / "o", "--dtype", "bfloat16", "--use_dora", "true")
-    model = prepare(parse([*args, "--adapters_in_compute_dtype", flag])).trainer.model
+    args = smoke_args(tmp_path / "o", "--dtype", "bfloat16", "--use_dora", "true", "--max_steps", "1")
+    trainer = prepare(parse([*args, "--adapters_in_compute_dtype", flag])).trainer
+    trainer.train()  # an optimizer step with these weights, and they keep their dtype
+    model = trainer.model
     trained = {n: str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad}
     lora = {d for n, d in trained.items() if "lora_A" in n or "lora_B" in n}
     assert lora == {adapters}
     assert {d for n, d in trained.items() if "lora_magnitude_vector" in n} == {"float32"}
     assert str(model.get_input_embeddings().weight.dtype) == "torch.bfloat16"  # the base is untouched
+    assert trainer.state.global_step == 1
 
 
 @pytest.mark.parametrize("upcast, expected", [("true", "float32"), ("false", "bfloat16")])
