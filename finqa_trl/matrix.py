@@ -16,8 +16,9 @@ Writes `<out>/matrix.json` and `<out>/matrix.md` after every run: works / fails 
 ratio to one GPU, peak memory per GPU, and the largest relative difference between the loss curve and the
 one-GPU curve. Rerunning the same command resumes: runs that trained and evaluated are kept from
 `matrix.json` (their settings must be the same), the others run, rows of other recipes stay; `--overwrite`
-starts afresh. A recipe whose one-GPU run is refused on its input (the run's own `error:` line, not a
-timeout or a crash) launches no N-GPU runs: they would be refused alike. Dropout would draw its masks per
+starts afresh. A recipe whose one-GPU run is refused on its input (the run's own `error:` line before it
+loaded anything; not a timeout or a crash) launches no N-GPU runs, which would be refused alike, and the
+matrix exits with 2. Dropout would draw its masks per
 process, so the runs set `--lora_dropout 0`: the first logged losses then agree (LoRA on 2 H200s: to the
 digit under DDP and ZeRO-2/3, 0.18% off under FSDP), and later ones drift by summation order
 (LOSS_TOLERANCE is what counts as matching). Each run's output and its
@@ -210,7 +211,7 @@ class Matrix:
             "num_gpus": gpus,
             "accumulation": accumulation,
         }
-        t = time.perf_counter()
+        t, started = time.perf_counter(), time.time()
         rc, text = self.make(
             "train",
             self.logs / f"{name}.train.log",
@@ -223,9 +224,12 @@ class Matrix:
         row["wall_s"] = round(time.perf_counter() - t, 1)
         if rc != 0 or not (out / "train_results.json").is_file():
             error = error_line(text)
-            # Our own `error:` line (not the matrix's timeout): the run was refused on its input before it
-            # loaded anything, and every config of this recipe would be refused the same way.
-            refused = rc != TIMEOUT_RC and error.startswith("error:")
+            # Refused on its input: its own `error:` line (not the matrix's timeout), before it loaded
+            # anything (train.py writes the run's recipe.yaml once model and data are loaded). Every config
+            # of this recipe would be refused the same way.
+            recipe_file = out / "recipe.yaml"
+            loaded = recipe_file.is_file() and recipe_file.stat().st_mtime >= started
+            refused = rc != TIMEOUT_RC and error.startswith("error:") and not loaded
             return {**row, "works": False, "error": error, **({"refused": True} if refused else {})}
         row.update(works=True, **run_summary(out))
         if self.args.eval_limit:
@@ -307,6 +311,7 @@ class Matrix:
                 return 2
         self.load()
         self.logs.mkdir(parents=True, exist_ok=True)
+        refused = []
         for recipe, accumulation in plan.items():
             base = self.kept(recipe, BASELINE, 1)
             if base is not None:
@@ -316,9 +321,14 @@ class Matrix:
             if base.get("refused"):
                 # A bad input refuses every launch alike: launching N-GPU runs to hear it again costs GPU time
                 # (a failure to fit one GPU, a timeout or a crash says nothing about N GPUs: those still run).
+                # Rows of an earlier run were compared with another baseline: they go.
+                self.rows = [r for r in self.rows if r["recipe"] != recipe or r["config"] == BASELINE]
+                self.save()
+                refused.append(recipe)
                 print(
                     f"{recipe}: the one-GPU run was refused on its input, so its {len(a.configs)} N-GPU runs "
-                    "are not launched; fix the input and run the matrix again",
+                    "are not launched; fix the input and run the matrix again (with --overwrite or another "
+                    "--out if the fix changes its settings)",
                     file=sys.stderr,
                 )
                 continue
@@ -330,7 +340,7 @@ class Matrix:
                 compare(row, base)  # also a kept row: its baseline may be new
                 self.put(row, note)
         print(f"\n{table(self.rows)}\n\n-> {self.out / 'matrix.md'}")
-        return 0
+        return 2 if refused else 0
 
 
 def compare(row: dict[str, Any], base: dict[str, Any]) -> None:

@@ -84,17 +84,6 @@ def test_resume_compares_kept_rows_with_a_new_baseline_and_reruns_failed_evals(t
     assert "error" not in rows["fsdp"]["eval"] and rows["fsdp"]["speedup"] == 2.0
 
 
-def test_a_timeout_is_not_a_refused_input(monkeypatch, tmp_path):
-    def fake_make(self, target, log, **variables):
-        return matrix.TIMEOUT_RC, "step 3\nerror: timed out after 5 s"
-
-    monkeypatch.setattr(matrix.Matrix, "make", fake_make)
-    m = matrix.Matrix(argparse.Namespace(runs_dir=str(tmp_path), out=str(tmp_path / "m"), eval_limit=0,
-                                         model=None, data_dir=None, train_args=""))  # fmt: skip
-    row = m.run("smoke", "single_gpu", 1, 2)
-    assert row["error"] == "error: timed out after 5 s" and "refused" not in row
-
-
 @pytest.fixture
 def in_repo(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)  # make, the recipes and the accelerate configs live there
@@ -152,7 +141,7 @@ def test_a_launch_refused_on_its_input_is_a_row_with_its_reason_and_no_n_gpu_run
     out = in_repo / "matrix"
     args = ["--recipes", "smoke", "--configs", "cpu_ddp", "--accumulation", "2", "--eval_limit", "0"]
     extra = ["--runs_dir", str(in_repo / "runs"), "--train_args", "--lora_r notanumber"]
-    assert matrix.main([*args, "--out", str(out), *extra]) == 0
+    assert matrix.main([*args, "--out", str(out), *extra]) == 2
     runs = json.loads((out / "matrix.json").read_text())["runs"]
     assert [(r["config"], r["works"], r.get("refused")) for r in runs] == [("single_gpu", False, True)]
     assert "invalid int value: 'notanumber'" in runs[0]["error"], runs
@@ -160,3 +149,24 @@ def test_a_launch_refused_on_its_input_is_a_row_with_its_reason_and_no_n_gpu_run
     err = capsys.readouterr().err
     assert "smoke: the one-GPU run was refused on its input, so its 1 N-GPU runs are not launched" in err
     assert not (in_repo / "runs" / "cpu_ddp-2gpu-smoke.train.log").exists()
+
+
+def test_a_failure_after_loading_or_a_timeout_is_not_a_refused_input(monkeypatch, tmp_path):
+    # Only a run that stopped before loading anything (no fresh recipe.yaml) on its own `error:` line was
+    # refused on its input; a timeout, or an error after training (a failed merge), says nothing about N GPUs.
+    said = {"rc": 2, "text": "error: bad input", "writes": False}
+
+    def fake_make(self, target, log, **variables):
+        if said["writes"]:
+            Path(variables["OUTPUT_DIR"]).mkdir(parents=True, exist_ok=True)
+            (Path(variables["OUTPUT_DIR"]) / "recipe.yaml").write_text("recipe: smoke\n")
+        return said["rc"], said["text"]
+
+    monkeypatch.setattr(matrix.Matrix, "make", fake_make)
+    m = matrix.Matrix(argparse.Namespace(runs_dir=str(tmp_path), out=str(tmp_path / "m"), eval_limit=0,
+                                         model=None, data_dir=None, train_args=""))  # fmt: skip
+    assert m.run("smoke", "single_gpu", 1, 2)["refused"] is True
+    said.update(rc=matrix.TIMEOUT_RC, text="step 3\nerror: timed out after 5 s")
+    assert "refused" not in m.run("smoke", "single_gpu", 1, 2)
+    said.update(rc=1, text="error: training finished, but: merge failed", writes=True)
+    assert "refused" not in m.run("smoke", "single_gpu", 1, 2)
