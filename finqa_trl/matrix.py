@@ -11,17 +11,16 @@ examples in each optimizer step (accelerate deals the one-process batches out to
 on train + dev in random order without LoRA dropout (see below), logs the loss every 5 steps and saves no
 checkpoints.
 
-Writes `<out>/matrix.json` and `<out>/matrix.md` after every run: works / fails with the error line, tokens/s
-(TRL's token count over the processes, scaled from the last logged step to all, / train_runtime) and its
-ratio to one GPU, peak memory per GPU, and the largest relative difference between the loss curve and the
-one-GPU curve. Rerunning the same command resumes: runs that trained and evaluated are kept from
+Writes `<out>/matrix.json` and `<out>/matrix.md` after every run: works / fails with the error line,
+tokens/s (TRL's token count over the processes, scaled from the last logged step to all, / train_runtime)
+and its ratio to one GPU, peak memory per GPU, and the largest relative difference between the loss curve
+and the one-GPU curve. Rerunning the same command resumes: runs that trained and evaluated are kept from
 `matrix.json` (their settings must be the same), the others run, rows of other recipes stay; `--overwrite`
 starts afresh. A recipe whose one-GPU run is refused on its input (the run's own `error:` line before it
 loaded anything; not a timeout or a crash) launches no N-GPU runs, which would be refused alike, and the
-matrix exits with 2. Dropout would draw its masks per
-process, so the runs set `--lora_dropout 0`: the first logged losses then agree (LoRA on 2 H200s: to the
-digit under DDP and ZeRO-2/3, 0.18% off under FSDP), and later ones drift by summation order
-(LOSS_TOLERANCE is what counts as matching). Each run's output and its
+matrix exits with 2. Dropout would draw its masks per process, so the runs set `--lora_dropout 0`: the first
+logged losses then agree (LoRA on 2 H200s: to the digit under DDP and ZeRO-2/3, 0.18% off under FSDP), and
+later ones drift by summation order (LOSS_TOLERANCE is what counts as matching). Each run's output and its
 `<run>.{train,eval}.log` are in `--runs_dir` (matrix-runs/: outside outputs/, so that `make report` does not
 take these short runs for results).
 """
