@@ -126,7 +126,7 @@ class FinQAArguments:
             "help": "4-bit bases: true runs PEFT's k-bit preparation, which casts the weights left "
             "unquantized (embeddings, norms, LM head) to fp32, so hidden states run in fp32. The default "
             "false keeps them in the compute dtype, as plain TRL and the 16-bit recipes do: on an H100 "
-            "1.1-1.9x the tokens/s and 0.5-3.8 GiB less peak memory (results/speed-notes.md)."
+            "1.1-1.8x the tokens/s and 0.5-3.8 GiB less peak memory (results/speed-notes.md)."
         },
     )
     adapters_in_compute_dtype: bool = field(
@@ -462,8 +462,8 @@ def _check_sharded_4bit(run: Run) -> None:
         # Measured (results/multi-gpu): QDoRA under FSDP ran up to its first optimizer step, where AdamW found
         # the tensors of one parameter in different dtypes: the LoRA A/B flat parameters of DoRA layers get
         # bf16 gradients, even with every trainable parameter cast to fp32 before wrapping
-        # (fsdp-qdora-diagnostic.txt). Likely, not proven: DoRA calls lora_A/lora_B twice per forward.
-        # LoRA under FSDP trains and matches one GPU.
+        # (fsdp-qdora-diagnostic.txt). Not proven why: the 4-bit base, or DoRA calling lora_A/lora_B twice
+        # per forward. LoRA (16-bit base) under FSDP trains and matches one GPU; QLoRA was not run.
         raise UsageError(
             "DoRA on a 4-bit base (QDoRA) under FSDP fails at the first optimizer step (AdamW: 'Tensors of "
             "the same index must be on the same device and the same dtype'; 2 GPUs, torch 2.11, accelerate "
