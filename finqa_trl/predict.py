@@ -390,6 +390,18 @@ def resolve_settings(args: PredictArguments) -> Settings:
             "--generation continuous decodes greedily with its own paged KV cache: drop --do_sample, "
             "--num_samples and --cache_implementation, or use --generation batched"
         )
+    # Flags that would do nothing here are refused rather than ignored: a timing taken with them would be
+    # reported as something it is not.
+    if not args.compile_decoding and not args.cache_implementation:
+        raise PredictError(
+            "--compile_decoding false applies to a static cache (--cache_implementation static); "
+            "without one, nothing is compiled"
+        )
+    if args.generation == "continuous" and args.cudnn_attention != "prefill":
+        raise PredictError(
+            f"--cudnn_attention {args.cudnn_attention} applies to --generation batched; continuous "
+            "batching keeps torch's own choice of attention kernel"
+        )
     if args.cache_implementation:  # transformers' own check, before a model is loaded rather than after
         from transformers import GenerationConfig
 

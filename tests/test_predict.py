@@ -590,6 +590,14 @@ def test_continuous_batching_is_greedy_only(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_generation_flags_that_would_do_nothing_are_one_line(tmp_path, capsys):
+    base = ["--model", SMOKE_MODEL, "--output_dir", str(tmp_path / "o")]
+    expect_error(capsys, [*base, "--compile_decoding", "false"], "--compile_decoding false applies to")
+    expect_error(capsys, [*base, "--generation", "continuous", "--cudnn_attention", "never"],
+                 "--cudnn_attention never applies to --generation batched")  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_and_empty_split(tmp_path, capsys):
     expect_error(capsys, ["--model", SMOKE_MODEL, "--split", "validation", "--output_dir", str(tmp_path)],
                  "no FinQA split 'validation'")  # fmt: skip
