@@ -136,7 +136,7 @@ class FinQAArguments:
             "PEFT's fp32, as TRL does for 4-bit bases (the DoRA magnitude stays fp32: its updates are below "
             "bf16's resolution). Less precise trained weights; a speed lever to time, not a default. No "
             "effect on 4-bit bases (already so), under FSDP (accelerate upcasts trainable bf16 weights) or "
-            "DeepSpeed (bf16 everywhere); a resumed run most likely continues in fp32 (PEFT reloads so)."
+            "DeepSpeed (bf16 everywhere)."
         },
     )
     merge: bool = field(
@@ -473,6 +473,27 @@ def _check_sharded_4bit(run: Run) -> None:
     # run of this project trained it with peft 0.21. In bf16, _validate's DeepSpeed + DoRA check stops it.
 
 
+def _keep_adapter_dtypes_on_resume(trainer: Any) -> None:
+    """Resuming reloads the adapter through PEFT, whose load casts bf16 adapter weights to fp32
+    (autocast_adapter_dtype): a resumed QLoRA/QDoRA run (TRL keeps its LoRA A/B in bf16), or one with
+    --adapters_in_compute_dtype, would go on in another precision than it started with. The dtypes are put
+    back right after the load, before the model is wrapped and the optimizer built. Transformers has no hook
+    there, so this wraps Trainer's (private) checkpoint loader; without one, nothing changes."""
+    load = getattr(trainer, "_load_from_checkpoint", None)
+    if load is None:
+        return
+
+    def load_keeping_dtypes(*args: Any, **kwargs: Any) -> Any:
+        before = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
+        out = load(*args, **kwargs)
+        for name, param in trainer.model.named_parameters():
+            if name in before and param.dtype != before[name]:
+                param.data = param.data.to(before[name])
+        return out
+
+    trainer._load_from_checkpoint = load_keeping_dtypes
+
+
 def describe_weights(model: Any) -> str:
     """E.g. "4-bit nf4 linear layers, float32 elsewhere" or "bfloat16"."""
     cfg = getattr(model, "hf_quantizer", None)
@@ -716,6 +737,7 @@ def prepare(run: Run) -> Prepared:
         for name, param in trainer.model.named_parameters():
             if param.requires_grad and "lora_magnitude_vector" not in name:
                 param.data = param.data.to(compute)
+    _keep_adapter_dtypes_on_resume(trainer)
     dropped = len(train_ds) - len(trainer.train_dataset)
     if dropped:
         logger.warning(

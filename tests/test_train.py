@@ -511,6 +511,34 @@ def test_a_resume_never_switches_precision(tmp_path: Path) -> None:
         check_output_dir(out, parse(smoke_args(out, "--adapters_in_compute_dtype", "true")).resolved, False)
 
 
+def test_a_resumed_4bit_run_keeps_its_bf16_adapters(tmp_path: Path) -> None:
+    # TRL keeps LoRA A/B of a 4-bit base in bf16; resuming reloads the adapter through PEFT, which casts it to
+    # fp32 on load. The resumed run must train on in the dtypes it started with.
+    from transformers import TrainerCallback
+
+    from finqa_trl.train import parse, prepare
+
+    seen: dict[int, set[str]] = {}
+
+    class Dtypes(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen[state.global_step] = {
+                str(p.dtype) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n
+            }
+
+    def train(steps: int) -> str | None:
+        args = [*Q4, "--dtype", "bfloat16", "--max_steps", str(steps), "--save_steps", "1",
+                "--save_strategy", "steps"]  # fmt: skip
+        prepared = prepare(parse(smoke_args(tmp_path / "o", *args)))
+        prepared.trainer.add_callback(Dtypes())
+        prepared.trainer.train(resume_from_checkpoint=prepared.resume)
+        return prepared.resume
+
+    assert train(1) is None
+    assert train(2) == str(tmp_path / "o" / "checkpoint-1")
+    assert seen == {1: {"torch.bfloat16"}, 2: {"torch.bfloat16"}}
+
+
 def test_push_to_hub_needs_a_repo_id(tmp_path: Path, capsys) -> None:
     assert main(smoke_args(tmp_path / "o", "--push_to_hub", "true")) == 2
     assert "push_to_hub needs --hub_model_id" in one_line_error(capsys)
