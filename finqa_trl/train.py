@@ -246,13 +246,6 @@ def _cpu_defaults(values: dict[str, Any], cli: Sequence[str]) -> dict[str, Any]:
         original["dtype"] = values["dtype"]
         values["dtype"] = "float32"
         changed.append("dtype=float32")
-        # A 4-bit recipe stores its unquantized weights like its compute dtype (one float dtype for sharding);
-        # left in bf16 they would run the norms and embeddings in bf16 under fp32 compute.
-        storage = values.get("bnb_4bit_quant_storage")
-        if "bnb_4bit_quant_storage" not in cli and storage == original["dtype"]:
-            original["bnb_4bit_quant_storage"] = storage
-            values["bnb_4bit_quant_storage"] = "float32"
-            changed.append("bnb_4bit_quant_storage=float32")
     if "use_cpu" not in cli and _no_accelerator() and not values.get("use_cpu"):
         original["use_cpu"] = values.get("use_cpu", False)
         values["use_cpu"] = True

@@ -701,13 +701,16 @@ def test_recorded_recipe_keeps_the_recipes_precision_and_drops_one_off_flags():
     assert run.resolved["bf16"] is True and run.resolved["dtype"] == "bfloat16"  # ...but not recorded
     assert run.resolved["use_cpu"] is False
     assert "overwrite_output_dir" not in run.resolved
-    # A 4-bit recipe's unquantized weights are stored like its compute dtype: fp32 here too (not bf16 norms
-    # under fp32 compute), recorded as the recipe has it; a storage dtype given on the command line is kept.
+    # A q-recipe leaves the 4-bit storage dtype unset, so it follows the compute dtype wherever that ends up:
+    # fp32 here (not bf16 embeddings and norms under fp32 compute), or whatever --dtype says.
+    from finqa_trl.modeling import load_model, resolve_source
+
     q = parse(["--config", "recipes/qlora-1b.yaml"])
-    assert (q.model.dtype, q.model.bnb_4bit_quant_storage) == ("float32", "float32")
-    assert q.resolved["bnb_4bit_quant_storage"] == q.resolved["dtype"] == "bfloat16"
-    kept = parse(["--config", "recipes/qlora-1b.yaml", "--bnb_4bit_quant_storage", "bfloat16"])
-    assert kept.model.bnb_4bit_quant_storage == "bfloat16"
+    assert q.model.dtype == "float32" and q.model.bnb_4bit_quant_storage is None
+    half = parse(["--config", "recipes/qlora-1b.yaml", "--dtype", "float16"])
+    assert half.model.bnb_4bit_quant_storage is None
+    model = load_model(resolve_source("builtin:smoke-llama"), dtype=q.model.dtype, load_in_4bit=True)
+    assert {str(p.dtype) for p in model.parameters()} == {"torch.float32"}  # packed 4-bit storage included
 
 
 @pytest.mark.parametrize("flag, adapters", [("false", "float32"), ("true", "bfloat16")])
