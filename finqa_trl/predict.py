@@ -392,7 +392,7 @@ def resolve_settings(args: PredictArguments) -> Settings:
         )
     # Flags that would do nothing here are refused rather than ignored: a timing taken with them would be
     # reported as something it is not.
-    if not args.compile_decoding and not args.cache_implementation:
+    if not args.compile_decoding and args.cache_implementation not in _static_caches():
         raise PredictError(
             "--compile_decoding false applies to a static cache (--cache_implementation static); "
             "without one, nothing is compiled"
@@ -708,6 +708,15 @@ class Generator:
             why = failed[0] if failed else f"{len(results)} results for {len(prompts)} prompts"
             raise PredictError(f"continuous batching failed: {why}")
         return [list(r.generated_tokens) for r in results]
+
+
+def _static_caches() -> tuple[str, ...]:
+    """The cache implementations whose decoding step transformers compiles (only these)."""
+    try:
+        from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
+    except ImportError:  # a transformers without the name: the two it has in 5.x
+        return ("static", "offloaded_static")
+    return tuple(ALL_STATIC_CACHE_IMPLEMENTATIONS)
 
 
 @contextmanager

@@ -469,11 +469,13 @@ def _check_sharded_4bit(run: Run) -> None:
 def _keep_adapter_dtypes_on_resume(trainer: Any) -> None:
     """Resuming reloads the adapter through PEFT, whose load casts bf16 adapter weights to fp32
     (autocast_adapter_dtype): a resumed QLoRA/QDoRA run (TRL keeps its LoRA A/B in bf16), or one with
-    --adapters_in_compute_dtype, would go on in another precision than it started with. The dtypes are put
-    back right after the load, before the model is wrapped and the optimizer built. Transformers has no hook
-    there, so this wraps Trainer's (private) checkpoint loader; without one, nothing changes."""
+    --adapters_in_compute_dtype, would go on in another precision than it started with. On one device or
+    DDP the dtypes are put back right after the load, before the model is wrapped and the optimizer built.
+    Transformers has no hook there, so this wraps Trainer's (private) checkpoint loader; without one, nothing
+    changes. FSDP loads checkpoints in place after wrapping and DeepSpeed through its own engine: left alone.
+    (`load_best_model_at_end` reloads through PEFT too: only the saved final adapter's dtype differs then.)"""
     load = getattr(trainer, "_load_from_checkpoint", None)
-    if load is None:
+    if load is None or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         return
 
     def load_keeping_dtypes(*args: Any, **kwargs: Any) -> Any:

@@ -593,8 +593,12 @@ def test_continuous_batching_is_greedy_only(tmp_path, capsys):
 def test_generation_flags_that_would_do_nothing_are_one_line(tmp_path, capsys):
     base = ["--model", SMOKE_MODEL, "--output_dir", str(tmp_path / "o")]
     expect_error(capsys, [*base, "--compile_decoding", "false"], "--compile_decoding false applies to")
-    expect_error(capsys, [*base, "--generation", "continuous", "--cudnn_attention", "never"],
-                 "--cudnn_attention never applies to --generation batched")  # fmt: skip
+    expect_error(capsys, [*base, "--compile_decoding", "false", "--cache_implementation", "dynamic"],
+                 "--compile_decoding false applies to")  # fmt: skip
+    assert "static" in predict._static_caches()
+    for where in ("never", "always"):
+        expect_error(capsys, [*base, "--generation", "continuous", "--cudnn_attention", where],
+                     f"--cudnn_attention {where} applies to --generation batched")  # fmt: skip
     assert not (tmp_path / "o").exists()
 
 

@@ -511,23 +511,28 @@ def test_a_resume_never_switches_precision(tmp_path: Path) -> None:
         check_output_dir(out, parse(smoke_args(out, "--adapters_in_compute_dtype", "true")).resolved, False)
 
 
-def test_a_resumed_4bit_run_keeps_its_bf16_adapters(tmp_path: Path) -> None:
-    # TRL keeps LoRA A/B of a 4-bit base in bf16; resuming reloads the adapter through PEFT, which casts it to
-    # fp32 on load. The resumed run must train on in the dtypes it started with.
+@pytest.mark.parametrize("method", [[], ["--use_dora", "true"]], ids=["qlora", "qdora"])
+def test_a_resumed_4bit_run_keeps_its_bf16_adapters(method: list[str], tmp_path: Path) -> None:
+    # TRL keeps LoRA A/B of a 4-bit base in bf16 (the DoRA magnitude in fp32); resuming reloads the adapter
+    # through PEFT, which casts it to fp32 on load. The resumed run must train on in the dtypes it started
+    # with, its optimizer state too.
     from transformers import TrainerCallback
 
     from finqa_trl.train import parse, prepare
 
-    seen: dict[int, set[str]] = {}
+    seen: dict[int, set[tuple[str, str, str]]] = {}
 
     class Dtypes(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            kinds = {n: "magnitude" if "magnitude" in n else "lora" for n, _ in model.named_parameters()}
             seen[state.global_step] = {
-                str(p.dtype) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n
+                (kinds[n], str(p.dtype), str(optimizer.state[p]["exp_avg"].dtype))
+                for n, p in model.named_parameters()
+                if p.requires_grad
             }
 
     def train(steps: int) -> str | None:
-        args = [*Q4, "--dtype", "bfloat16", "--max_steps", str(steps), "--save_steps", "1",
+        args = [*Q4, *method, "--dtype", "bfloat16", "--max_steps", str(steps), "--save_steps", "1",
                 "--save_strategy", "steps"]  # fmt: skip
         prepared = prepare(parse(smoke_args(tmp_path / "o", *args)))
         prepared.trainer.add_callback(Dtypes())
@@ -536,7 +541,10 @@ def test_a_resumed_4bit_run_keeps_its_bf16_adapters(tmp_path: Path) -> None:
 
     assert train(1) is None
     assert train(2) == str(tmp_path / "o" / "checkpoint-1")
-    assert seen == {1: {"torch.bfloat16"}, 2: {"torch.bfloat16"}}
+    expected = {("lora", "torch.bfloat16", "torch.bfloat16")}
+    if method:
+        expected.add(("magnitude", "torch.float32", "torch.float32"))
+    assert seen == {1: expected, 2: expected}
 
 
 def test_push_to_hub_needs_a_repo_id(tmp_path: Path, capsys) -> None:
