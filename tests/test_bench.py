@@ -143,6 +143,18 @@ def test_eval_variants_override_the_benchs_own_flags():
     assert predict.parse_args([*base, *bench.EVAL_VARIANTS["continuous"]]).generation == "continuous"
 
 
+def test_every_eval_variant_passes_predicts_checks(tmp_path):
+    # predict refuses flag combinations that would do nothing; a variant it refused would only show up as an
+    # error row of a GPU bench (bench_eval keeps going), so each is resolved here as bench_eval passes it.
+    from finqa_trl import predict
+    from finqa_trl.modeling import SMOKE_MODEL
+
+    for name, flags in bench.EVAL_VARIANTS.items():
+        args = predict.parse_args(["--model", SMOKE_MODEL, "--split", "test", "--output_dir", str(tmp_path),
+                                   "--max_new_tokens", "20", "--overwrite", "true", *flags])  # fmt: skip
+        assert predict.resolve_settings(args) is not None, name
+
+
 @pytest.mark.slow
 def test_the_worst_step_is_the_same_longest_batch_on_equal_data(sample_dir, llama3_tokenizer_dir, tmp_path):
     # The memory condition compares each variant's worst step: plain TRL at full length and the recipe train
