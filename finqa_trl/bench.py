@@ -129,6 +129,13 @@ EVAL_VARIANTS: dict[str, list[str]] = {
 }
 
 
+def _error_text(err: BaseException) -> str:
+    """What a failed variant records: "out of memory", else the exception in one line."""
+    if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+        return "out of memory"
+    return f"{type(err).__name__}: {one_line(err, 300)}"
+
+
 def lever_args(variant: str) -> list[str]:
     """`recipe:liger+bs16` -> the overrides of both levers; `recipe` -> none."""
     _, _, levers = variant.partition(":")
@@ -398,19 +405,15 @@ def bench_training(
             res = {**meter.result(), "peak_gib": peak_gpu_memory_gib()}
             try:  # the throughput stands even if the extra step fails
                 res.update(longest_batch_peak(trainer))
-            except torch.OutOfMemoryError:
-                res["longest_batch_peak_gib"] = "out of memory"
             except Exception as err:
-                res["longest_batch_peak_gib"] = f"{type(err).__name__}: {one_line(err, 300)}"
+                res["longest_batch_peak_gib"] = _error_text(err)
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps
             res["timed_steps"] = trainer.args.max_steps - warmup
             # Plain TRL truncates to max_length=1024 and then drops every example whose program was cut off.
             res["train_examples"] = len(trainer.train_dataset)
-        except torch.OutOfMemoryError:
-            res = {"error": "out of memory"}
         except Exception as err:  # one failing configuration must not lose the others' numbers
-            res = {"error": f"{type(err).__name__}: {one_line(err, 300)}"}
+            res = {"error": _error_text(err)}
         finally:
             trainer = None
             gc.collect()

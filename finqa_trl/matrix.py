@@ -210,7 +210,9 @@ class Matrix:
             "num_gpus": gpus,
             "accumulation": accumulation,
         }
-        t, started = time.perf_counter(), time.time()
+        recipe_file = out / "recipe.yaml"  # train.py writes it once model and data are loaded
+        before = recipe_file.stat().st_mtime_ns if recipe_file.is_file() else None
+        t = time.perf_counter()
         rc, text = self.make(
             "train",
             self.logs / f"{name}.train.log",
@@ -224,10 +226,8 @@ class Matrix:
         if rc != 0 or not (out / "train_results.json").is_file():
             error = error_line(text)
             # Refused on its input: its own `error:` line (not the matrix's timeout), before it loaded
-            # anything (train.py writes the run's recipe.yaml once model and data are loaded). Every config
-            # of this recipe would be refused the same way.
-            recipe_file = out / "recipe.yaml"
-            loaded = recipe_file.is_file() and recipe_file.stat().st_mtime >= started
+            # anything (no new recipe.yaml). Every config of this recipe would be refused the same way.
+            loaded = recipe_file.is_file() and recipe_file.stat().st_mtime_ns != before
             refused = rc != TIMEOUT_RC and error.startswith("error:") and not loaded
             return {**row, "works": False, "error": error, **({"refused": True} if refused else {})}
         row.update(works=True, **run_summary(out))
@@ -320,8 +320,11 @@ class Matrix:
             if base.get("refused"):
                 # A bad input refuses every launch alike: launching N-GPU runs to hear it again costs GPU time
                 # (a failure to fit one GPU, a timeout or a crash says nothing about N GPUs: those still run).
-                # Rows of an earlier run were compared with another baseline: they go.
-                self.rows = [r for r in self.rows if r["recipe"] != recipe or r["config"] == BASELINE]
+                # Rows of an earlier run stay (they cost GPU time), without their comparison to a baseline
+                # that no longer worked.
+                for row in self.rows:
+                    if row["recipe"] == recipe and row["config"] != BASELINE:
+                        compare(row, base)
                 self.save()
                 refused.append(recipe)
                 print(

@@ -712,10 +712,8 @@ class Generator:
 
 def _static_caches() -> tuple[str, ...]:
     """The cache implementations whose decoding step transformers compiles (only these)."""
-    try:
-        from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
-    except ImportError:  # a transformers without the name: the two it has in 5.x
-        return ("static", "offloaded_static")
+    from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
+
     return tuple(ALL_STATIC_CACHE_IMPLEMENTATIONS)
 
 

@@ -725,13 +725,10 @@ def prepare(run: Run) -> Prepared:
     if script.adapters_in_compute_dtype and not margs.load_in_4bit:
         # PEFT keeps the adapters of a 16-bit base in fp32, so each adapted layer casts its input to fp32; TRL
         # already puts those of a 4-bit base (and of ZeRO-3 runs) in the compute dtype. Same rule as TRL's:
-        # the DoRA magnitude keeps fp32 (TRL #7268). The compute dtype: the recipe's, after the CPU fallback.
-        import torch
-
-        compute = getattr(torch, margs.dtype) if margs.dtype not in (None, "auto") else default_dtype()
+        # the DoRA magnitude keeps fp32 (TRL #7268). A 16-bit base is loaded in the compute dtype: its own.
         for name, param in trainer.model.named_parameters():
             if param.requires_grad and "lora_magnitude_vector" not in name:
-                param.data = param.data.to(compute)
+                param.data = param.data.to(model.dtype)
     _keep_adapter_dtypes_on_resume(trainer)
     dropped = len(train_ds) - len(trainer.train_dataset)
     if dropped:
