@@ -126,6 +126,10 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     "cudnn_always": ["--cudnn_attention", "always"],  # the default before 2026-11-26
     # static KV cache (no per-step concatenation) without transformers' automatic compile of the decoding step
     "static_eager": ["--cache_implementation", "static", "--compile_decoding", "false"],
+    # Liger's fused RMSNorm/RoPE/SwiGLU kernels (`auto` uses them when liger-kernel is installed), and without
+    "liger": ["--liger_kernel", "true"],
+    "no_liger": ["--liger_kernel", "false"],
+    "prefill_liger": ["--max_new_tokens", "1", "--liger_kernel", "true"],
 }
 
 

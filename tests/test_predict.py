@@ -147,6 +147,53 @@ def test_cudnn_attention_is_allowed_in_prefill_only_and_restored_after():
         assert torch.backends.cuda.cudnn_sdp_enabled()  # the global switch is put back
 
 
+def test_liger_kernels_patch_inside_and_put_the_modeling_module_back(monkeypatch):
+    import sys
+
+    from finqa_trl.modeling import load
+
+    model, _ = load(SMOKE_MODEL)
+    module = sys.modules[type(model).__module__]
+    rope, norm_forward = module.apply_rotary_pos_emb, model.model.norm.forward
+    calls = []
+
+    def fake_apply(model, **kernels):  # what Liger does: module globals and the instance's modules
+        calls.append(kernels)
+        module.apply_rotary_pos_emb = lambda *a, **k: None
+        module.NEW_NAME = 1
+        model.model.norm.forward = lambda x: x
+
+    with predict.liger_kernels(model, apply=fake_apply):
+        assert module.apply_rotary_pos_emb is not rope and model.model.norm.forward is not norm_forward
+    assert calls == [{"rope": True, "rms_norm": True, "swiglu": True,
+                      "cross_entropy": False, "fused_linear_cross_entropy": False}]  # fmt: skip
+    assert module.apply_rotary_pos_emb is rope  # a model loaded later is the stock one
+    assert model.model.norm.forward is not norm_forward  # this instance keeps its kernels
+    # Where the kernels cannot run: auto is off, true is one line of error
+    assert not predict.use_liger(model, "auto") and not predict.use_liger(model, "false")
+    monkeypatch.setattr(predict, "_liger_apply", lambda: fake_apply)
+    with pytest.raises(predict.PredictError, match="needs a CUDA GPU"):
+        predict.use_liger(model, "true")
+    monkeypatch.setattr(predict, "_liger_apply", lambda: None)
+    with pytest.raises(predict.PredictError, match="pip install liger-kernel"):
+        predict.use_liger(model, "true")
+
+
+def test_liger_kernels_as_liger_applies_them(monkeypatch):
+    liger = pytest.importorskip("liger_kernel.transformers")
+    import sys
+
+    from finqa_trl.modeling import load
+
+    model, _ = load(SMOKE_MODEL)
+    module = sys.modules[type(model).__module__]
+    rope, norm_class = module.apply_rotary_pos_emb, module.LlamaRMSNorm
+    with predict.liger_kernels(model):
+        assert module.apply_rotary_pos_emb is liger.liger_rotary_pos_emb
+    assert module.apply_rotary_pos_emb is rope and module.LlamaRMSNorm is norm_class
+    assert predict._liger_supports(model)
+
+
 def test_continuous_batching_stops_where_batched_generation_stops():
     from finqa_trl.modeling import load
 
@@ -590,12 +637,14 @@ def test_continuous_batching_is_greedy_only(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_generation_flags_that_would_do_nothing_are_one_line(tmp_path, capsys):
+def test_generation_flags_that_would_do_nothing_are_one_line(tmp_path, capsys, monkeypatch):
     base = ["--model", SMOKE_MODEL, "--output_dir", str(tmp_path / "o")]
     expect_error(capsys, [*base, "--compile_decoding", "false"], "--compile_decoding false applies to")
     expect_error(capsys, [*base, "--compile_decoding", "false", "--cache_implementation", "dynamic"],
                  "--compile_decoding false applies to")  # fmt: skip
     assert "static" in predict._static_caches()
+    monkeypatch.setattr(predict, "_liger_apply", lambda: None)  # liger-kernel not installed
+    expect_error(capsys, [*base, "--liger_kernel", "true"], "--liger_kernel true needs liger-kernel")
     for where in ("never", "always"):
         expect_error(capsys, [*base, "--generation", "continuous", "--cudnn_attention", where],
                      f"--cudnn_attention {where} applies to --generation batched")  # fmt: skip
