@@ -94,7 +94,9 @@ LEVERS: dict[str, list[str]] = {
     "no_ckpt": ["--activation_checkpointing", "false"],  # no recomputation in the backward pass
     "bs8": ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2"],
     "bs16": ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1"],
-    "liger": ["--use_liger_kernel", "true"],  # needs liger-kernel
+    # Liger's layer kernels (needs liger-kernel); the 16-bit recipes use them wherever it is installed
+    "liger": ["--liger_kernel", "true"],
+    "no_liger": ["--liger_kernel", "false"],
     "compile": ["--torch_compile", "true"],
     # 4-bit bases: embeddings/norms/LM head kept in bf16 (plain TRL's choice) rather than PEFT's fp32 upcast.
     # The 4-bit recipes' default since 2026-11-26; `upcast` times the fp32 upcast they had before.
@@ -382,7 +384,10 @@ def bench_training(
     _empty_cache()
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as tmp:
+    from .modeling import stock_modeling_code
+
+    # Liger (a recipe default where installed) rebinds modeling-module globals: put back for the next variant
+    with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as tmp, stock_modeling_code():
         try:
             if variant in TRL_VARIANTS:
                 full = variant == "trl:full_length"

@@ -18,7 +18,10 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -538,3 +541,28 @@ def build_smoke_model() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("built the smoke model in %s", dest)
     return dest
+
+
+def liger_installed() -> bool:
+    """liger-kernel (optional: `pip install liger-kernel`) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+@contextmanager
+def stock_modeling_code() -> Iterator[None]:
+    """On exit, put back every global of transformers' loaded modeling modules that the body rebound. Liger
+    patches a model instance's modules and also its modeling module's globals (the RoPE function, looked up
+    at call time; the norm and MLP classes), which would otherwise carry over to every model built later in
+    the process: the benchmark's next variant, plain TRL's baseline included. The instance keeps them."""
+    modules = {n: m for n, m in list(sys.modules.items()) if n.startswith("transformers.models.") and m}
+    saved = {n: dict(vars(m)) for n, m in modules.items()}
+    try:
+        yield
+    finally:
+        for name, module in modules.items():
+            now = vars(module)
+            for key, value in saved[name].items():
+                if now.get(key) is not value:
+                    setattr(module, key, value)

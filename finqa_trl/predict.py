@@ -802,20 +802,14 @@ def liger_kernels(model: Any, apply: Any = None) -> Iterator[None]:
     """Swap the model's RMSNorm, RoPE and SwiGLU for Liger's fused Triton kernels while inside. In an H100
     profile of 1B prefill (results/bench-2026-11-26-h100-profile-1b-prefill.txt), the unfused elementwise
     ops (mul, copy_, cat, add, pow, silu, mean, neg) took about 4 s of the GPU's 11 s, as much as the matrix
-    products. Liger patches the instance's modules, and also the modeling module's globals (its RoPE
-    function, looked up at call time): those are put back on exit, so that a model loaded later in the same
-    process (the benchmark's next variant) is the stock one."""
+    products. The modeling module's globals that Liger rebinds are put back on exit."""
+    from .modeling import stock_modeling_code
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    module = sys.modules[type(base).__module__]
-    saved = dict(vars(module))
-    try:
+    with stock_modeling_code():
         no_loss = {"cross_entropy": False, "fused_linear_cross_entropy": False}  # generation computes no loss
         (apply or _liger_apply())(model=base, rope=True, rms_norm=True, swiglu=True, **no_loss)
         yield
-    finally:
-        for name, value in saved.items():
-            if vars(module).get(name) is not value:
-                setattr(module, name, value)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any) -> dict[str, Any]:

@@ -10,7 +10,8 @@
 # Each run's metrics, predictions, recipe and training log land in RESULTS_DIR/<run>/ (default
 # results/smollm2-135m), every command in RESULTS_DIR/commands.txt, and the table in RESULTS_DIR/table.md.
 # Environment: PYTHON (default python3), METHODS (default "lora dora qlora qdora"), SHOTS (default "0 3"),
-# TRAIN_ARGS / PREDICT_ARGS (extra flags, e.g. for a short dry run: TRAIN_ARGS="--max_steps 2").
+# TRAIN_ARGS / PREDICT_ARGS (extra flags, e.g. for a short dry run: TRAIN_ARGS="--max_steps 2"), and
+# Q_TRAIN_ARGS (extra flags for the 4-bit recipes only, e.g. --kbit_fp32_upcast true, refused on 16-bit ones).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: scripts/smollm2_runs.sh MODEL FINQA_DIR [RESULTS_DIR]" >&2
@@ -22,6 +23,7 @@ py=${PYTHON:-python3}
 mkdir -p "$results"
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
 read -r -a predict_args <<< "${PREDICT_ARGS:-}"
+read -r -a q_train_args <<< "${Q_TRAIN_ARGS:-}"
 
 run() {  # log the exact command, then run it
   printf '%q ' "$@" | sed 's/ $/\n/' >> "$results/commands.txt"
@@ -40,8 +42,10 @@ keep() {  # keep what a results row is made of: test metrics/predictions, the re
 
 for method in ${METHODS:-lora dora qlora qdora}; do
   out=outputs/smollm2-135m-$method
+  extra=(${train_args[@]+"${train_args[@]}"})
+  case $method in q*) extra+=(${q_train_args[@]+"${q_train_args[@]}"}) ;; esac
   run "$py" -m finqa_trl.train --config "recipes/smollm2-135m-$method.yaml" --model_name_or_path "$model" \
-    --data_dir "$data" --train_splits train dev --output_dir "$out" ${train_args[@]+"${train_args[@]}"}
+    --data_dir "$data" --train_splits train dev --output_dir "$out" ${extra[@]+"${extra[@]}"}
   run "$py" -m finqa_trl.predict --model "$out" --split test --overwrite ${predict_args[@]+"${predict_args[@]}"}
   keep "$out" "$method"
 done

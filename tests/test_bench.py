@@ -7,16 +7,15 @@ import pytest
 from finqa_trl import bench, train
 
 
-def test_every_lever_is_a_valid_override_of_a_recipe():
+def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     expected = {
         "random_batches": ("train_sampling_strategy", "random"),
         "no_ckpt": ("activation_checkpointing", False),
         "bs8": ("per_device_train_batch_size", 8),
         "bs16": ("per_device_train_batch_size", 16),
-        "liger": ("use_liger_kernel", True),
         "compile": ("torch_compile", True),
     }
-    assert set(expected) | {"no_upcast", "upcast", "bf16_adapters"} == set(bench.LEVERS)
+    assert set(expected) | {"no_upcast", "upcast", "bf16_adapters", "liger", "no_liger"} == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
         training = train.parse(
@@ -32,6 +31,12 @@ def test_every_lever_is_a_valid_override_of_a_recipe():
     lora = ["--config", "recipes/lora-1b.yaml"]
     assert train.parse(lora).script.adapters_in_compute_dtype is False
     assert train.parse([*lora, *bench.lever_args("recipe:bf16_adapters")]).script.adapters_in_compute_dtype
+    # Liger's kernels: a recipe default where installed on a GPU (faked here), which no_liger turns off
+    monkeypatch.setattr("finqa_trl.train._has_cuda", lambda: True)
+    monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)
+    assert train.parse(lora).training.use_liger_kernel
+    assert train.parse([*q, *bench.lever_args("recipe:liger")]).training.use_liger_kernel
+    assert not train.parse([*lora, *bench.lever_args("recipe:no_liger")]).training.use_liger_kernel
 
 
 def test_levers_combine_and_unknown_ones_are_refused():
@@ -47,8 +52,14 @@ def test_levers_combine_and_unknown_ones_are_refused():
 def test_table_compares_each_variant_with_plain_trl():
     rows = [
         {"variant": "trl", "shape": "1b", "method": "lora", "tokens_per_s": 1000.0, "peak_gib": 4.8},
-        {"variant": "recipe:bs16", "shape": "1b", "method": "lora", "tokens_per_s": 2500.0, "peak_gib": 5.1,
-         "longest_batch_peak_gib": 6.2},
+        {
+            "variant": "recipe:bs16",
+            "shape": "1b",
+            "method": "lora",
+            "tokens_per_s": 2500.0,
+            "peak_gib": 5.1,
+            "longest_batch_peak_gib": 6.2,
+        },
         {"variant": "recipe", "shape": "3b", "method": "dora", "error": "out of memory"},
         {"shape": "1b", "examples": 1147, "wall_seconds": 9.0},
     ]

@@ -22,7 +22,7 @@ def test_error_line_prefers_our_line_then_the_exception():
     assert matrix.error_line("a\nlast words\n") == "last words"
     # torchrun: each rank's exception, prefixed, then the launcher's own, which says nothing
     launched = (
-        "[rank1]: Traceback (most recent call last):\n[rank1]:   File \"x.py\", line 1\n"
+        '[rank1]: Traceback (most recent call last):\n[rank1]:   File "x.py", line 1\n'
         "[rank1]: RuntimeError: Tensors of the same index must be on the same device\n"
         "    raise ChildFailedError(\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
         "====\nfinqa_trl.train FAILED\nmake: *** [Makefile:67: train] Error 1\n"

@@ -36,7 +36,8 @@ def test_runs_each_recipe_then_the_baselines_and_logs_every_command(tmp_path):
     fake.chmod(0o755)
     data, results = tmp_path / "data", tmp_path / "results"
     data.mkdir()
-    env = {**os.environ, "PYTHON": str(fake), "CALLS": str(tmp_path / "calls"), "METHODS": "lora qdora"}
+    env = {**os.environ, "PYTHON": str(fake), "CALLS": str(tmp_path / "calls"), "METHODS": "lora qdora",
+           "TRAIN_ARGS": "--logging_steps 5", "Q_TRAIN_ARGS": "--kbit_fp32_upcast true"}  # fmt: skip
     subprocess.run(
         ["bash", str(SCRIPT), "model.gguf", str(data), str(results)], check=True, cwd=tmp_path, env=env
     )
@@ -46,6 +47,9 @@ def test_runs_each_recipe_then_the_baselines_and_logs_every_command(tmp_path):
     ] * 2 + ["finqa_trl.report"]
     assert "--config recipes/smollm2-135m-qdora.yaml --model_name_or_path model.gguf" in calls[2]
     assert "--train_splits train dev" in calls[0] and "--eg_k 3" in calls[5]
+    # Q_TRAIN_ARGS reach the 4-bit recipes only (the 16-bit ones refuse --kbit_fp32_upcast)
+    assert calls[0].endswith("--logging_steps 5")
+    assert calls[2].endswith("--logging_steps 5 --kbit_fp32_upcast true")
     assert len((results / "commands.txt").read_text().splitlines()) == len(calls)
     for run in ("lora", "qdora", "base-0shot", "base-3shot"):
         assert (results / run / "metrics_test.json").is_file()

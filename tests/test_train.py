@@ -690,7 +690,8 @@ def test_two_process_cpu_run(launcher: list[str], tmp_path: Path) -> None:
     # The run's training log, written once: the final state and the summary metrics
     final = json.loads((out / "trainer_state.json").read_text())
     assert final["global_step"] == 2 and final["log_history"][-1]["train_runtime"] > 0
-    assert json.loads((out / "train_results.json").read_text())["train_runtime"] > 0
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["train_runtime"] > 0 and results["liger_kernel"] is False  # what ran (no GPU here)
 
 
 def test_a_run_failing_while_loading_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, capsys):
@@ -756,3 +757,53 @@ def test_kbit_fp32_upcast_decides_the_dtype_of_the_unquantized_weights(upcast, e
     }
     assert unquantized == {expected}
     assert str(model.get_input_embeddings().weight.dtype) == f"torch.{expected}"
+
+
+def test_liger_kernels_where_installed_on_a_gpu_and_never_on_4bit_recipes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import finqa_trl.modeling as m
+
+    # The 16-bit recipes say auto: with no GPU (CI) that is off; the record keeps `auto` for another machine
+    run = parse(["--config", "recipes/lora-1b.yaml"])
+    assert run.script.liger_kernel == "auto" and not run.training.use_liger_kernel
+    assert run.resolved["liger_kernel"] == "auto"
+    with pytest.raises(Exception, match=r"--liger_kernel true needs"):
+        parse(["--config", "recipes/lora-1b.yaml", "--liger_kernel", "true"])
+    with pytest.raises(Exception, match="disagree"):
+        parse(["--config", "recipes/lora-1b.yaml", "--liger_kernel", "false", "--use_liger_kernel", "true"])
+    # A GPU with liger-kernel installed: on for the 16-bit recipes, off for the 4-bit ones (not timed there)
+    monkeypatch.setattr("finqa_trl.train._has_cuda", lambda: True)
+    monkeypatch.setattr(m, "liger_installed", lambda: True)
+    assert parse(["--config", "recipes/dora-3b.yaml"]).training.use_liger_kernel
+    assert not parse(
+        ["--config", "recipes/lora-1b.yaml", "--liger_kernel", "false"]
+    ).training.use_liger_kernel
+    assert not parse(["--config", "recipes/qdora-1b.yaml"]).training.use_liger_kernel
+    monkeypatch.setattr(m, "liger_installed", lambda: False)
+    assert not parse(["--config", "recipes/lora-1b.yaml"]).training.use_liger_kernel
+    with pytest.raises(Exception, match="pip install liger-kernel"):
+        parse(["--config", "recipes/lora-1b.yaml", "--liger_kernel", "true"])
+
+
+def test_stock_modeling_code_puts_back_what_a_patch_rebinds() -> None:
+    from transformers.models.llama import modeling_llama
+
+    rope, norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
+    with modeling.stock_modeling_code():
+        modeling_llama.apply_rotary_pos_emb = lambda *a: a  # what Liger's apply does to the module
+        modeling_llama.LlamaRMSNorm = object
+    assert modeling_llama.apply_rotary_pos_emb is rope and modeling_llama.LlamaRMSNorm is norm
+
+
+def test_precision_options_that_would_do_nothing_are_one_line(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(smoke_args(tmp_path / "o", "--kbit_fp32_upcast", "true")) == 2  # a 16-bit base
+    assert "--kbit_fp32_upcast true applies to 4-bit bases" in one_line_error(capsys)
+    assert main(smoke_args(tmp_path / "o", *Q4, "--adapters_in_compute_dtype", "true")) == 2
+    assert "TRL already keeps the adapters of a 4-bit base" in one_line_error(capsys)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with the fsdp config exports
+    assert main(smoke_args(tmp_path / "o", "--adapters_in_compute_dtype", "true")) == 2
+    assert "does nothing under FSDP" in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
