@@ -132,6 +132,7 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     "liger": ["--liger_kernel", "true"],
     "no_liger": ["--liger_kernel", "false"],
     "prefill_liger": ["--max_new_tokens", "1", "--liger_kernel", "true"],
+    "prefill_no_liger": ["--max_new_tokens", "1", "--liger_kernel", "false"],
 }
 
 

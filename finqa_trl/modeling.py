@@ -555,7 +555,8 @@ def stock_modeling_code() -> Iterator[None]:
     """On exit, put back every global of transformers' loaded modeling modules that the body rebound. Liger
     patches a model instance's modules and also its modeling module's globals (the RoPE function, looked up
     at call time; the norm and MLP classes), which would otherwise carry over to every model built later in
-    the process: the benchmark's next variant, plain TRL's baseline included. The instance keeps them."""
+    the process: the benchmark's next variant, plain TRL's baseline included. The instance keeps them. Only
+    modules imported on entry are watched: load (or import) the model's family before entering."""
     modules = {n: m for n, m in list(sys.modules.items()) if n.startswith("transformers.models.") and m}
     saved = {n: dict(vars(m)) for n, m in modules.items()}
     try:

@@ -176,7 +176,8 @@ class PredictArguments:
         metadata={
             "help": "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (pip install liger-kernel): they "
             "fuse the elementwise work, about a third of prefill on an H100. auto: on CUDA when "
-            "liger-kernel is installed and supports the model; true: required; false: off.",
+            "liger-kernel is installed and supports the model, except on 4-bit bases (not timed there); "
+            "true: required; false: off.",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -411,8 +412,11 @@ def resolve_settings(args: PredictArguments) -> Settings:
             f"--cudnn_attention {args.cudnn_attention} applies to --generation batched; continuous "
             "batching keeps torch's own choice of attention kernel"
         )
-    if args.liger_kernel == "true" and _liger_apply() is None:
-        raise PredictError("--liger_kernel true needs liger-kernel: pip install liger-kernel")
+    if args.liger_kernel == "true":
+        from .modeling import liger_installed
+
+        if not liger_installed():
+            raise PredictError("--liger_kernel true needs liger-kernel: pip install liger-kernel")
     if args.cache_implementation:  # transformers' own check, before a model is loaded rather than after
         from transformers import GenerationConfig
 
@@ -759,41 +763,34 @@ def cudnn_attention(model: Any, where: str) -> Iterator[None]:
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
-def _liger_apply() -> Any | None:
-    """liger-kernel's per-instance patcher (it picks the model family's kernels), or None if not installed."""
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
-        return None
-    return _apply_liger_kernel_to_instance
-
-
 def _liger_supports(model: Any) -> bool:
-    try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError:
-        return False
-    return getattr(model.config, "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return getattr(getattr(model, "config", None), "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
 def use_liger(model: Any, setting: str) -> bool:
     """Whether --liger_kernel (auto/true/false) puts Liger's kernels into this model; `true` where they cannot
-    run is one line of error."""
+    run is one line of error. `auto` leaves 4-bit bases alone, as training does until it is timed there."""
     import torch
+
+    from .modeling import liger_installed
 
     if setting == "false":
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    installed = _liger_apply() is not None
-    on_cuda = torch.cuda.is_available() and base.device.type == "cuda"
+    device = getattr(base, "device", None)
+    on_cuda = torch.cuda.is_available() and getattr(device, "type", None) == "cuda"
     if setting == "auto":
-        return installed and on_cuda and _liger_supports(base)
-    if not installed:
+        four_bit = getattr(base, "is_loaded_in_4bit", False)
+        return on_cuda and not four_bit and liger_installed() and _liger_supports(base)
+    if not liger_installed():
         raise PredictError("--liger_kernel true needs liger-kernel: pip install liger-kernel")
     if not on_cuda:
         raise PredictError("--liger_kernel true needs a CUDA GPU (Liger's kernels are Triton kernels)")
     if not _liger_supports(base):
-        raise PredictError(f"--liger_kernel true: liger-kernel has no kernels for {base.config.model_type!r}")
+        kind = getattr(getattr(base, "config", None), "model_type", None)
+        raise PredictError(f"--liger_kernel true: liger-kernel has no kernels for model type {kind!r}")
     return True
 
 
@@ -808,7 +805,10 @@ def liger_kernels(model: Any, apply: Any = None) -> Iterator[None]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     with stock_modeling_code():
         no_loss = {"cross_entropy": False, "fused_linear_cross_entropy": False}  # generation computes no loss
-        (apply or _liger_apply())(model=base, rope=True, rms_norm=True, swiglu=True, **no_loss)
+        if apply is None:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance as apply  # picks the family
+
+        apply(model=base, rope=True, rms_norm=True, swiglu=True, **no_loss)
         yield
 
 

@@ -341,26 +341,22 @@ def _has_cuda() -> bool:
 
 
 def _resolve_liger(script: FinQAArguments, training: Any) -> None:
-    """--liger_kernel decides TRL's use_liger_kernel; the recorded recipe keeps `auto` (per machine)."""
+    """--liger_kernel decides TRL's use_liger_kernel; the recorded recipe keeps `auto` (per machine). TRL's
+    own --use_liger_kernel true still turns them on (false only means: not automatically)."""
     from . import modeling
 
-    usable = modeling.liger_installed() and _has_cuda()
     # A YAML `false`/`true` arrives as a bool (and bypasses the choices check): normalise and check it here
     script.liger_kernel = str(script.liger_kernel).lower()
     if script.liger_kernel not in ("auto", "true", "false"):
         raise UsageError(f"liger_kernel must be auto, true or false, got {script.liger_kernel!r}")
-    if script.liger_kernel == "false":
-        if training.use_liger_kernel:
-            raise UsageError("--use_liger_kernel true and --liger_kernel false disagree: pass one of them")
-        return
-    if script.liger_kernel == "true" and not usable:
-        why = (
-            "a CUDA GPU (Triton kernels)"
-            if modeling.liger_installed()
-            else "liger-kernel: pip install liger-kernel"
+    on_gpu = _has_cuda() and not training.use_cpu
+    if script.liger_kernel == "true" and not (modeling.liger_installed() and on_gpu):
+        missing = "liger-kernel: pip install liger-kernel"
+        raise UsageError(
+            f"--liger_kernel true needs {'a CUDA GPU' if modeling.liger_installed() else missing}"
         )
-        raise UsageError(f"--liger_kernel true needs {why}")
-    training.use_liger_kernel = training.use_liger_kernel or usable
+    if script.liger_kernel != "false":
+        training.use_liger_kernel = training.use_liger_kernel or (modeling.liger_installed() and on_gpu)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -413,8 +409,10 @@ def _check_precision_options(run: Run) -> None:
     if s.kbit_fp32_upcast and _is_sharded(training):
         # Not refused: a q-run saved before the key was recorded ran with the upcast on one device, and its
         # resume is told to pass `true`; under sharding that run never upcast either.
-        logger.warning("--kbit_fp32_upcast true does nothing under FSDP/ZeRO-3: the sharded 4-bit base keeps "
-                       "one dtype, so embeddings, norms and LM head stay in the compute dtype")  # fmt: skip
+        logger.warning(
+            "--kbit_fp32_upcast true does nothing under FSDP/ZeRO-3: the sharded 4-bit base keeps one dtype, "
+            "so embeddings, norms and LM head stay in the compute dtype"
+        )
     if s.adapters_in_compute_dtype:
         if m.load_in_4bit:
             raise UsageError(
@@ -843,7 +841,9 @@ def train(run: Run) -> int:
     if peaks:
         metrics["peak_gpu_memory_gib"] = peaks
         logger.info("peak GPU memory per process (GiB): %s", peaks)
-    metrics["liger_kernel"] = bool(run.training.use_liger_kernel)  # the recipe says auto; this is what ran
+    # The recipe says auto: record what was asked of TRL here (it applies them where liger-kernel supports the
+    # model type, and warns where it does not)
+    metrics["liger_kernel"] = bool(run.training.use_liger_kernel)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     logger.info("adapter, tokenizer, %s and the training log saved in %s", RECIPE_FILE, output_dir)

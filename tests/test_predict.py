@@ -160,7 +160,6 @@ def test_liger_kernels_patch_inside_and_put_the_modeling_module_back(monkeypatch
     def fake_apply(model, **kernels):  # what Liger does: module globals and the instance's modules
         calls.append(kernels)
         module.apply_rotary_pos_emb = lambda *a, **k: None
-        module.NEW_NAME = 1
         model.model.norm.forward = lambda x: x
 
     with predict.liger_kernels(model, apply=fake_apply):
@@ -171,10 +170,10 @@ def test_liger_kernels_patch_inside_and_put_the_modeling_module_back(monkeypatch
     assert model.model.norm.forward is not norm_forward  # this instance keeps its kernels
     # Where the kernels cannot run: auto is off, true is one line of error
     assert not predict.use_liger(model, "auto") and not predict.use_liger(model, "false")
-    monkeypatch.setattr(predict, "_liger_apply", lambda: fake_apply)
+    monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)
     with pytest.raises(predict.PredictError, match="needs a CUDA GPU"):
         predict.use_liger(model, "true")
-    monkeypatch.setattr(predict, "_liger_apply", lambda: None)
+    monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: False)
     with pytest.raises(predict.PredictError, match="pip install liger-kernel"):
         predict.use_liger(model, "true")
 
@@ -643,7 +642,7 @@ def test_generation_flags_that_would_do_nothing_are_one_line(tmp_path, capsys, m
     expect_error(capsys, [*base, "--compile_decoding", "false", "--cache_implementation", "dynamic"],
                  "--compile_decoding false applies to")  # fmt: skip
     assert "static" in predict._static_caches()
-    monkeypatch.setattr(predict, "_liger_apply", lambda: None)  # liger-kernel not installed
+    monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: False)
     expect_error(capsys, [*base, "--liger_kernel", "true"], "--liger_kernel true needs liger-kernel")
     for where in ("never", "always"):
         expect_error(capsys, [*base, "--generation", "continuous", "--cudnn_attention", where],

@@ -759,30 +759,35 @@ def test_kbit_fp32_upcast_decides_the_dtype_of_the_unquantized_weights(upcast, e
     assert str(model.get_input_embeddings().weight.dtype) == f"torch.{expected}"
 
 
-def test_liger_kernels_where_installed_on_a_gpu_and_never_on_4bit_recipes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_liger_kernels_where_installed_on_a_gpu_not_on_4bit_bases(monkeypatch: pytest.MonkeyPatch) -> None:
     import finqa_trl.modeling as m
+    from finqa_trl.train import UsageError
 
     # The 16-bit recipes say auto: with no GPU (CI) that is off; the record keeps `auto` for another machine
     run = parse(["--config", "recipes/lora-1b.yaml"])
     assert run.script.liger_kernel == "auto" and not run.training.use_liger_kernel
     assert run.resolved["liger_kernel"] == "auto"
-    with pytest.raises(Exception, match=r"--liger_kernel true needs"):
+    with pytest.raises(UsageError, match=r"--liger_kernel true needs"):
         parse(["--config", "recipes/lora-1b.yaml", "--liger_kernel", "true"])
-    with pytest.raises(Exception, match="disagree"):
-        parse(["--config", "recipes/lora-1b.yaml", "--liger_kernel", "false", "--use_liger_kernel", "true"])
+    # TRL's own flag still works where the recipe says false (the 4-bit ones) or says nothing (smoke)
+    assert parse(
+        ["--config", "recipes/qlora-1b.yaml", "--use_liger_kernel", "true"]
+    ).training.use_liger_kernel
+    assert parse(["--config", "recipes/smoke.yaml", "--use_liger_kernel", "true"]).training.use_liger_kernel
     # A GPU with liger-kernel installed: on for the 16-bit recipes, off for the 4-bit ones (not timed there)
     monkeypatch.setattr("finqa_trl.train._has_cuda", lambda: True)
+    monkeypatch.setattr(
+        "finqa_trl.train._no_accelerator", lambda: False
+    )  # else the CPU fallback sets use_cpu
     monkeypatch.setattr(m, "liger_installed", lambda: True)
     assert parse(["--config", "recipes/dora-3b.yaml"]).training.use_liger_kernel
-    assert not parse(
-        ["--config", "recipes/lora-1b.yaml", "--liger_kernel", "false"]
-    ).training.use_liger_kernel
+    off = parse(["--config", "recipes/lora-1b.yaml", "--liger_kernel", "false"])
+    assert not off.training.use_liger_kernel
     assert not parse(["--config", "recipes/qdora-1b.yaml"]).training.use_liger_kernel
+    assert not parse(["--config", "recipes/lora-1b.yaml", "--use_cpu", "true"]).training.use_liger_kernel
     monkeypatch.setattr(m, "liger_installed", lambda: False)
     assert not parse(["--config", "recipes/lora-1b.yaml"]).training.use_liger_kernel
-    with pytest.raises(Exception, match="pip install liger-kernel"):
+    with pytest.raises(UsageError, match="pip install liger-kernel"):
         parse(["--config", "recipes/lora-1b.yaml", "--liger_kernel", "true"])
 
 
