@@ -133,6 +133,9 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     "no_liger": ["--liger_kernel", "false"],
     "prefill_liger": ["--max_new_tokens", "1", "--liger_kernel", "true"],
     "prefill_no_liger": ["--max_new_tokens", "1", "--liger_kernel", "false"],
+    # smaller token budgets than the default half of free memory: more batches, each padded less
+    "memory_quarter": ["--memory_fraction", "0.25"],
+    "memory_eighth": ["--memory_fraction", "0.125"],
 }
 
 

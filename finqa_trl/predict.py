@@ -130,6 +130,14 @@ class PredictArguments:
         default=None,
         metadata={"help": "auto: tokens (prompt + new, x samples) per batch; default from memory."},
     )
+    memory_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "auto on a GPU: the share of free memory (after loading) that one batch's KV cache and "
+            "prefill activations may take. Smaller: more batches, each padded less (prompts are "
+            "length-sorted); larger: fewer batches, so fewer decoding loops."
+        },
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "Longest program generated, in tokens."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
@@ -391,6 +399,8 @@ def resolve_settings(args: PredictArguments) -> Settings:
     do_sample = args.do_sample or args.num_samples > 1  # N greedy samples would all be the same
     if args.max_new_tokens < 1 or args.save_every < 1 or (args.limit is not None and args.limit < 1):
         raise PredictError("--max_new_tokens, --save_every and --limit must be >= 1")
+    if not 0 < args.memory_fraction <= 0.9:  # the weights, the logits and the allocator need the rest
+        raise PredictError(f"--memory_fraction must be in (0, 0.9], got {args.memory_fraction}")
     if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
         raise PredictError(f"--batch_size must be a positive integer or auto, got {args.batch_size!r}")
     if not args.split.strip():
@@ -632,7 +642,7 @@ def token_budget(model: Any, args: PredictArguments) -> int:
     kv = 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", heads) * head_dim
     activations = 4 * cfg.hidden_size + 3 * cfg.intermediate_size  # one layer's prefill peak, per token
     elem = 2 if model.dtype in (torch.bfloat16, torch.float16) else 4
-    return max(1024, int(0.5 * free / ((kv + activations) * elem)))
+    return max(1024, int(args.memory_fraction * free / ((kv + activations) * elem)))
 
 
 def rows_per_call(args: PredictArguments) -> int | None:

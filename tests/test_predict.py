@@ -698,3 +698,30 @@ def test_cli_exit_code_and_one_line(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "--bogus_flag" in proc.stderr
+
+
+def test_token_budget_takes_the_given_share_of_free_gpu_memory(monkeypatch, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (40 * 2**30, 80 * 2**30))
+    cfg = SimpleNamespace(
+        num_attention_heads=32,
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_key_value_heads=8,
+        head_dim=64,
+        intermediate_size=8192,
+    )  # fmt: skip  (Llama-3.2-1B)
+    model = SimpleNamespace(config=cfg, dtype=torch.bfloat16)
+    per_token = (2 * 16 * 8 * 64 + 4 * 2048 + 3 * 8192) * 2  # KV cache + one layer's prefill peak, bf16
+    half = predict.token_budget(model, predict.parse_args(["--model", "m"]))
+    assert half == int(0.5 * 40 * 2**30 / per_token)
+    quarter = predict.token_budget(model, predict.parse_args(["--model", "m", "--memory_fraction", "0.25"]))
+    assert abs(quarter - half / 2) <= 1
+    fixed = predict.parse_args(["--model", "m", "--memory_fraction", "0.25", "--max_batch_tokens", "5000"])
+    assert predict.token_budget(model, fixed) == 5000
+    expect_error(capsys, ["--model", SMOKE_MODEL, "--output_dir", str(tmp_path), "--memory_fraction", "1.5"],
+                 "--memory_fraction must be in (0, 0.9]")  # fmt: skip
