@@ -714,7 +714,7 @@ def test_token_budget_takes_the_given_share_of_free_gpu_memory(monkeypatch, tmp_
         num_key_value_heads=8,
         head_dim=64,
         intermediate_size=8192,
-    )  # fmt: skip  (Llama-3.2-1B)
+    )  # Llama-3.2-1B
     model = SimpleNamespace(config=cfg, dtype=torch.bfloat16)
     per_token = (2 * 16 * 8 * 64 + 4 * 2048 + 3 * 8192) * 2  # KV cache + one layer's prefill peak, bf16
     half = predict.token_budget(model, predict.parse_args(["--model", "m"]))
