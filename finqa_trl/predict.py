@@ -130,12 +130,12 @@ class PredictArguments:
         default=None,
         metadata={"help": "auto: tokens (prompt + new, x samples) per batch; default from memory."},
     )
-    memory_fraction: float = field(
-        default=0.5,
+    memory_fraction: float | None = field(
+        default=None,
         metadata={
             "help": "auto on a GPU: the share of free memory (after loading) that one batch's KV cache and "
-            "prefill activations may take. Smaller: more batches, each padded less (prompts are "
-            "length-sorted); larger: fewer batches, so fewer decoding loops."
+            "prefill activations may take (default 0.5). Smaller: more batches, each padded less (prompts "
+            "are length-sorted); larger: fewer batches, so fewer decoding loops."
         },
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Longest program generated, in tokens."})
@@ -399,8 +399,15 @@ def resolve_settings(args: PredictArguments) -> Settings:
     do_sample = args.do_sample or args.num_samples > 1  # N greedy samples would all be the same
     if args.max_new_tokens < 1 or args.save_every < 1 or (args.limit is not None and args.limit < 1):
         raise PredictError("--max_new_tokens, --save_every and --limit must be >= 1")
-    if not 0 < args.memory_fraction <= 0.9:  # the weights, the logits and the allocator need the rest
-        raise PredictError(f"--memory_fraction must be in (0, 0.9], got {args.memory_fraction}")
+    if args.memory_fraction is not None:
+        # free memory is measured after loading: the rest is for the logits, decoding and the allocator
+        if not 0 < args.memory_fraction <= 0.9:
+            raise PredictError(f"--memory_fraction must be in (0, 0.9], got {args.memory_fraction}")
+        if args.max_batch_tokens or args.batch_size != "auto" or args.generation == "continuous":
+            raise PredictError(
+                "--memory_fraction sizes the automatic batches of --generation batched: drop it, or drop "
+                "--max_batch_tokens / --batch_size N / --generation continuous"
+            )
     if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
         raise PredictError(f"--batch_size must be a positive integer or auto, got {args.batch_size!r}")
     if not args.split.strip():
@@ -642,7 +649,8 @@ def token_budget(model: Any, args: PredictArguments) -> int:
     kv = 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", heads) * head_dim
     activations = 4 * cfg.hidden_size + 3 * cfg.intermediate_size  # one layer's prefill peak, per token
     elem = 2 if model.dtype in (torch.bfloat16, torch.float16) else 4
-    return max(1024, int(args.memory_fraction * free / ((kv + activations) * elem)))
+    share = 0.5 if args.memory_fraction is None else args.memory_fraction
+    return max(1024, int(share * free / ((kv + activations) * elem)))
 
 
 def rows_per_call(args: PredictArguments) -> int | None:

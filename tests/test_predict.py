@@ -150,6 +150,8 @@ def test_cudnn_attention_is_allowed_in_prefill_only_and_restored_after():
 def test_liger_kernels_patch_inside_and_put_the_modeling_module_back(monkeypatch):
     import sys
 
+    import torch
+
     from finqa_trl.modeling import load
 
     model, _ = load(SMOKE_MODEL)
@@ -170,6 +172,15 @@ def test_liger_kernels_patch_inside_and_put_the_modeling_module_back(monkeypatch
     assert model.model.norm.forward is not norm_forward  # this instance keeps its kernels
     # Where the kernels cannot run: auto is off, true is one line of error
     assert not predict.use_liger(model, "auto") and not predict.use_liger(model, "false")
+    # auto leaves a 4-bit base alone even where Liger could run (not timed there)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)
+    monkeypatch.setattr(predict, "_liger_supports", lambda m: True)
+    cuda_model = type("M", (), {"device": torch.device("cuda"), "is_loaded_in_4bit": False})()
+    assert predict.use_liger(cuda_model, "auto")
+    cuda_model.is_loaded_in_4bit = True
+    assert not predict.use_liger(cuda_model, "auto") and predict.use_liger(cuda_model, "true")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)
     with pytest.raises(predict.PredictError, match="needs a CUDA GPU"):
         predict.use_liger(model, "true")
@@ -721,7 +732,10 @@ def test_token_budget_takes_the_given_share_of_free_gpu_memory(monkeypatch, tmp_
     assert half == int(0.5 * 40 * 2**30 / per_token)
     quarter = predict.token_budget(model, predict.parse_args(["--model", "m", "--memory_fraction", "0.25"]))
     assert abs(quarter - half / 2) <= 1
-    fixed = predict.parse_args(["--model", "m", "--memory_fraction", "0.25", "--max_batch_tokens", "5000"])
-    assert predict.token_budget(model, fixed) == 5000
-    expect_error(capsys, ["--model", SMOKE_MODEL, "--output_dir", str(tmp_path), "--memory_fraction", "1.5"],
-                 "--memory_fraction must be in (0, 0.9]")  # fmt: skip
+    base = ["--model", SMOKE_MODEL, "--output_dir", str(tmp_path / "o")]
+    expect_error(capsys, [*base, "--memory_fraction", "1.5"], "--memory_fraction must be in (0, 0.9]")
+    for fixed in (["--max_batch_tokens", "5000"], ["--batch_size", "8"], ["--generation", "continuous"]):
+        expect_error(
+            capsys, [*base, "--memory_fraction", "0.25", *fixed], "--memory_fraction sizes the automatic"
+        )
+    assert not (tmp_path / "o").exists()
