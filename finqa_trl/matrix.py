@@ -11,18 +11,20 @@ examples in each optimizer step (accelerate deals the one-process batches out to
 on train + dev in random order without LoRA dropout (see below), logs the loss every 5 steps and saves no
 checkpoints.
 
-Writes `<out>/matrix.json` and `<out>/matrix.md` after every run: works / fails with the error line,
-tokens/s (TRL's token count over the processes, scaled from the last logged step to all, / train_runtime)
-and its ratio to one GPU, peak memory per GPU, and the largest relative difference between the loss curve
-and the one-GPU curve. Rerunning the same command resumes: runs that trained and evaluated are kept from
-`matrix.json` (their settings must be the same), the others run, rows of other recipes stay; `--overwrite`
-starts afresh. A recipe whose one-GPU run is refused on its input (the run's own `error:` line before it
-loaded anything; not a timeout or a crash) launches no N-GPU runs, which would be refused alike, and the
-matrix exits with 2. Dropout would draw its masks per process, so the runs set `--lora_dropout 0`: the first
-logged losses then agree (LoRA on 2 H200s: to the digit under DDP and ZeRO-2/3, 0.18% off under FSDP), and
-later ones drift by summation order (LOSS_TOLERANCE is what counts as matching). Each run's output and its
-`<run>.{train,eval}.log` are in `--runs_dir` (matrix-runs/: outside outputs/, so that `make report` does not
-take these short runs for results).
+Writes `<out>/matrix.json` and `<out>/matrix.md` after every run: works / fails with the error line, tokens/s
+(TRL's token count over the processes, scaled from the last logged step to all, / train_runtime) and its ratio
+to one GPU, peak memory per GPU, and the largest relative difference between the loss curve and the one-GPU
+curve. Rerunning the same command resumes: runs that trained and evaluated are kept from `matrix.json` (their
+settings must be the same), the others run, rows of other recipes stay; `--overwrite` starts afresh. A run's
+training row is saved before its evals, so a matrix stopped during an eval keeps what the training measured; a
+rerun evaluates that run's adapter without training it again, if it is still there. A recipe whose one-GPU run
+is refused on its input (the run's own `error:` line before it loaded anything; not a timeout or a crash)
+launches no N-GPU runs, which would be refused alike, and the matrix exits with 2. Dropout would draw its
+masks per process, so the runs set `--lora_dropout 0`: the first logged losses then agree (LoRA on 2 H200s: to
+the digit under DDP and ZeRO-2/3, 0.18% off under FSDP), and later ones drift by summation order
+(LOSS_TOLERANCE is what counts as matching). Each run's output and its `<run>.{train,eval}.log` are in
+`--runs_dir` (matrix-runs/: outside outputs/, so that `make report` does not take these short runs for
+results).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,9 @@ BASELINE = "single_gpu"
 LOSS_TOLERANCE = 0.05  # largest relative difference of a logged loss from the one-GPU run's at the same step
 LOGGING_STEPS = 5
 KEPT = " (kept from the last run)"
+# A run's eval before it ran: the training's row is saved first, so a matrix cut off during the evals (a
+# lease's time limit) keeps what the training measured; a rerun only evaluates it, if its adapter is there.
+PENDING = "not run yet: the matrix stopped after this run's training"
 TIMEOUT_RC = 124  # a make call that ran past --timeout (as `timeout` reports it)
 
 
@@ -156,6 +161,15 @@ class Matrix:
                     return r
         return None
 
+    def trained(self, recipe: str, config: str, gpus: int) -> dict[str, Any] | None:
+        """The row of a run that trained but whose evals never ran, if its adapter is still there."""
+        adapter = self.logs / _run_name(recipe, config, gpus) / "adapter_config.json"
+        for r in self.rows:
+            pending = (r.get("eval") or {}).get("error") == PENDING
+            if _key(r) == (recipe, config, gpus) and r["works"] and pending and adapter.is_file():
+                return dict(r)
+        return None
+
     def put(self, row: dict[str, Any], note: str = "") -> None:
         """Add a row, in place of an older one of the same run; then save and print it."""
         at = next((i for i, r in enumerate(self.rows) if _key(r) == _key(row)), None)
@@ -201,8 +215,16 @@ class Matrix:
         ]  # fmt: skip
         return " ".join(parts)
 
-    def run(self, recipe: str, config: str, gpus: int, accumulation: int) -> dict[str, Any]:
-        name = f"{config}-{gpus}gpu-{recipe}"  # another GPU count (or matrix) never reuses a run's folder
+    def run(
+        self,
+        recipe: str,
+        config: str,
+        gpus: int,
+        accumulation: int,
+        record: Callable[[dict], None] | None = None,
+    ) -> dict[str, Any]:
+        """Train one run, then evaluate it; `record` gets the training's row before the evals start."""
+        name = _run_name(recipe, config, gpus)
         out = self.logs / name
         row: dict[str, Any] = {
             "recipe": recipe,
@@ -232,10 +254,39 @@ class Matrix:
             return {**row, "works": False, "error": error, **({"refused": True} if refused else {})}
         row.update(works=True, **run_summary(out))
         if self.args.eval_limit:
-            row["eval"] = self.evaluate(name, out, gpus)
-            if config == BASELINE and "error" not in row["eval"]:
-                row["eval_across"] = self.eval_across(name, out)
+            if record is not None:
+                record({**row, "eval": {"error": PENDING}})
+            self.evaluate_run(row)
         return row
+
+    def evaluate_run(self, row: dict[str, Any]) -> dict[str, Any]:
+        """`make eval` of a trained run's adapter (the one-GPU run's again on N GPUs), into its row."""
+        name = _run_name(row["recipe"], row["config"], row["num_gpus"])
+        out = self.logs / name
+        row.pop("eval_across", None)
+        row["eval"] = self.evaluate(name, out, row["num_gpus"])
+        if row["config"] == BASELINE and "error" not in row["eval"]:
+            row["eval_across"] = self.eval_across(name, out)
+        return row
+
+    def obtain(
+        self, recipe: str, config: str, gpus: int, accumulation: int, base: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], str]:
+        """A run's row and a note: kept from the last matrix, evaluated now after an earlier training, or run.
+        A new training's row is saved (compared with `base`) before its evals start."""
+        row = self.kept(recipe, config, gpus)
+        if row is not None:
+            return row, KEPT
+        row = self.trained(recipe, config, gpus)
+        if row is not None:
+            return self.evaluate_run(row), " (trained in the last run, evaluated now)"
+
+        def record(trained: dict[str, Any]) -> None:
+            if base is not None:
+                compare(trained, base)
+            self.put(trained, " (evaluating)")
+
+        return self.run(recipe, config, gpus, accumulation, record=record), ""
 
     def evaluate(self, name: str, out: Path, gpus: int, output_dir: Path | None = None) -> dict[str, Any]:
         """`make eval` of a run's adapter on `gpus` GPUs: its metrics, or the error line."""
@@ -312,11 +363,8 @@ class Matrix:
         self.logs.mkdir(parents=True, exist_ok=True)
         refused = []
         for recipe, accumulation in plan.items():
-            base = self.kept(recipe, BASELINE, 1)
-            if base is not None:
-                self.put(base, KEPT)
-            else:
-                self.put(base := self.run(recipe, BASELINE, 1, accumulation))
+            base, note = self.obtain(recipe, BASELINE, 1, accumulation)
+            self.put(base, note)
             if base.get("refused"):
                 # A bad input refuses every launch alike: launching N-GPU runs to hear it again costs GPU time
                 # (a failure to fit one GPU, a timeout or a crash says nothing about N GPUs: those still run).
@@ -335,14 +383,15 @@ class Matrix:
                 )
                 continue
             for config in a.configs:
-                row = self.kept(recipe, config, a.num_gpus)
-                note = KEPT if row is not None else ""
-                if row is None:
-                    row = self.run(recipe, config, a.num_gpus, accumulation // a.num_gpus)
+                row, note = self.obtain(recipe, config, a.num_gpus, accumulation // a.num_gpus, base)
                 compare(row, base)  # also a kept row: its baseline may be new
                 self.put(row, note)
         print(f"\n{table(self.rows)}\n\n-> {self.out / 'matrix.md'}")
         return 2 if refused else 0
+
+
+def _run_name(recipe: str, config: str, gpus: int) -> str:
+    return f"{config}-{gpus}gpu-{recipe}"  # another GPU count (or matrix) never reuses a run's folder
 
 
 def compare(row: dict[str, Any], base: dict[str, Any]) -> None:

@@ -59,7 +59,7 @@ def test_resume_compares_kept_rows_with_a_new_baseline_and_reruns_failed_evals(t
     ran: list[str] = []
     fails = {"single_gpu", "fsdp eval"}  # the first time: the one-GPU run fails, and the FSDP run's eval
 
-    def fake_run(self, recipe, config, gpus, accumulation):
+    def fake_run(self, recipe, config, gpus, accumulation, record=None):
         ran.append(config)
         row = {"recipe": recipe, "config": config, "num_gpus": gpus, "works": config not in fails}
         if not row["works"]:  # a failure that says nothing about N GPUs (unlike a refused input, below)
@@ -82,6 +82,52 @@ def test_resume_compares_kept_rows_with_a_new_baseline_and_reruns_failed_evals(t
     rows = {r["config"]: r for r in json.loads((tmp_path / "m" / "matrix.json").read_text())["runs"]}
     assert rows["multi_gpu"]["speedup"] == 2.0 and rows["multi_gpu"]["loss_rel_diff"] == pytest.approx(0.01)
     assert "error" not in rows["fsdp"]["eval"] and rows["fsdp"]["speedup"] == 2.0
+
+
+def test_a_matrix_cut_off_during_an_eval_keeps_the_training_and_a_rerun_only_evaluates(tmp_path, monkeypatch):
+    # A lease's time limit can end the matrix between a run's training and its eval (seen on 2 GPUs): the
+    # training's row must be saved already, and the rerun must evaluate the adapter without training again.
+    calls: list[tuple[str, str]] = []
+    cut = {"on": True}
+
+    def fake_make(self, target, log, **v):
+        out = Path(v["OUTPUT_DIR"])
+        calls.append((target, out.name))
+        out.mkdir(parents=True, exist_ok=True)
+        history = [{"step": 1, "loss": 2.0, "num_tokens": 10}, {"step": 2, "loss": 1.0, "num_tokens": 20}]
+        (out / "trainer_state.json").write_text(json.dumps({"global_step": 2, "log_history": history}))
+        (out / "train_results.json").write_text(json.dumps({"train_runtime": 1.0}))
+        (out / "adapter_config.json").write_text("{}")
+        return 0, "trained"
+
+    def fake_evaluate(self, name, out, gpus, output_dir=None):
+        calls.append(("eval", name))
+        if cut["on"]:
+            raise KeyboardInterrupt  # the matrix killed mid-eval
+        return {"n": 2, "exe_acc": 0.5, "prog_acc": 0.5, "invalid": 0.0, "num_processes": gpus}
+
+    monkeypatch.setattr(matrix.Matrix, "make", fake_make)
+    monkeypatch.setattr(matrix.Matrix, "evaluate", fake_evaluate)
+    across = {"n": 2, "identical": 2, "same_order": True, "num_gpus": 2}
+    monkeypatch.setattr(matrix.Matrix, "eval_across", lambda self, name, out: across)
+    monkeypatch.setattr(matrix, "plot", lambda rows, path: None)
+    args = ["--recipes", "smoke", "--configs", "multi_gpu", "--accumulation", "2", "--eval_limit", "2",
+            "--out", str(tmp_path / "m"), "--runs_dir", str(tmp_path / "runs")]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        matrix.main(args)
+    saved = json.loads((tmp_path / "m" / "matrix.json").read_text())["runs"]
+    assert [(r["config"], r["works"], r["tokens_per_s"], r["eval"]["error"]) for r in saved] == [
+        ("single_gpu", True, 20.0, matrix.PENDING)
+    ]
+    assert calls == [("train", "single_gpu-1gpu-smoke"), ("eval", "single_gpu-1gpu-smoke")]
+    cut["on"] = False
+    calls.clear()
+    assert matrix.main(args) == 0
+    assert calls == [("eval", "single_gpu-1gpu-smoke"), ("train", "multi_gpu-2gpu-smoke"),
+                     ("eval", "multi_gpu-2gpu-smoke")]  # fmt: skip
+    rows = {r["config"]: r for r in json.loads((tmp_path / "m" / "matrix.json").read_text())["runs"]}
+    assert rows["single_gpu"]["eval"]["exe_acc"] == 0.5 and rows["single_gpu"]["eval_across"] == across
+    assert rows["multi_gpu"]["speedup"] == 1.0 and rows["multi_gpu"]["loss_rel_diff"] == 0.0
 
 
 @pytest.fixture
