@@ -99,7 +99,8 @@ LEVERS: dict[str, list[str]] = {
     "no_liger": ["--liger_kernel", "false"],
     "compile": ["--torch_compile", "true"],
     # 4-bit bases: embeddings/norms/LM head kept in bf16 (plain TRL's choice) rather than PEFT's fp32 upcast.
-    # The 4-bit recipes' default since 2026-11-26; `upcast` times the fp32 upcast they had before.
+    # The 4-bit recipes' default since 2026-11-26 (so `no_upcast` = `recipe` now, kept so that machine D's
+    # commands rerun as written); `upcast` times the fp32 upcast they had before.
     "no_upcast": ["--kbit_fp32_upcast", "false"],
     "upcast": ["--kbit_fp32_upcast", "true"],
     # 16-bit bases: LoRA A/B in bf16 like TRL's 4-bit adapters (on the H100, 1b QLoRA ran at 1.5x 1b LoRA)
@@ -190,9 +191,9 @@ def build_shape(shape: str, tok_dir: Path, dest: Path) -> Path:
 
 
 def _cuda() -> bool:
-    import torch
+    from .modeling import cuda_available
 
-    return torch.cuda.is_available()
+    return cuda_available()
 
 
 def _sync() -> None:
@@ -388,6 +389,8 @@ def bench_training(
     _empty_cache()
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
+    import transformers.models.llama.modeling_llama  # noqa: F401 - loaded, so stock_modeling_code watches it
+
     from .modeling import stock_modeling_code
 
     # Liger (a recipe default where installed) rebinds modeling-module globals: put back for the next variant
@@ -464,7 +467,7 @@ def bench_eval(
         return {
             "shape": shape,
             "eval": variant,
-            "error": f"{type(err).__name__}: {one_line(err, 300)}",
+            "error": _error_text(err),
         }
     wall = time.perf_counter() - t
     timing = {k: metrics.get(k) for k in predict.RUN_INFO_KEYS}

@@ -36,7 +36,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,23 +152,22 @@ class Matrix:
             row["loss"] = {int(k): v for k, v in row.get("loss", {}).items()}
         self.rows = rows
 
+    def saved(self, recipe: str, config: str, gpus: int) -> dict[str, Any] | None:
+        """This run's row in the matrix (one per run: `put` replaces), if any."""
+        return next((r for r in self.rows if _key(r) == (recipe, config, gpus)), None)
+
     def kept(self, recipe: str, config: str, gpus: int) -> dict[str, Any] | None:
         """The last run's row of this run, if it is complete: it trained, and its evals (if any) ran."""
-        for r in self.rows:
-            if _key(r) == (recipe, config, gpus) and r["works"]:
-                evals = [r.get("eval") or {}, r.get("eval_across") or {}]
-                if not any("error" in e for e in evals):
-                    return r
-        return None
+        r = self.saved(recipe, config, gpus)
+        evals = [r.get("eval") or {}, r.get("eval_across") or {}] if r else []
+        return r if r and r["works"] and not any("error" in e for e in evals) else None
 
     def trained(self, recipe: str, config: str, gpus: int) -> dict[str, Any] | None:
         """The row of a run that trained but whose evals never ran, if its adapter is still there."""
+        r = self.saved(recipe, config, gpus)
         adapter = self.logs / _run_name(recipe, config, gpus) / "adapter_config.json"
-        for r in self.rows:
-            pending = (r.get("eval") or {}).get("error") == PENDING
-            if _key(r) == (recipe, config, gpus) and r["works"] and pending and adapter.is_file():
-                return dict(r)
-        return None
+        pending = r is not None and r["works"] and (r.get("eval") or {}).get("error") == PENDING
+        return dict(r) if pending and adapter.is_file() else None
 
     def put(self, row: dict[str, Any], note: str = "") -> None:
         """Add a row, in place of an older one of the same run; then save and print it."""
@@ -215,15 +214,8 @@ class Matrix:
         ]  # fmt: skip
         return " ".join(parts)
 
-    def run(
-        self,
-        recipe: str,
-        config: str,
-        gpus: int,
-        accumulation: int,
-        record: Callable[[dict], None] | None = None,
-    ) -> dict[str, Any]:
-        """Train one run, then evaluate it; `record` gets the training's row before the evals start."""
+    def run(self, recipe: str, config: str, gpus: int, accumulation: int) -> dict[str, Any]:
+        """Train one run: its row, without evals."""
         name = _run_name(recipe, config, gpus)
         out = self.logs / name
         row: dict[str, Any] = {
@@ -253,10 +245,6 @@ class Matrix:
             refused = rc != TIMEOUT_RC and error.startswith("error:") and not loaded
             return {**row, "works": False, "error": error, **({"refused": True} if refused else {})}
         row.update(works=True, **run_summary(out))
-        if self.args.eval_limit:
-            if record is not None:
-                record({**row, "eval": {"error": PENDING}})
-            self.evaluate_run(row)
         return row
 
     def evaluate_run(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -280,13 +268,13 @@ class Matrix:
         row = self.trained(recipe, config, gpus)
         if row is not None:
             return self.evaluate_run(row), " (trained in the last run, evaluated now)"
-
-        def record(trained: dict[str, Any]) -> None:
+        row = self.run(recipe, config, gpus, accumulation)
+        if row["works"] and self.args.eval_limit:
             if base is not None:
-                compare(trained, base)
-            self.put(trained, " (evaluating)")
-
-        return self.run(recipe, config, gpus, accumulation, record=record), ""
+                compare(row, base)
+            self.put({**row, "eval": {"error": PENDING}}, " (evaluating)")
+            self.evaluate_run(row)
+        return row, ""
 
     def evaluate(self, name: str, out: Path, gpus: int, output_dir: Path | None = None) -> dict[str, Any]:
         """`make eval` of a run's adapter on `gpus` GPUs: its metrics, or the error line."""

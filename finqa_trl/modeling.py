@@ -135,6 +135,13 @@ def peak_gpu_memory_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
+def cuda_available() -> bool:
+    """A CUDA GPU is there (the one place this is asked, so that tests can fake it without faking torch)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def bf16_supported() -> bool:
     """True where bf16 training runs natively (an Ampere+ CUDA GPU, or XPU)."""
     import torch
@@ -373,7 +380,6 @@ def prepare_4bit_for_training(
     *,
     gradient_checkpointing: bool,
     gradient_checkpointing_kwargs: dict | None,
-    sharded: bool,
     upcast: bool,
 ) -> PreTrainedModel:
     """With `upcast`, PEFT's k-bit preparation (freeze base, fp32 norms/embeddings, checkpointing) for
@@ -381,11 +387,11 @@ def prepare_4bit_for_training(
 
     Without it only checkpointing is switched on (Trainer does that from the training arguments, and TRL makes
     the inputs require grad for it). Under FSDP or ZeRO-3 the base is sharded, and the fp32 upcast would break
-    the single-dtype requirement of the shards, so it is never applied there.
+    the single-dtype requirement of the shards: callers pass upcast=False there.
     """
     from peft import prepare_model_for_kbit_training
 
-    if sharded or not upcast:
+    if not upcast:
         return model
     return prepare_model_for_kbit_training(
         model,

@@ -400,13 +400,16 @@ def resolve_settings(args: PredictArguments) -> Settings:
     if args.max_new_tokens < 1 or args.save_every < 1 or (args.limit is not None and args.limit < 1):
         raise PredictError("--max_new_tokens, --save_every and --limit must be >= 1")
     if args.memory_fraction is not None:
+        from .modeling import cuda_available
+
         # free memory is measured after loading: the rest is for the logits, decoding and the allocator
         if not 0 < args.memory_fraction <= 0.9:
             raise PredictError(f"--memory_fraction must be in (0, 0.9], got {args.memory_fraction}")
-        if args.max_batch_tokens or args.batch_size != "auto" or args.generation == "continuous":
+        fixed = args.max_batch_tokens is not None or args.batch_size != "auto"
+        if fixed or args.generation == "continuous" or not cuda_available():
             raise PredictError(
-                "--memory_fraction sizes the automatic batches of --generation batched: drop it, or drop "
-                "--max_batch_tokens / --batch_size N / --generation continuous"
+                "--memory_fraction sizes the automatic batches of --generation batched on a GPU: drop it, or "
+                "drop --max_batch_tokens / --batch_size N / --generation continuous"
             )
     if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
         raise PredictError(f"--batch_size must be a positive integer or auto, got {args.batch_size!r}")
@@ -430,10 +433,12 @@ def resolve_settings(args: PredictArguments) -> Settings:
             "batching keeps torch's own choice of attention kernel"
         )
     if args.liger_kernel == "true":
-        from .modeling import liger_installed
+        from .modeling import cuda_available, liger_installed
 
         if not liger_installed():
             raise PredictError("--liger_kernel true needs liger-kernel: pip install liger-kernel")
+        if not cuda_available():
+            raise PredictError("--liger_kernel true needs a CUDA GPU (Liger's kernels are Triton kernels)")
     if args.cache_implementation:  # transformers' own check, before a model is loaded rather than after
         from transformers import GenerationConfig
 
@@ -601,9 +606,7 @@ def load_model(settings: Settings, args: PredictArguments) -> tuple[PreTrainedMo
         model = PeftModel.from_pretrained(model, str(adapter_dir))
         if args.merge_in_memory and not settings.load_in_4bit:  # merging into NF4 would round the weights
             model = model.merge_and_unload()
-    modeling.sync_special_tokens(
-        model.get_base_model() if hasattr(model, "get_base_model") else model, tokenizer
-    )
+    modeling.sync_special_tokens(_base_model(model), tokenizer)
     model.eval()
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
     return model, tokenizer
@@ -764,7 +767,7 @@ def cudnn_attention(model: Any, where: str) -> Iterator[None]:
     elif where == "prefill":
         # A global switch flipped by the model's own forward: generate runs prefill and decoding steps
         # through it, and the context (not a per-layer check) keeps the attention code untouched.
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = _base_model(model)
 
         def switch(_module: Any, args: tuple, kwargs: dict) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -787,25 +790,24 @@ def _liger_supports(model: Any) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
-def use_liger(model: Any, setting: str) -> bool:
-    """Whether --liger_kernel (auto/true/false) puts Liger's kernels into this model; `true` where they cannot
-    run is one line of error. `auto` leaves 4-bit bases alone, as training does until it is timed there."""
-    import torch
+def _base_model(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
+
+def use_liger(model: Any, setting: str) -> bool:
+    """Whether --liger_kernel (auto/true/false) puts Liger's kernels into this loaded model. `true` was
+    checked before loading (liger-kernel installed, a GPU there); the model's family is known only now.
+    `auto` leaves 4-bit bases alone, as training does until it is timed there."""
     from .modeling import liger_installed
 
     if setting == "false":
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    device = getattr(base, "device", None)
-    on_cuda = torch.cuda.is_available() and getattr(device, "type", None) == "cuda"
+    base = _base_model(model)
     if setting == "auto":
+        on_cuda = getattr(getattr(base, "device", None), "type", None) == "cuda"
         four_bit = getattr(base, "is_loaded_in_4bit", False)
         return on_cuda and not four_bit and liger_installed() and _liger_supports(base)
-    if not liger_installed():
-        raise PredictError("--liger_kernel true needs liger-kernel: pip install liger-kernel")
-    if not on_cuda:
-        raise PredictError("--liger_kernel true needs a CUDA GPU (Liger's kernels are Triton kernels)")
     if not _liger_supports(base):
         kind = getattr(getattr(base, "config", None), "model_type", None)
         raise PredictError(f"--liger_kernel true: liger-kernel has no kernels for model type {kind!r}")
@@ -820,7 +822,7 @@ def liger_kernels(model: Any, apply: Any = None) -> Iterator[None]:
     products. The modeling module's globals that Liger rebinds are put back on exit."""
     from .modeling import stock_modeling_code
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     with stock_modeling_code():
         no_loss = {"cross_entropy": False, "fused_linear_cross_entropy": False}  # generation computes no loss
         if apply is None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import functools
 import logging
 import os
 import shutil
@@ -126,7 +127,7 @@ class FinQAArguments:
             "help": "4-bit bases: true runs PEFT's k-bit preparation, which casts the weights left "
             "unquantized (embeddings, norms, LM head) to fp32, so hidden states run in fp32. The default "
             "false keeps them in the compute dtype, as plain TRL and the 16-bit recipes do: on an H100 "
-            "1.1-1.8x the tokens/s and 0.5-3.8 GiB less peak memory (results/speed-notes.md)."
+            "1.11-1.85x the tokens/s and 0.5-3.8 GiB less peak memory (results/speed-notes.md)."
         },
     )
     adapters_in_compute_dtype: bool = field(
@@ -232,8 +233,10 @@ def _cli_keys(argv: Sequence[str]) -> list[str]:
 def _no_accelerator() -> bool:
     import torch
 
+    from .modeling import cuda_available
+
     xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
-    return not (torch.cuda.is_available() or xpu or torch.backends.mps.is_available())
+    return not (cuda_available() or xpu or torch.backends.mps.is_available())
 
 
 def _cpu_defaults(values: dict[str, Any], cli: Sequence[str]) -> dict[str, Any]:
@@ -335,12 +338,6 @@ def parse(argv: Sequence[str]) -> Run:
     return Run(script, training, model, recipe, final)
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _resolve_liger(script: FinQAArguments, training: Any) -> None:
     """--liger_kernel decides TRL's use_liger_kernel; the recorded recipe keeps `auto` (per machine). TRL's
     own --use_liger_kernel true still turns them on (false only means: not automatically)."""
@@ -350,13 +347,12 @@ def _resolve_liger(script: FinQAArguments, training: Any) -> None:
     script.liger_kernel = str(script.liger_kernel).lower()
     if script.liger_kernel not in ("auto", "true", "false"):
         raise UsageError(f"liger_kernel must be auto, true or false, got {script.liger_kernel!r}")
-    on_gpu = _has_cuda() and not training.use_cpu
-    if script.liger_kernel == "true" and not (modeling.liger_installed() and on_gpu):
-        missing = "liger-kernel: pip install liger-kernel"
-        why = "a CUDA GPU (not --use_cpu)" if modeling.liger_installed() else missing
+    installed, on_gpu = modeling.liger_installed(), modeling.cuda_available() and not training.use_cpu
+    if script.liger_kernel == "true" and not (installed and on_gpu):
+        why = "a CUDA GPU (not --use_cpu)" if installed else "liger-kernel: pip install liger-kernel"
         raise UsageError(f"--liger_kernel true needs {why}")
-    if script.liger_kernel != "false":
-        training.use_liger_kernel = training.use_liger_kernel or (modeling.liger_installed() and on_gpu)
+    if script.liger_kernel == "true" or (script.liger_kernel == "auto" and installed and on_gpu):
+        training.use_liger_kernel = True
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -375,7 +371,7 @@ def _validate(run: Run) -> None:
         raise UsageError("a 4-bit base can only be trained through an adapter: set use_peft true")
     if m.load_in_4bit:
         _check_sharded_4bit(run)
-    if m.use_dora and getattr(run.training, "deepspeed_plugin", None) is not None and run.training.bf16:
+    if m.use_dora and _uses_deepspeed(run.training) and run.training.bf16:
         # DeepSpeed's bf16 mode runs the forward on bf16 copies of every parameter (its keep_in_fp32_modules
         # covers buffers only), the DoRA magnitude vector included, which TRL and PEFT otherwise keep in fp32
         # for this reason (TRL #7268): its fp32 master copy learns, but updates reach the forward only once
@@ -419,7 +415,7 @@ def _check_precision_options(run: Run) -> None:
                 "--adapters_in_compute_dtype true applies to 16-bit bases: TRL already keeps the adapters "
                 "of a 4-bit base in the compute dtype"
             )
-        if _uses_fsdp(training) or getattr(training, "deepspeed_plugin", None) is not None:
+        if _uses_fsdp(training) or _uses_deepspeed(training):
             raise UsageError(
                 "--adapters_in_compute_dtype true does nothing under FSDP (accelerate upcasts trainable bf16 "
                 "weights to fp32) or DeepSpeed (bf16 everywhere): drop it, or use DDP / one GPU"
@@ -478,6 +474,11 @@ def _uses_fsdp(training: Any) -> bool:
     return bool(training.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def _uses_deepspeed(training: Any) -> bool:
+    """DeepSpeed, from `accelerate launch` or --deepspeed: SFTConfig then holds its plugin."""
+    return getattr(training, "deepspeed_plugin", None) is not None
+
+
 def _zero3(training: Any) -> tuple[bool, bool]:
     """(ZeRO stage 3?, zero3 init on?) as accelerate resolves them. SFTConfig builds its DeepSpeedPlugin from
     what `accelerate launch` exports (ACCELERATE_USE_DEEPSPEED, ACCELERATE_DEEPSPEED_ZERO_STAGE or the stage
@@ -532,26 +533,14 @@ def _check_sharded_4bit(run: Run) -> None:
 
 
 def _keep_adapter_dtypes_on_resume(trainer: Any) -> None:
-    """Resuming reloads the adapter through PEFT, whose load casts bf16 adapter weights to fp32
-    (autocast_adapter_dtype): a resumed QLoRA/QDoRA run (TRL keeps its LoRA A/B in bf16), or one with
-    --adapters_in_compute_dtype, would go on in another precision than it started with. On one device or
-    DDP the dtypes are put back right after the load, before the model is wrapped and the optimizer built.
-    Transformers has no hook there, so this wraps Trainer's (private) checkpoint loader; without one, nothing
-    changes. FSDP loads checkpoints in place after wrapping and DeepSpeed through its own engine: left alone.
-    (`load_best_model_at_end` reloads through PEFT too: only the saved final adapter's dtype differs then.)"""
-    load = getattr(trainer, "_load_from_checkpoint", None)
-    if load is None or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        return
-
-    def load_keeping_dtypes(*args: Any, **kwargs: Any) -> Any:
-        before = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
-        out = load(*args, **kwargs)
-        for name, param in trainer.model.named_parameters():
-            if name in before and param.dtype != before[name]:
-                param.data = param.data.to(before[name])
-        return out
-
-    trainer._load_from_checkpoint = load_keeping_dtypes
+    """Resuming reloads the adapter through PEFT's `load_adapter`, which by default casts bf16 adapter
+    weights to fp32 (`autocast_adapter_dtype`): a resumed QLoRA/QDoRA run (TRL keeps its LoRA A/B in bf16),
+    or one with --adapters_in_compute_dtype, would go on in another precision than it started with. The
+    reload copies the saved values into the existing weights, so without the cast every weight keeps its
+    dtype; `load_best_model_at_end` reloads the same way. FSDP and DeepSpeed load checkpoints otherwise."""
+    model = trainer.model
+    if hasattr(model, "load_adapter"):
+        model.load_adapter = functools.partial(model.load_adapter, autocast_adapter_dtype=False)
 
 
 def describe_weights(model: Any) -> str:
@@ -765,8 +754,7 @@ def prepare(run: Run) -> Prepared:
             model,
             gradient_checkpointing=training.activation_checkpointing,
             gradient_checkpointing_kwargs=training.activation_checkpointing_kwargs,
-            sharded=_is_sharded(training),
-            upcast=script.kbit_fp32_upcast,
+            upcast=script.kbit_fp32_upcast and not _is_sharded(training),  # shards need one dtype
         )
     logger.info(
         "%s: %s of %s (%s, %s%s), %d training examples (%s), %d process(es), end-of-turn %s, pad %s",
@@ -788,7 +776,7 @@ def prepare(run: Run) -> Prepared:
         hub = _hub_callback(training, output_dir)
         training.push_to_hub = False  # our callback pushes; Trainer's own pushing would duplicate it
     trainer = build_trainer(run, model, tokenizer, train_ds, eval_ds, [hub] if hub else [])
-    if script.adapters_in_compute_dtype and not margs.load_in_4bit:
+    if script.adapters_in_compute_dtype:  # 16-bit bases only (_check_precision_options)
         # PEFT keeps the adapters of a 16-bit base in fp32, so each adapted layer casts its input to fp32; TRL
         # already puts those of a 4-bit base (and of ZeRO-3 runs) in the compute dtype. Same rule as TRL's:
         # the DoRA magnitude keeps fp32 (TRL #7268). A 16-bit base is loaded in the compute dtype: its own.

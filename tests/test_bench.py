@@ -32,8 +32,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     assert train.parse(lora).script.adapters_in_compute_dtype is False
     assert train.parse([*lora, *bench.lever_args("recipe:bf16_adapters")]).script.adapters_in_compute_dtype
     # Liger's kernels: a recipe default where installed on a GPU (faked here), which no_liger turns off
-    monkeypatch.setattr("finqa_trl.train._has_cuda", lambda: True)
-    monkeypatch.setattr("finqa_trl.train._no_accelerator", lambda: False)  # no CPU fallback to use_cpu
+    monkeypatch.setattr("finqa_trl.modeling.cuda_available", lambda: True)
     monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)
     assert train.parse(lora).training.use_liger_kernel
     assert train.parse([*q, *bench.lever_args("recipe:liger")]).training.use_liger_kernel
@@ -158,11 +157,12 @@ def test_eval_variants_override_the_benchs_own_flags():
 def test_every_eval_variant_passes_predicts_checks(tmp_path, monkeypatch):
     # predict refuses flag combinations that would do nothing; a variant it refused would only show up as an
     # error row of a GPU bench (bench_eval keeps going), so each is resolved here as bench_eval passes it
-    # (on a GPU machine with liger-kernel installed, as the liger variants need).
+    # (on a GPU machine with liger-kernel installed, as the liger and memory variants need).
     from finqa_trl import predict
     from finqa_trl.modeling import SMOKE_MODEL
 
     monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)
+    monkeypatch.setattr("finqa_trl.modeling.cuda_available", lambda: True)
 
     for name, flags in bench.EVAL_VARIANTS.items():
         args = predict.parse_args(["--model", SMOKE_MODEL, "--split", "test", "--output_dir", str(tmp_path),

@@ -59,7 +59,7 @@ def test_resume_compares_kept_rows_with_a_new_baseline_and_reruns_failed_evals(t
     ran: list[str] = []
     fails = {"single_gpu", "fsdp eval"}  # the first time: the one-GPU run fails, and the FSDP run's eval
 
-    def fake_run(self, recipe, config, gpus, accumulation, record=None):
+    def fake_run(self, recipe, config, gpus, accumulation):  # trains and, faked here, evaluates too
         ran.append(config)
         row = {"recipe": recipe, "config": config, "num_gpus": gpus, "works": config not in fails}
         if not row["works"]:  # a failure that says nothing about N GPUs (unlike a refused input, below)
@@ -69,6 +69,7 @@ def test_resume_compares_kept_rows_with_a_new_baseline_and_reruns_failed_evals(t
         return {**row, "loss": loss, "tokens_per_s": 100.0 * gpus, "eval": ev}
 
     monkeypatch.setattr(matrix.Matrix, "run", fake_run)
+    monkeypatch.setattr(matrix.Matrix, "evaluate_run", lambda self, row: row)
     monkeypatch.setattr(matrix, "plot", lambda rows, path: None)
     args = ["--recipes", "smoke", "--configs", "multi_gpu", "fsdp", "--accumulation", "2",
             "--out", str(tmp_path / "m"), "--runs_dir", str(tmp_path / "runs")]  # fmt: skip

@@ -173,20 +173,22 @@ def test_liger_kernels_patch_inside_and_put_the_modeling_module_back(monkeypatch
     # Where the kernels cannot run: auto is off, true is one line of error
     assert not predict.use_liger(model, "auto") and not predict.use_liger(model, "false")
     # auto leaves a 4-bit base alone even where Liger could run (not timed there)
-    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)
     monkeypatch.setattr(predict, "_liger_supports", lambda m: True)
     cuda_model = type("M", (), {"device": torch.device("cuda"), "is_loaded_in_4bit": False})()
     assert predict.use_liger(cuda_model, "auto")
     cuda_model.is_loaded_in_4bit = True
     assert not predict.use_liger(cuda_model, "auto") and predict.use_liger(cuda_model, "true")
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)
+    monkeypatch.setattr(predict, "_liger_supports", lambda m: False)
+    with pytest.raises(predict.PredictError, match="no kernels for model type"):
+        predict.use_liger(cuda_model, "true")
+    # `true` where liger-kernel or a GPU is missing: refused before anything loads
+    args = predict.parse_args(["--model", SMOKE_MODEL, "--liger_kernel", "true"])
     with pytest.raises(predict.PredictError, match="needs a CUDA GPU"):
-        predict.use_liger(model, "true")
+        predict.resolve_settings(args)
     monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: False)
     with pytest.raises(predict.PredictError, match="pip install liger-kernel"):
-        predict.use_liger(model, "true")
+        predict.resolve_settings(args)
 
 
 def test_liger_kernels_as_liger_applies_them(monkeypatch):
@@ -738,4 +740,8 @@ def test_token_budget_takes_the_given_share_of_free_gpu_memory(monkeypatch, tmp_
         expect_error(
             capsys, [*base, "--memory_fraction", "0.25", *fixed], "--memory_fraction sizes the automatic"
         )
+    monkeypatch.setattr(
+        "finqa_trl.modeling.cuda_available", lambda: False
+    )  # no GPU: nothing to take a share of
+    expect_error(capsys, [*base, "--memory_fraction", "0.25"], "--memory_fraction sizes the automatic")
     assert not (tmp_path / "o").exists()

@@ -775,10 +775,7 @@ def test_liger_kernels_where_installed_on_a_gpu_not_on_4bit_bases(monkeypatch: p
     ).training.use_liger_kernel
     assert parse(["--config", "recipes/smoke.yaml", "--use_liger_kernel", "true"]).training.use_liger_kernel
     # A GPU with liger-kernel installed: on for the 16-bit recipes, off for the 4-bit ones (not timed there)
-    monkeypatch.setattr("finqa_trl.train._has_cuda", lambda: True)
-    monkeypatch.setattr(
-        "finqa_trl.train._no_accelerator", lambda: False
-    )  # else the CPU fallback sets use_cpu
+    monkeypatch.setattr(m, "cuda_available", lambda: True)
     monkeypatch.setattr(m, "liger_installed", lambda: True)
     assert parse(["--config", "recipes/dora-3b.yaml"]).training.use_liger_kernel
     off = parse(["--config", "recipes/lora-1b.yaml", "--liger_kernel", "false"])
