@@ -400,6 +400,44 @@ def prepare_4bit_for_training(
     )
 
 
+FSDP_WRAPPER = "_fsdp_wrapped_module."
+
+
+def fsdp_safe_adapter_keys() -> None:
+    """Make PEFT find the adapter's weights in an FSDP (v1) model's state dict. Idempotent, process-wide.
+
+    PEFT 0.21 picks an adapter's state-dict entries by the names of its tuner modules, from which it strips
+    only a leading `_fsdp_wrapped_module.`. FSDP also wraps each decoder layer (PEFT's own auto-wrap policy),
+    so the module names keep that segment inside (`...layers.0._fsdp_wrapped_module.self_attn...`) while the
+    state dict (full or sharded) has none. Every adapter key was missed: the final adapter and each checkpoint
+    were saved empty, and `make eval` then ran the bare base (2x H200, results/multi-gpu-200steps). This
+    strips the segment wherever it is. A PEFT without that function (older or newer) is left alone; train.py's
+    check of the saved adapter still catches an empty one.
+    """
+    from peft.tuners import tuners_utils
+
+    find = getattr(tuners_utils, "_get_tuner_state_dict_key_prefixes", None)
+    if find is None or getattr(find, "finqa_fsdp_safe", False):
+        return
+
+    def prefixes(model: Any, adapter_name: str | None = None) -> set[str]:
+        return {p.replace(FSDP_WRAPPER, "") for p in find(model, adapter_name=adapter_name)}
+
+    prefixes.finqa_fsdp_safe = True  # type: ignore[attr-defined]
+    tuners_utils._get_tuner_state_dict_key_prefixes = prefixes
+
+
+def saved_adapter_tensors(adapter_dir: Path) -> int | None:
+    """How many tensors the adapter file in `adapter_dir` holds (None: no safetensors adapter file there)."""
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return len(list(f.keys()))
+
+
 def load(
     name_or_path: str,
     *,

@@ -45,12 +45,14 @@ from .modeling import (
     check_4bit_supported,
     default_dtype,
     end_of_turn_token,
+    fsdp_safe_adapter_keys,
     load_model,
     load_tokenizer,
     materialize_gguf,
     peak_gpu_memory_gib,
     prepare_4bit_for_training,
     resolve_source,
+    saved_adapter_tensors,
     sync_special_tokens,
 )
 from .recipes import RUN_RECIPE, Recipe, RecipeError, available, check_keys, method_name, resolve
@@ -713,6 +715,8 @@ def prepare(run: Run) -> Prepared:
 
     # -- every check that can fail on user input comes before anything is written or loaded
     _validate(run)
+    if _uses_fsdp(training):
+        fsdp_safe_adapter_keys()  # else PEFT saves the adapter (and every checkpoint) empty under FSDP
     records = load_records(script.data_dir, script.train_splits, script.max_train_samples)
     run.resolved["data_dir"] = str(resolve_data_dir(script.data_dir))  # record where the data came from
     eval_records = None
@@ -842,6 +846,11 @@ def train(run: Run) -> int:
     state.wait_for_everyone()
     if state.is_main_process:
         try:
+            if saved_adapter_tensors(output_dir) == 0:  # a run that "worked" but saved nothing to evaluate
+                raise RuntimeError(
+                    f"the adapter file in {output_dir} holds no weights (PEFT found none of the adapter's "
+                    "entries in the model's state dict), so it would evaluate as the bare base"
+                )
             if script.merge:  # on the CPU, from a fresh bf16 copy of the base (never the 4-bit one)
                 from .merge import merge
 

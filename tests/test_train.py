@@ -636,6 +636,32 @@ def test_dora_in_bf16_without_deepspeed_passes() -> None:
     _validate(parse(smoke_args(Path("unused"), *Q4, "--use_dora", "true", *bf16)))
 
 
+def test_fsdp_launch_applies_the_adapter_key_fix(launched, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under FSDP, train.py makes PEFT find the adapter's weights (tests/test_fsdp.py: else it saves none)."""
+    import finqa_trl.train as train_module
+
+    class Applied(Exception):
+        pass
+
+    def applied() -> None:
+        raise Applied
+
+    monkeypatch.setattr(train_module, "fsdp_safe_adapter_keys", applied)
+    launched(**FSDP)
+    with pytest.raises(Applied):
+        train_module.prepare(train_module.parse(smoke_args(Path("unused"))))
+
+
+def test_an_adapter_saved_empty_is_one_line_and_kept(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A run that trained but saved an adapter without weights (PEFT under FSDP did) fails instead of leaving
+    `make eval` to score the bare base; what it saved stays for inspection."""
+    monkeypatch.setattr("finqa_trl.train.saved_adapter_tensors", lambda _: 0)
+    out = tmp_path / "o"
+    assert main(smoke_args(out)) == 1
+    assert "holds no weights" in one_line_error(capsys)
+    assert (out / "adapter_config.json").is_file() and (out / "train_results.json").is_file()
+
+
 def test_single_process_uses_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a launcher, one process would see every GPU and Trainer would wrap the model in DataParallel
     (which SFTTrainer refuses): main() pins it to the first GPU, unless the user or a launcher decided."""
