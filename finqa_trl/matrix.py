@@ -180,18 +180,19 @@ class Matrix:
         print(_line(row) + note, flush=True)
 
     def make(self, target: str, log: Path, **variables: Any) -> tuple[int, str]:
-        """`make <target>` with this interpreter (no install step); its output goes to `log`."""
+        """`make <target>` with this interpreter (no install step). Its output goes to `log` as it comes, so a
+        matrix stopped from outside (a lease's time limit) still leaves what the run printed."""
         cmd = ["make", target, f"PY={sys.executable}", "STAMP=", *(f"{k}={v}" for k, v in variables.items())]
-        try:
-            proc = subprocess.run(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=self.args.timeout
-            )
-            text, rc = proc.stdout, proc.returncode
-        except subprocess.TimeoutExpired as err:
-            out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else err.stdout or ""
-            text, rc = out + f"\nerror: timed out after {self.args.timeout} s", TIMEOUT_RC
-        log.write_text(" ".join(cmd) + "\n" + text)
-        return rc, text
+        with log.open("w") as f:
+            f.write(" ".join(cmd) + "\n")
+            f.flush()
+            try:
+                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=self.args.timeout)
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                f.write(f"\nerror: timed out after {self.args.timeout} s\n")
+                rc = TIMEOUT_RC
+        return rc, log.read_text(errors="replace").split("\n", 1)[1]
 
     def train_args(self, accumulation: int) -> str:
         a = self.args

@@ -217,3 +217,25 @@ def test_a_failure_after_loading_or_a_timeout_is_not_a_refused_input(monkeypatch
     assert "refused" not in m.run("smoke", "single_gpu", 1, 2)
     said.update(rc=1, text="error: training finished, but: merge failed", writes=True)
     assert "refused" not in m.run("smoke", "single_gpu", 1, 2)
+
+
+def test_a_runs_log_is_written_as_it_runs(monkeypatch, tmp_path):
+    """The log of a `make` call holds what it printed so far, after a timeout and when the matrix itself is
+    killed mid-run (a lease's time limit once took a 6-minute ZeRO-3 run's whole log this way)."""
+    m = matrix.Matrix(argparse.Namespace(runs_dir=str(tmp_path), out=str(tmp_path / "m"), timeout=5))
+
+    def fake_run(cmd, stdout, stderr, timeout):
+        stdout.write("step 7 of 200\n")
+        stdout.flush()
+        raise what
+
+    monkeypatch.setattr(matrix.subprocess, "run", fake_run)
+    what: BaseException = matrix.subprocess.TimeoutExpired("make", 5)
+    rc, text = m.make("train", tmp_path / "a.log", RECIPE="smoke")
+    assert rc == matrix.TIMEOUT_RC and text.startswith("step 7 of 200") and "timed out after 5 s" in text
+    assert (tmp_path / "a.log").read_text().startswith("make train PY=")
+
+    what = KeyboardInterrupt()  # the matrix stopped from outside
+    with pytest.raises(KeyboardInterrupt):
+        m.make("train", tmp_path / "b.log", RECIPE="smoke")
+    assert "step 7 of 200" in (tmp_path / "b.log").read_text()
