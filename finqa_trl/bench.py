@@ -137,6 +137,10 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     # smaller token budgets than the default half of free memory: more batches, each padded less
     "memory_quarter": ["--memory_fraction", "0.25"],
     "memory_eighth": ["--memory_fraction", "0.125"],
+    # the prompts' shared system prompt (about a quarter of their tokens) run once per batch, not once per row
+    "shared_prefix": ["--shared_prefix", "true"],
+    "prefill_shared_prefix": ["--max_new_tokens", "1", "--shared_prefix", "true"],
+    "shared_prefix_memory_quarter": ["--shared_prefix", "true", "--memory_fraction", "0.25"],
 }
 
 

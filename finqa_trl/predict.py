@@ -32,6 +32,7 @@ order and format as one process writes) and scores it. Leftover shards of an int
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ import os
 import re
 import sys
 import time
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -71,6 +73,7 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DEFAULT_MAX_PROMPT_TOKENS = 3072  # the training default (recipes/_base.yaml)
 SHOT_TOKENS = 512  # budget added per few-shot example, so shots never crowd out the question's context
 CPU_TOKEN_BUDGET = 8192
+MIN_SHARED_PREFIX = 16  # --shared_prefix: fewer shared tokens are not worth a forward of their own
 MAX_BATCH_ROWS = 256  # past this, decoding is bound by KV-cache reads and bigger batches stop paying
 # --generation continuous: prompts per generate_batch call (one scheduler and cache each). Big, so that the
 # scheduler keeps its slots full; finished chunks are saved, so an interruption loses one chunk at most.
@@ -187,6 +190,15 @@ class PredictArguments:
             "liger-kernel is installed and supports the model, except on 4-bit bases (not timed there); "
             "true: required; false: off.",
             "choices": ["auto", "true", "false"],
+        },
+    )
+    shared_prefix: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the tokens that every prompt of a batch starts with (the system prompt: 289 of the "
+            "FinQA sample's 1,229 Llama 3 prompt tokens on average, 24%) once per batch and give their KV "
+            "cache to generate, instead of once per row. Batched generation with the default cache only; "
+            "in bf16 a few greedy predictions may differ (the prefix is computed in a batch of one)."
         },
     )
     save_every: int = field(default=1, metadata={"help": "Checkpoint predictions every N batches."})
@@ -431,6 +443,11 @@ def resolve_settings(args: PredictArguments) -> Settings:
         raise PredictError(
             f"--cudnn_attention {args.cudnn_attention} applies to --generation batched; continuous "
             "batching keeps torch's own choice of attention kernel"
+        )
+    if args.shared_prefix and (args.generation == "continuous" or args.cache_implementation):
+        raise PredictError(
+            "--shared_prefix true hands generate a dynamic KV cache: it applies to --generation batched "
+            "without --cache_implementation"
         )
     if args.liger_kernel == "true":
         from .modeling import cuda_available, liger_installed
@@ -703,6 +720,7 @@ class Generator:
             self.kwargs["cache_implementation"] = args.cache_implementation
         if not args.compile_decoding:
             self.kwargs["disable_compile"] = True
+        self._prefix: tuple[tuple[int, ...], Any] | None = None  # (shared prefix, its KV cache)
         if settings.do_sample:
             self.kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=None)
         else:  # instruct models ship sampling defaults (Llama 3: T=0.6, p=0.9) that greedy must not inherit
@@ -719,12 +737,34 @@ class Generator:
         if self.args.generation == "continuous":
             texts = self.tokenizer.batch_decode(self.continuous(prompts), skip_special_tokens=True)
             return [[t.strip()] for t in texts]
-        enc = left_pad(prompts, self.tokenizer.pad_token_id, self.model.device)
-        with torch.inference_mode(), cudnn_attention(self.model, self.args.cudnn_attention):
-            out = self.model.generate(**enc, **self.kwargs)
-        texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         n = self.kwargs["num_return_sequences"]
+        start = shared_prefix_length(prompts) if self.args.shared_prefix else 0
+        with torch.inference_mode(), cudnn_attention(self.model, self.args.cudnn_attention):
+            if start:
+                enc = prefix_and_left_pad(prompts, start, self.tokenizer.pad_token_id, self.model.device)
+                cache = self.prefix_cache(prompts[0][:start], rows=len(prompts) * n)
+                # transformers 5.24 calls it `cache` (the old name works until 6.0); older ones know only this
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+                    out = self.model.generate(**enc, past_key_values=cache, **self.kwargs)
+            else:
+                enc = left_pad(prompts, self.tokenizer.pad_token_id, self.model.device)
+                out = self.model.generate(**enc, **self.kwargs)
+        texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         return [[t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(prompts))]
+
+    def prefix_cache(self, prefix: Sequence[int], rows: int) -> Any:
+        """The KV cache of `prefix`, computed once (a batch of one) and kept while the batches share it, as a
+        fresh cache of `rows` identical rows: generate extends the cache it is given."""
+        import torch
+
+        key = tuple(prefix)
+        if self._prefix is None or self._prefix[0] != key:
+            ids = torch.tensor([prefix], dtype=torch.long, device=self.model.device)
+            self._prefix = (key, self.model(input_ids=ids, use_cache=True).past_key_values)
+        cache = copy.deepcopy(self._prefix[1])
+        cache.batch_repeat_interleave(rows)
+        return cache
 
     def continuous(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """The generated ids of each prompt through transformers' continuous batching: one scheduler over all
@@ -845,6 +885,34 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any) -> dict
             ids[row, longest - len(p) :] = torch.as_tensor(p, dtype=torch.long)
             mask[row, longest - len(p) :] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all `prompts` share, leaving each at least one of its own (generate must run
+    something per row); 0 when under MIN_SHARED_PREFIX, too few to be worth a forward of their own."""
+    shortest = min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def prefix_and_left_pad(
+    prompts: Sequence[Sequence[int]], start: int, pad_id: int, device: Any
+) -> dict[str, Any]:
+    """input_ids / attention_mask of prompts sharing their first `start` tokens: those tokens, then each rest
+    left-padded to the longest rest. The padding sits between the prefix and the rest; the mask hides it and
+    the positions count unmasked tokens, so every row is computed as it would be unpadded."""
+    import torch
+
+    rest = left_pad([p[start:] for p in prompts], pad_id, device)
+    rows = len(prompts)
+    prefix = torch.tensor(prompts[0][:start], dtype=torch.long, device=device).expand(rows, start)
+    ones = torch.ones((rows, start), dtype=torch.long, device=device)
+    return {
+        "input_ids": torch.cat([prefix, rest["input_ids"]], dim=1),
+        "attention_mask": torch.cat([ones, rest["attention_mask"]], dim=1),
+    }
 
 
 def longest_first(prompts: Sequence[Sequence[int]]) -> list[int]:
@@ -1139,6 +1207,7 @@ RUN_INFO_KEYS = (
     "batches",
     "largest_batch",
     "liger_kernel",
+    "shared_prefix",
     "peak_gpu_memory_gib",
 )
 
@@ -1304,6 +1373,7 @@ def _generate(
         "batches": batches,
         "largest_batch": largest,
         "liger_kernel": liger,
+        "shared_prefix": args.shared_prefix,
         "peak_gpu_memory_gib": peak_gpu_memory_gib(),
     }
 

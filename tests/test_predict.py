@@ -115,6 +115,7 @@ def test_continuous_batching_writes_what_batched_generation_writes(greedy_run, t
         ("--cudnn_attention", "never"),
         ("--cudnn_attention", "always"),
         ("--cache_implementation", "static", "--compile_decoding", "false"),
+        ("--shared_prefix", "true"),
     ],
 )
 def test_speed_options_write_what_the_default_writes(flags, greedy_run, tmp_path):
@@ -122,6 +123,46 @@ def test_speed_options_write_what_the_default_writes(flags, greedy_run, tmp_path
     assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path), *flags) == 0
     ours, theirs = read(tmp_path / "predictions_test.json"), read(greedy_run / "predictions_test.json")
     assert ours == theirs
+
+
+def test_shared_prefix_is_computed_once_and_serves_every_batch(greedy_run, tmp_path, monkeypatch):
+    """--shared_prefix: the system prompt's KV cache is computed once, copied into each batch (2 rows each,
+    and 2 samples per row for self-consistency), and greedy programs come out as without it."""
+    made = []
+    cache_of = predict.Generator.prefix_cache
+
+    def counting(self, prefix, rows):
+        made.append((len(prefix), rows, self._prefix is None or self._prefix[0] != tuple(prefix)))
+        return cache_of(self, prefix, rows)
+
+    monkeypatch.setattr(predict.Generator, "prefix_cache", counting)
+    base = ["--model", SMOKE_MODEL, "--output_dir", str(tmp_path), "--shared_prefix", "true"]
+    base += ["--batch_size", "2"]
+    assert run(*base) == 0
+    assert len(made) == N_TEST // 2 and all(rows == 2 for _, rows, _ in made)
+    assert min(n for n, _, _ in made) >= predict.MIN_SHARED_PREFIX
+    computed = [fresh for _, _, fresh in made]
+    assert computed[0] and computed.count(True) <= len({n for n, _, _ in made})  # once per distinct prefix
+    assert read(tmp_path / "predictions_test.json") == read(greedy_run / "predictions_test.json")
+    assert read(tmp_path / "metrics_test.json")["shared_prefix"] is True
+    assert read(greedy_run / "metrics_test.json")["shared_prefix"] is False
+
+    made.clear()
+    assert run(*base, "--num_samples", "2") == 0
+    assert made and all(rows == 4 for _, rows, _ in made)  # the cache has a row per sample
+    for p in read(tmp_path / "predictions_test_sc2.json"):
+        assert len(p["samples"]) == 2
+
+
+def test_shared_prefix_layout():
+    shared = list(range(1, 21))
+    prompts = [[*shared, 30, 31], [*shared, 40], [*shared, 50, 51, 52]]
+    assert predict.shared_prefix_length(prompts) == 20
+    assert predict.shared_prefix_length([shared, shared]) == 19  # each row keeps a token to run
+    assert predict.shared_prefix_length([shared[:10] + [7], shared[:10] + [8]]) == 0  # too short to pay
+    enc = predict.prefix_and_left_pad(prompts, 20, 0, "cpu")
+    assert enc["input_ids"].tolist() == [[*shared, 0, 30, 31], [*shared, 0, 0, 40], [*shared, 50, 51, 52]]
+    assert enc["attention_mask"].tolist() == [[1] * 20 + m for m in ([0, 1, 1], [0, 0, 1], [1, 1, 1])]
 
 
 def test_cudnn_attention_is_allowed_in_prefill_only_and_restored_after():
@@ -660,6 +701,8 @@ def test_generation_flags_that_would_do_nothing_are_one_line(tmp_path, capsys, m
     for where in ("never", "always"):
         expect_error(capsys, [*base, "--generation", "continuous", "--cudnn_attention", where],
                      f"--cudnn_attention {where} applies to --generation batched")  # fmt: skip
+    for other in (["--generation", "continuous"], ["--cache_implementation", "static"]):
+        expect_error(capsys, [*base, "--shared_prefix", "true", *other], "--shared_prefix true hands")
     assert not (tmp_path / "o").exists()
 
 
