@@ -32,7 +32,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -180,19 +182,9 @@ class Matrix:
         print(_line(row) + note, flush=True)
 
     def make(self, target: str, log: Path, **variables: Any) -> tuple[int, str]:
-        """`make <target>` with this interpreter (no install step). Its output goes to `log` as it comes, so a
-        matrix stopped from outside (a lease's time limit) still leaves what the run printed."""
+        """`make <target>` with this interpreter (no install step), its output in `log`."""
         cmd = ["make", target, f"PY={sys.executable}", "STAMP=", *(f"{k}={v}" for k, v in variables.items())]
-        with log.open("w") as f:
-            f.write(" ".join(cmd) + "\n")
-            f.flush()
-            try:
-                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=self.args.timeout)
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                f.write(f"\nerror: timed out after {self.args.timeout} s\n")
-                rc = TIMEOUT_RC
-        return rc, log.read_text(errors="replace").split("\n", 1)[1]
+        return run_logged(cmd, log, self.args.timeout)
 
     def train_args(self, accumulation: int) -> str:
         a = self.args
@@ -379,6 +371,54 @@ class Matrix:
         return 2 if refused else 0
 
 
+def run_logged(cmd: list[str], log: Path, timeout: float) -> tuple[int, str]:
+    """Run `cmd` with its output going to `log` as it comes, so that a matrix stopped from outside (a lease's
+    time limit) still leaves what the run printed. The command runs in a process group of its own, and a
+    timeout, or the matrix itself being stopped, ends the whole group: `make` alone would leave accelerate's
+    workers holding the GPUs for the next run. Returns (exit code, output); TIMEOUT_RC after a timeout."""
+    with log.open("w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _end_group(proc)
+            f.write(f"\nerror: timed out after {timeout:g} s\n")
+            rc = TIMEOUT_RC
+        except BaseException:  # KeyboardInterrupt, or SystemExit from SIGTERM (main installs that)
+            _end_group(proc)
+            raise
+    return rc, log.read_text(errors="replace").split("\n", 1)[1]
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the command's process group (each rank can exit cleanly), SIGKILL to what is left of it
+    after 10 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        proc.poll()  # reap `make` once it exits: a zombie still counts as a member of the group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (`timeout`, a batch system) as SystemExit, so that `finally`/`except` blocks end the runs."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def _run_name(recipe: str, config: str, gpus: int) -> str:
     return f"{config}-{gpus}gpu-{recipe}"  # another GPU count (or matrix) never reuses a run's folder
 
@@ -522,6 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not Path(f"accelerate_configs/{config}.yaml").is_file():
             print(f"error: no accelerate config accelerate_configs/{config}.yaml", file=sys.stderr)
             return 2
+    exit_on_sigterm()
     try:
         return Matrix(args)()
     except OneLineError as err:

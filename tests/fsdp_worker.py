@@ -5,6 +5,7 @@ use_orig_params off). Writes what PEFT saves as the adapter, from the final (ful
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ policy = fsdp_auto_wrap_policy(model)
 fsdp = FSDP(model, auto_wrap_policy=policy, use_orig_params=False, device_id=torch.device("cpu"))
 ids = torch.randint(0, 64, (1, 6))
 fsdp(input_ids=ids, labels=ids).loss.backward()
+torch.optim.SGD(fsdp.parameters(), lr=1.0).step()  # trained values: lora_B leaves its zero init
 result = {"expected": expected}
 # the final adapter (train.py: FULL_STATE_DICT, then Trainer's save_pretrained with the gathered state dict)
 with FSDP.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
@@ -39,7 +41,8 @@ with FSDP.state_dict_type(fsdp, StateDictType.SHARDED_STATE_DICT):
     result["sharded"] = sorted(get_peft_model_state_dict(model))
 if dist.get_rank() == 0:
     model.save_pretrained(f"{out}/adapter", state_dict=full)
-    result["saved"] = saved_adapter_tensors(f"{out}/adapter")
+    result["saved"] = saved_adapter_tensors(Path(out) / "adapter")
+    result["trained"] = all(v.abs().max() > 0 for k, v in full.items() if "lora_B" in k)
     torch.manual_seed(1)
     loaded = PeftModel.from_pretrained(LlamaForCausalLM(cfg), f"{out}/adapter")
     theirs = loaded.state_dict()

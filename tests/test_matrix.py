@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,23 +223,48 @@ def test_a_failure_after_loading_or_a_timeout_is_not_a_refused_input(monkeypatch
     assert "refused" not in m.run("smoke", "single_gpu", 1, 2)
 
 
-def test_a_runs_log_is_written_as_it_runs(monkeypatch, tmp_path):
-    """The log of a `make` call holds what it printed so far, after a timeout and when the matrix itself is
-    killed mid-run (a lease's time limit once took a 6-minute ZeRO-3 run's whole log this way)."""
-    m = matrix.Matrix(argparse.Namespace(runs_dir=str(tmp_path), out=str(tmp_path / "m"), timeout=5))
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie has ended
 
-    def fake_run(cmd, stdout, stderr, timeout):
-        stdout.write("step 7 of 200\n")
-        stdout.flush()
-        raise what
 
-    monkeypatch.setattr(matrix.subprocess, "run", fake_run)
-    what: BaseException = matrix.subprocess.TimeoutExpired("make", 5)
-    rc, text = m.make("train", tmp_path / "a.log", RECIPE="smoke")
-    assert rc == matrix.TIMEOUT_RC and text.startswith("step 7 of 200") and "timed out after 5 s" in text
-    assert (tmp_path / "a.log").read_text().startswith("make train PY=")
+def _wait_file(path: Path, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert path.is_file()
 
-    what = KeyboardInterrupt()  # the matrix stopped from outside
-    with pytest.raises(KeyboardInterrupt):
-        m.make("train", tmp_path / "b.log", RECIPE="smoke")
-    assert "step 7 of 200" in (tmp_path / "b.log").read_text()
+
+# A "launcher" that prints, starts a worker that outlives it unless killed (as accelerate's ranks would),
+# and waits: what `make train` looks like from the matrix.
+LAUNCHER = "echo step 7 of 200; sleep 60 & echo $! > {pid}; wait"
+
+
+def test_a_timeout_keeps_the_log_and_ends_the_whole_run(tmp_path):
+    """A run that times out leaves its log so far, and none of its processes (a rank left running would hold
+    the GPUs for the next run)."""
+    pid = tmp_path / "worker.pid"
+    cmd = ["bash", "-c", LAUNCHER.format(pid=pid)]
+    rc, text = matrix.run_logged(cmd, tmp_path / "a.log", timeout=2)
+    assert rc == matrix.TIMEOUT_RC and text.startswith("step 7 of 200") and "timed out after 2 s" in text
+    assert (tmp_path / "a.log").read_text().startswith("bash -c")
+    assert not _alive(int(pid.read_text()))
+
+
+def test_a_matrix_stopped_from_outside_keeps_the_log_and_ends_the_run(tmp_path):
+    """SIGTERM to the matrix (what a lease's `timeout` sends): the run's log so far stays and its processes
+    end (a lease's limit once took a 6-minute ZeRO-3 run's whole log, when logs were written at the end)."""
+    pid, log = tmp_path / "worker.pid", tmp_path / "b.log"
+    code = (
+        "import sys; from pathlib import Path; from finqa_trl import matrix; matrix.exit_on_sigterm(); "
+        f"matrix.run_logged(['bash', '-c', {LAUNCHER.format(pid=pid)!r}], Path({str(log)!r}), 600)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    _wait_file(pid)
+    proc.terminate()
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert "step 7 of 200" in log.read_text()
+    assert not _alive(int(pid.read_text()))

@@ -126,32 +126,48 @@ def test_speed_options_write_what_the_default_writes(flags, greedy_run, tmp_path
 
 
 def test_shared_prefix_is_computed_once_and_serves_every_batch(greedy_run, tmp_path, monkeypatch):
-    """--shared_prefix: the system prompt's KV cache is computed once, copied into each batch (2 rows each,
-    and 2 samples per row for self-consistency), and greedy programs come out as without it."""
-    made = []
-    cache_of = predict.Generator.prefix_cache
+    """--shared_prefix: the system prompt's KV cache comes from one forward of a single row, is copied into
+    each batch (2 rows, or 2 x 2 samples for self-consistency), and the programs are the default's."""
+    forwards: list[tuple[int, int]] = []  # (rows, tokens) of every forward of the model
+    init = predict.Generator.__init__
 
-    def counting(self, prefix, rows):
-        made.append((len(prefix), rows, self._prefix is None or self._prefix[0] != tuple(prefix)))
-        return cache_of(self, prefix, rows)
+    def counting(self, model, *args, **kwargs):
+        init(self, model, *args, **kwargs)
+        model.register_forward_pre_hook(
+            lambda _m, a, kw: forwards.append(tuple((kw.get("input_ids") if kw else a[0]).shape)),
+            with_kwargs=True,
+        )
 
-    monkeypatch.setattr(predict.Generator, "prefix_cache", counting)
-    base = ["--model", SMOKE_MODEL, "--output_dir", str(tmp_path), "--shared_prefix", "true"]
-    base += ["--batch_size", "2"]
-    assert run(*base) == 0
-    assert len(made) == N_TEST // 2 and all(rows == 2 for _, rows, _ in made)
-    assert min(n for n, _, _ in made) >= predict.MIN_SHARED_PREFIX
-    computed = [fresh for _, _, fresh in made]
-    assert computed[0] and computed.count(True) <= len({n for n, _, _ in made})  # once per distinct prefix
+    monkeypatch.setattr(predict.Generator, "__init__", counting)
+    base = ["--model", SMOKE_MODEL, "--shared_prefix", "true", "--batch_size", "2"]
+    assert run(*base, "--output_dir", str(tmp_path)) == 0
+    prefixes = [tokens for rows, tokens in forwards if rows == 1]
+    assert len(prefixes) == 1 and prefixes[0] >= predict.MIN_SHARED_PREFIX  # one prefix forward for 3 batches
+    assert sum(rows == 2 and tokens > 1 for rows, tokens in forwards) == N_TEST // 2  # each batch's prefill
     assert read(tmp_path / "predictions_test.json") == read(greedy_run / "predictions_test.json")
     assert read(tmp_path / "metrics_test.json")["shared_prefix"] is True
     assert read(greedy_run / "metrics_test.json")["shared_prefix"] is False
 
-    made.clear()
-    assert run(*base, "--num_samples", "2") == 0
-    assert made and all(rows == 4 for _, rows, _ in made)  # the cache has a row per sample
-    for p in read(tmp_path / "predictions_test_sc2.json"):
-        assert len(p["samples"]) == 2
+    forwards.clear()
+    sc = ["--num_samples", "2", "--batch_size", "2"]
+    assert run(*base, "--output_dir", str(tmp_path), "--num_samples", "2") == 0
+    assert sum(rows == 4 and tokens > 1 for rows, tokens in forwards) == N_TEST // 2  # 2 samples per prompt
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path / "default"), *sc) == 0
+    ours, theirs = (read(d / "predictions_test_sc2.json") for d in (tmp_path, tmp_path / "default"))
+    assert [p["samples"] for p in ours] == [p["samples"] for p in theirs]  # same seeds, same samples
+
+
+def test_shared_prefix_refuses_a_model_that_brings_its_own_cache():
+    from finqa_trl.modeling import load
+
+    model, tok = load(SMOKE_MODEL)
+    spec = predict.ModelSpec("model", "m", "m", None, {}, None)
+    settings = predict.Settings(spec, "test", Path(), 0, "full", 100, False, 1, False, Path(), "test")
+    model.generation_config.cache_implementation = "hybrid"  # as Gemma's generation configs ask
+    shared = predict.parse_args(["--model", "m", "--shared_prefix", "true"])
+    with pytest.raises(predict.PredictError, match="asks for cache_implementation='hybrid'"):
+        predict.Generator(model, tok, shared, settings)
+    predict.Generator(model, tok, predict.parse_args(["--model", "m"]), settings)  # without it: its own cache
 
 
 def test_shared_prefix_layout():
