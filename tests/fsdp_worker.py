@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.other import fsdp_auto_wrap_policy
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -36,9 +36,19 @@ result = {"expected": expected}
 with FSDP.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
     full = fsdp.state_dict()
 result["full"] = sorted(get_peft_model_state_dict(model, state_dict=full))
-# a checkpoint (accelerate's save_fsdp_model(adapter_only=True) under SHARDED_STATE_DICT)
+# a checkpoint (accelerate's save_fsdp_model(adapter_only=True) under SHARDED_STATE_DICT), and a resume from
+# it (load_fsdp_model: set_peft_model_state_dict under the same state dict type) into adapters zeroed first
 with FSDP.state_dict_type(fsdp, StateDictType.SHARDED_STATE_DICT):
-    result["sharded"] = sorted(get_peft_model_state_dict(model))
+    checkpoint = get_peft_model_state_dict(model)
+    result["sharded"] = sorted(checkpoint)
+    with torch.no_grad():
+        for p in fsdp.parameters():
+            if p.requires_grad:
+                p.zero_()
+    set_peft_model_state_dict(model, checkpoint)
+with FSDP.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+    resumed = fsdp.state_dict()
+result["resumed"] = all(torch.equal(v, resumed[k]) for k, v in full.items() if "lora_" in k)
 if dist.get_rank() == 0:
     model.save_pretrained(f"{out}/adapter", state_dict=full)
     result["saved"] = saved_adapter_tensors(Path(out) / "adapter")

@@ -1,4 +1,5 @@
-"""FSDP (v1) and PEFT: the adapter saved after an FSDP run, and its checkpoints, hold every adapter weight.
+"""FSDP (v1) and PEFT: the adapter saved after an FSDP run, and its checkpoints, hold every adapter weight,
+and a resume from such a checkpoint restores them.
 
 On 2 H200s (results/multi-gpu-200steps) the FSDP LoRA run trained as well as one GPU but saved an empty
 adapter: PEFT 0.21 misses every adapter entry of a model whose decoder layers FSDP wrapped one by one, and
@@ -31,7 +32,8 @@ def test_fsdp_adapter_holds_every_weight(tmp_path: Path, method: str) -> None:
     r = run_worker(tmp_path, method, "fix")
     assert len(r["expected"]) == {"lora": 28, "dora": 42}[method]  # 2 layers x 7 linears x A, B (+ magnitude)
     assert r["full"] == r["expected"]  # the final adapter
-    assert r["sharded"] == r["expected"]  # a checkpoint's adapter (resume)
+    assert r["sharded"] == r["expected"]  # a checkpoint's adapter
+    assert r["resumed"]  # loading that checkpoint back under FSDP restores every adapter weight
     assert r["saved"] == len(r["expected"])
     assert r["trained"] and r["same_values"]  # loaded onto a fresh base: the trained values, not a new init
 
@@ -42,4 +44,4 @@ def test_without_the_fix_this_peft_saves_nothing(tmp_path: Path) -> None:
     r = run_worker(tmp_path, "lora")
     if r["full"]:
         pytest.skip("this PEFT finds the adapter's keys under FSDP by itself: fsdp_safe_adapter_keys can go")
-    assert r["saved"] == 0 and not r["same_values"]
+    assert r["saved"] == 0 and not r["same_values"] and not r["resumed"]
