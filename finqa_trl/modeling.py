@@ -429,9 +429,10 @@ def fsdp_safe_adapter_keys() -> None:
 
 def saved_adapter_tensors(adapter_dir: Path) -> int | None:
     """How many tensors the adapter file in `adapter_dir` holds (None: no safetensors adapter file there)."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors import safe_open
 
-    path = Path(adapter_dir) / "adapter_model.safetensors"
+    path = Path(adapter_dir) / SAFETENSORS_WEIGHTS_NAME
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
@@ -592,6 +593,15 @@ def liger_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_unavailable(on_gpu: bool) -> str | None:
+    """Why `--liger_kernel true` cannot run here (None: it can); train and predict refuse with this line."""
+    if not liger_installed():
+        return "--liger_kernel true needs liger-kernel: pip install liger-kernel"
+    if not on_gpu:
+        return "--liger_kernel true needs a CUDA GPU (Liger's kernels are Triton kernels)"
+    return None
 
 
 @contextmanager

@@ -452,12 +452,11 @@ def resolve_settings(args: PredictArguments) -> Settings:
             "without --cache_implementation"
         )
     if args.liger_kernel == "true":
-        from .modeling import cuda_available, liger_installed
+        from .modeling import cuda_available, liger_unavailable
 
-        if not liger_installed():
-            raise PredictError("--liger_kernel true needs liger-kernel: pip install liger-kernel")
-        if not cuda_available():
-            raise PredictError("--liger_kernel true needs a CUDA GPU (Liger's kernels are Triton kernels)")
+        why_not = liger_unavailable(on_gpu=cuda_available())
+        if why_not:
+            raise PredictError(why_not)
     if args.cache_implementation:  # transformers' own check, before a model is loaded rather than after
         from transformers import GenerationConfig
 

@@ -349,11 +349,10 @@ def _resolve_liger(script: FinQAArguments, training: Any) -> None:
     script.liger_kernel = str(script.liger_kernel).lower()
     if script.liger_kernel not in ("auto", "true", "false"):
         raise UsageError(f"liger_kernel must be auto, true or false, got {script.liger_kernel!r}")
-    installed, on_gpu = modeling.liger_installed(), modeling.cuda_available() and not training.use_cpu
-    if script.liger_kernel == "true" and not (installed and on_gpu):
-        why = "a CUDA GPU (not --use_cpu)" if installed else "liger-kernel: pip install liger-kernel"
-        raise UsageError(f"--liger_kernel true needs {why}")
-    if script.liger_kernel == "true" or (script.liger_kernel == "auto" and installed and on_gpu):
+    why_not = modeling.liger_unavailable(on_gpu=modeling.cuda_available() and not training.use_cpu)
+    if script.liger_kernel == "true" and why_not:
+        raise UsageError(why_not)
+    if script.liger_kernel == "true" or (script.liger_kernel == "auto" and not why_not):
         training.use_liger_kernel = True
 
 
