@@ -404,9 +404,14 @@ FSDP_WRAPPER = "_fsdp_wrapped_module."
 
 
 def fsdp_safe_adapter_keys() -> None:
-    """Make PEFT find the adapter's weights in an FSDP (v1) model's state dict. Idempotent, process-wide.
+    """Make PEFT save an FSDP (v1) model's adapter weights, and load them back on a resume. Idempotent,
+    process-wide: both halves below, which train.py applies under FSDP."""
+    fsdp_safe_adapter_saving()
+    fsdp_safe_adapter_loading()
 
-    PEFT 0.21 picks an adapter's state-dict entries by the names of its tuner modules, from which it strips
+
+def fsdp_safe_adapter_saving() -> None:
+    """PEFT 0.21 picks an adapter's state-dict entries by the names of its tuner modules, from which it strips
     only a leading `_fsdp_wrapped_module.`. FSDP also wraps each decoder layer (PEFT's own auto-wrap policy),
     so the module names keep that segment inside (`...layers.0._fsdp_wrapped_module.self_attn...`) while the
     state dict (full or sharded) has none. Every adapter key was missed: the final adapter and each checkpoint
@@ -425,6 +430,30 @@ def fsdp_safe_adapter_keys() -> None:
 
     prefixes.finqa_fsdp_safe = True  # type: ignore[attr-defined]
     tuners_utils._get_tuner_state_dict_key_prefixes = prefixes
+
+
+def fsdp_safe_adapter_loading() -> None:
+    """A resume under FSDP: Trainer hands accelerate's load_fsdp_model the FSDP root, and accelerate hands it
+    on to `peft.set_peft_model_state_dict`. PEFT 0.21 looks there for parameter names starting with
+    `base_model.model.`; the root's start with `_fsdp_wrapped_module.`, so PEFT strips that prefix from every
+    key of the checkpoint and `load_state_dict(strict=False)` loads none of them, silently. The resumed run
+    went on from freshly initialised adapters (2x H200, the smoke recipe: loss 9.27 at step 4 against 5.83
+    without the interruption). Given the PeftModel inside the root instead, under the same state-dict type,
+    PEFT loads every adapter weight (tests/test_fsdp.py, through accelerate's own save and load).
+    """
+    import peft
+
+    load = peft.set_peft_model_state_dict
+    if getattr(load, "finqa_fsdp_safe", False):
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def load_unwrapped(model: Any, *args: Any, **kwargs: Any) -> Any:
+        inner = model.module if isinstance(model, FullyShardedDataParallel) else model
+        return load(inner, *args, **kwargs)
+
+    load_unwrapped.finqa_fsdp_safe = True  # type: ignore[attr-defined]
+    peft.set_peft_model_state_dict = load_unwrapped  # accelerate imports it from `peft` when it loads
 
 
 def saved_adapter_tensors(adapter_dir: Path) -> int | None:

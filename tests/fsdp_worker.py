@@ -1,31 +1,43 @@
 """Run by tests/test_fsdp.py under torchrun (2 CPU processes, gloo): a PEFT model wrapped by FSDP (v1) as
 Trainer wraps it (PEFT's auto-wrap policy: each decoder layer and each adapter layer a unit of its own,
-use_orig_params off). Writes what PEFT saves as the adapter, from the final (full) and a checkpoint's
-(sharded) state dict."""
+use_orig_params off). Writes what PEFT saves as the adapter from the final (full) state dict, what a
+checkpoint holds and whether a resume from it restores the adapter: accelerate's save_fsdp_model and
+load_fsdp_model (sharded, adapter only) on the FSDP root, as Trainer calls them.
+argv: out dir, lora|dora, and the fix to apply: fix (both halves), saving (fsdp_safe_adapter_saving only) or
+none."""
 
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+import torch.distributed.checkpoint as dcp
+from accelerate import PartialState
+from accelerate.utils import load_fsdp_model, save_fsdp_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.utils.other import fsdp_auto_wrap_policy
-from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+from torch.distributed.fsdp import (
+    FullStateDictConfig,
+    ShardedOptimStateDictConfig,
+    ShardedStateDictConfig,
+    StateDictType,
+)
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from finqa_trl.modeling import fsdp_safe_adapter_keys, saved_adapter_tensors
+from finqa_trl.modeling import fsdp_safe_adapter_keys, fsdp_safe_adapter_saving, saved_adapter_tensors
 
-out, use_dora = sys.argv[1], sys.argv[2] == "dora"
+out, use_dora, fix = sys.argv[1], sys.argv[2] == "dora", sys.argv[3]
 dist.init_process_group("gloo")
+state = PartialState(cpu=True)  # accelerate's FSDP helpers log through it
 heads = {"num_attention_heads": 2, "num_key_value_heads": 1}
 cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, **heads)
 torch.manual_seed(0)
 model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules="all-linear", use_dora=use_dora))
 expected = sorted(get_peft_model_state_dict(model))  # what the adapter file holds without FSDP
-if "fix" in sys.argv:
-    fsdp_safe_adapter_keys()
+{"fix": fsdp_safe_adapter_keys, "saving": fsdp_safe_adapter_saving, "none": lambda: None}[fix]()
 policy = fsdp_auto_wrap_policy(model)
 fsdp = FSDP(model, auto_wrap_policy=policy, use_orig_params=False, device_id=torch.device("cpu"))
 ids = torch.randint(0, 64, (1, 6))
@@ -36,16 +48,29 @@ result = {"expected": expected}
 with FSDP.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
     full = fsdp.state_dict()
 result["full"] = sorted(get_peft_model_state_dict(model, state_dict=full))
-# a checkpoint (accelerate's save_fsdp_model(adapter_only=True) under SHARDED_STATE_DICT), and a resume from
-# it (load_fsdp_model: set_peft_model_state_dict under the same state dict type) into adapters zeroed first
-with FSDP.state_dict_type(fsdp, StateDictType.SHARDED_STATE_DICT):
-    checkpoint = get_peft_model_state_dict(model)
-    result["sharded"] = sorted(checkpoint)
-    with torch.no_grad():
-        for p in fsdp.parameters():
-            if p.requires_grad:
-                p.zero_()
-    set_peft_model_state_dict(model, checkpoint)
+# a checkpoint and a resume from it into adapters zeroed first, as Trainer makes them under FSDP
+plugin = SimpleNamespace(
+    fsdp_version=1,
+    state_dict_type=StateDictType.SHARDED_STATE_DICT,
+    state_dict_config=ShardedStateDictConfig(),
+    optim_state_dict_config=ShardedOptimStateDictConfig(),
+)
+accelerator = SimpleNamespace(
+    wait_for_everyone=dist.barrier,
+    process_index=state.process_index,
+    num_processes=state.num_processes,
+    is_main_process=state.is_main_process,
+    is_fsdp2=False,
+)
+checkpoint = Path(out) / "checkpoint"
+save_fsdp_model(plugin, accelerator, fsdp, checkpoint, adapter_only=True)
+held = dcp.FileSystemReader(str(checkpoint / "pytorch_model_fsdp_0")).read_metadata().state_dict_metadata
+result["sharded"] = sorted(k.removeprefix("model.") for k in held)
+with torch.no_grad():
+    for p in fsdp.parameters():
+        if p.requires_grad:
+            p.zero_()
+load_fsdp_model(plugin, accelerator, fsdp, checkpoint, adapter_only=True)
 with FSDP.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
     resumed = fsdp.state_dict()
 result["resumed"] = all(torch.equal(v, resumed[k]) for k, v in full.items() if "lora_" in k)
