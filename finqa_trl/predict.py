@@ -193,14 +193,17 @@ class PredictArguments:
             "choices": ["auto", "true", "false"],
         },
     )
-    shared_prefix: bool = field(
-        default=False,
+    shared_prefix: str = field(
+        default="auto",
         metadata={
             "help": "Run the tokens that every prompt of a batch starts with (the system prompt, about a "
             "quarter of a FinQA prompt's tokens) once and give their KV cache to generate, instead of "
-            "running them once per row. Batched generation with the default cache only; in bf16 a few "
-            "greedy predictions may differ (the prefix is computed in a batch of one). The metrics record it "
-            "as asked."
+            "running them once per row (H100, 1,147 prompts: 3B 21.6 s instead of 25.1 s, 1B 10.3 instead "
+            "of 11.9, the same predictions). auto: with batched generation and the default cache, unless "
+            "the model's generation config brings a cache of its own; true: required; false: off. In bf16 a "
+            "greedy prediction could differ (the prefix is computed in a batch of one). The metrics record "
+            "whether it ran.",
+            "choices": ["auto", "true", "false"],
         },
     )
     save_every: int = field(default=1, metadata={"help": "Checkpoint predictions every N batches."})
@@ -446,7 +449,7 @@ def resolve_settings(args: PredictArguments) -> Settings:
             f"--cudnn_attention {args.cudnn_attention} applies to --generation batched; continuous "
             "batching keeps torch's own choice of attention kernel"
         )
-    if args.shared_prefix and (args.generation == "continuous" or args.cache_implementation):
+    if args.shared_prefix == "true" and (args.generation == "continuous" or args.cache_implementation):
         raise PredictError(
             "--shared_prefix true hands generate a dynamic KV cache: it applies to --generation batched "
             "without --cache_implementation"
@@ -723,11 +726,14 @@ class Generator:
             self.kwargs["disable_compile"] = True
         self._prefix: tuple[tuple[int, ...], Any] | None = None  # (shared prefix, its KV cache)
         own = getattr(model.generation_config, "cache_implementation", None)
-        if args.shared_prefix and own:  # e.g. Gemma's hybrid cache: generate would refuse a dynamic one
+        if args.shared_prefix == "true" and own:  # e.g. Gemma's hybrid cache: generate refuses a dynamic one
             raise PredictError(
                 f"--shared_prefix true hands generate a dynamic KV cache, but this model's generation config "
-                f"asks for cache_implementation={own!r}: drop --shared_prefix"
+                f"asks for cache_implementation={own!r}: pass --shared_prefix false"
             )
+        # auto: wherever generate takes the dynamic cache it is handed (validate() refused `true` elsewhere)
+        batched = args.generation == "batched" and not args.cache_implementation and not own
+        self.shared_prefix = args.shared_prefix == "true" or (args.shared_prefix == "auto" and batched)
         if settings.do_sample:
             self.kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=None)
         else:  # instruct models ship sampling defaults (Llama 3: T=0.6, p=0.9) that greedy must not inherit
@@ -745,7 +751,7 @@ class Generator:
             texts = self.tokenizer.batch_decode(self.continuous(prompts), skip_special_tokens=True)
             return [[t.strip()] for t in texts]
         n = self.kwargs["num_return_sequences"]
-        start = self.shared_start(prompts) if self.args.shared_prefix else 0
+        start = self.shared_start(prompts) if self.shared_prefix else 0
         with torch.inference_mode(), cudnn_attention(self.model, self.args.cudnn_attention):
             if start:
                 enc = prefix_and_left_pad(prompts, start, self.tokenizer.pad_token_id, self.model.device)
@@ -1390,7 +1396,7 @@ def _generate(
         "batches": batches,
         "largest_batch": largest,
         "liger_kernel": liger,
-        "shared_prefix": args.shared_prefix,
+        "shared_prefix": generate.shared_prefix,
         "peak_gpu_memory_gib": peak_gpu_memory_gib(),
     }
 

@@ -115,7 +115,7 @@ def test_continuous_batching_writes_what_batched_generation_writes(greedy_run, t
         ("--cudnn_attention", "never"),
         ("--cudnn_attention", "always"),
         ("--cache_implementation", "static", "--compile_decoding", "false"),
-        ("--shared_prefix", "true"),
+        ("--shared_prefix", "false"),  # the default runs the shared system prompt once per batch
     ],
 )
 def test_speed_options_write_what_the_default_writes(flags, greedy_run, tmp_path):
@@ -126,8 +126,9 @@ def test_speed_options_write_what_the_default_writes(flags, greedy_run, tmp_path
 
 
 def test_shared_prefix_is_computed_once_and_serves_every_batch(greedy_run, tmp_path, monkeypatch):
-    """--shared_prefix: the system prompt's KV cache comes from one forward of a single row, is copied into
-    each batch (2 rows, or 2 x 2 samples for self-consistency), and the programs are the default's."""
+    """--shared_prefix (auto, the default, runs it): the system prompt's KV cache comes from one forward of a
+    single row, is copied into each batch (2 rows, or 2 x 2 samples for self-consistency), and the programs
+    are those of every prompt token run per row (--shared_prefix false)."""
     forwards: list[tuple[int, int]] = []  # (rows, tokens) of every forward of the model
     init = predict.Generator.__init__
 
@@ -139,21 +140,25 @@ def test_shared_prefix_is_computed_once_and_serves_every_batch(greedy_run, tmp_p
         )
 
     monkeypatch.setattr(predict.Generator, "__init__", counting)
-    base = ["--model", SMOKE_MODEL, "--shared_prefix", "true", "--batch_size", "2"]
+    base = ["--model", SMOKE_MODEL, "--batch_size", "2"]
     assert run(*base, "--output_dir", str(tmp_path)) == 0
     prefixes = [tokens for rows, tokens in forwards if rows == 1]
     assert len(prefixes) == 1 and prefixes[0] >= predict.MIN_SHARED_PREFIX  # one prefix forward for 3 batches
     assert sum(rows == 2 and tokens > 1 for rows, tokens in forwards) == N_TEST // 2  # each batch's prefill
-    assert read(tmp_path / "predictions_test.json") == read(greedy_run / "predictions_test.json")
     assert read(tmp_path / "metrics_test.json")["shared_prefix"] is True
-    assert read(greedy_run / "metrics_test.json")["shared_prefix"] is False
+    off = tmp_path / "off"
+    forwards.clear()
+    assert run(*base, "--output_dir", str(off), "--shared_prefix", "false") == 0
+    assert not [tokens for rows, tokens in forwards if rows == 1]  # no prefix forward
+    assert read(tmp_path / "predictions_test.json") == read(off / "predictions_test.json")
+    assert read(off / "metrics_test.json")["shared_prefix"] is False
 
     forwards.clear()
     sc = ["--num_samples", "2", "--batch_size", "2"]
     assert run(*base, "--output_dir", str(tmp_path), "--num_samples", "2") == 0
     assert sum(rows == 4 and tokens > 1 for rows, tokens in forwards) == N_TEST // 2  # 2 samples per prompt
-    assert run("--model", SMOKE_MODEL, "--output_dir", str(tmp_path / "default"), *sc) == 0
-    ours, theirs = (read(d / "predictions_test_sc2.json") for d in (tmp_path, tmp_path / "default"))
+    assert run("--model", SMOKE_MODEL, "--output_dir", str(off), *sc, "--shared_prefix", "false") == 0
+    ours, theirs = (read(d / "predictions_test_sc2.json") for d in (tmp_path, off))
     assert [p["samples"] for p in ours] == [p["samples"] for p in theirs]  # same seeds, same samples
 
 
@@ -167,7 +172,21 @@ def test_shared_prefix_refuses_a_model_that_brings_its_own_cache():
     shared = predict.parse_args(["--model", "m", "--shared_prefix", "true"])
     with pytest.raises(predict.PredictError, match="asks for cache_implementation='hybrid'"):
         predict.Generator(model, tok, shared, settings)
-    predict.Generator(model, tok, predict.parse_args(["--model", "m"]), settings)  # without it: its own cache
+    # auto leaves such a model its own cache
+    assert not predict.Generator(model, tok, predict.parse_args(["--model", "m"]), settings).shared_prefix
+
+
+def test_shared_prefix_auto_applies_to_batched_generation_with_the_default_cache(tmp_path):
+    """auto runs the shared prefix where generate takes the cache it is handed, and records whether it did;
+    continuous batching and a static cache go on without it (`true` is refused there: see below)."""
+    base = ["--model", SMOKE_MODEL, "--limit", "2"]
+    for name, flags, used in [
+        ("batched", [], True),
+        ("continuous", ["--generation", "continuous"], False),
+        ("static", ["--cache_implementation", "static", "--compile_decoding", "false"], False),
+    ]:
+        assert run(*base, "--output_dir", str(tmp_path / name), *flags) == 0
+        assert read(tmp_path / name / "metrics_test_first2.json")["shared_prefix"] is used, name
 
 
 def test_shared_prefix_layout():
