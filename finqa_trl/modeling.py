@@ -439,7 +439,9 @@ def fsdp_safe_adapter_loading() -> None:
     key of the checkpoint and `load_state_dict(strict=False)` loads none of them, silently. The resumed run
     went on from freshly initialised adapters (2x H200, the smoke recipe: loss 9.27 at step 4 against 5.83
     without the interruption). Given the PeftModel inside the root instead, under the same state-dict type,
-    PEFT loads every adapter weight (tests/test_fsdp.py, through accelerate's own save and load).
+    PEFT loads every adapter weight (tests/test_fsdp.py, through accelerate's own save and load). The root is
+    initialised first: loading through the inner module would otherwise let a nested FSDP unit take the
+    root's role, and the next forward fails (a FULL_STATE_DICT resume, whose load runs no state_dict() first).
     """
     import peft
 
@@ -447,10 +449,13 @@ def fsdp_safe_adapter_loading() -> None:
     if getattr(load, "finqa_fsdp_safe", False):
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp._runtime_utils import _lazy_init
 
     def load_unwrapped(model: Any, *args: Any, **kwargs: Any) -> Any:
-        inner = model.module if isinstance(model, FullyShardedDataParallel) else model
-        return load(inner, *args, **kwargs)
+        if not isinstance(model, FullyShardedDataParallel):
+            return load(model, *args, **kwargs)
+        _lazy_init(model, model)  # what FSDP's own state_dict()/forward do first on the root
+        return load(model.module, *args, **kwargs)
 
     load_unwrapped.finqa_fsdp_safe = True  # type: ignore[attr-defined]
     peft.set_peft_model_state_dict = load_unwrapped  # accelerate imports it from `peft` when it loads

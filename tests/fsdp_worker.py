@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import peft
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -35,7 +36,8 @@ state = PartialState(cpu=True)  # accelerate's FSDP helpers log through it
 heads = {"num_attention_heads": 2, "num_key_value_heads": 1}
 cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, **heads)
 torch.manual_seed(0)
-model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules="all-linear", use_dora=use_dora))
+lora = LoraConfig(r=2, target_modules="all-linear", use_dora=use_dora)
+model = get_peft_model(LlamaForCausalLM(cfg), lora)
 expected = sorted(get_peft_model_state_dict(model))  # what the adapter file holds without FSDP
 {"fix": fsdp_safe_adapter_keys, "saving": fsdp_safe_adapter_saving, "none": lambda: None}[fix]()
 policy = fsdp_auto_wrap_policy(model)
@@ -74,6 +76,24 @@ load_fsdp_model(plugin, accelerator, fsdp, checkpoint, adapter_only=True)
 with FSDP.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
     resumed = fsdp.state_dict()
 result["resumed"] = all(torch.equal(v, resumed[k]) for k, v in full.items() if "lora_" in k)
+# the same through a full (unsharded) checkpoint, into a fresh FSDP model that has not run a forward yet (its
+# root not initialised: loading must not let a nested unit take the root's role), then a forward. Saved and
+# loaded as accelerate's save/load_fsdp_model do, but without their CPU offload (FSDP cannot offload on a CPU
+# device): PEFT's functions on the FSDP root, `peft.set_peft_model_state_dict` looked up when called.
+with FSDP.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+    adapter_only = get_peft_model_state_dict(fsdp)
+torch.manual_seed(2)
+fresh = FSDP(
+    get_peft_model(LlamaForCausalLM(cfg), lora),
+    auto_wrap_policy=policy,
+    device_id=torch.device("cpu"),
+)
+with FSDP.state_dict_type(fresh, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+    peft.set_peft_model_state_dict(fresh, adapter_only)
+fresh(input_ids=ids, labels=ids)
+with FSDP.state_dict_type(fresh, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+    loaded_full = fresh.state_dict()
+result["full_resumed"] = all(torch.equal(v, loaded_full[k]) for k, v in full.items() if "lora_" in k)
 if dist.get_rank() == 0:
     model.save_pretrained(f"{out}/adapter", state_dict=full)
     result["saved"] = saved_adapter_tensors(Path(out) / "adapter")

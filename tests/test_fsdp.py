@@ -37,6 +37,7 @@ def test_fsdp_adapter_holds_every_weight(tmp_path: Path, method: str) -> None:
     assert r["full"] == r["expected"]  # the final adapter
     assert r["sharded"] == r["expected"]  # a checkpoint's adapter
     assert r["resumed"]  # loading that checkpoint back into the FSDP root restores every adapter weight
+    assert r["full_resumed"]  # so does a full (unsharded) one, into a fresh FSDP model before any forward
     assert r["saved"] == len(r["expected"])
     assert r["trained"] and r["same_values"]  # loaded onto a fresh base: the trained values, not a new init
 
@@ -55,7 +56,6 @@ def test_saving_fixed_alone_resumes_nothing(tmp_path: Path) -> None:
     none of them (the loading half is what restores them). Should a PEFT release load them itself, this test
     says fsdp_safe_adapter_loading can go."""
     r = run_worker(tmp_path, "lora", "saving")
-    assert r["sharded"] == r["expected"]
-    if r["resumed"]:
+    assert r["sharded"] == r["expected"]  # the saving half alone: the checkpoint holds every weight
+    if r["resumed"]:  # otherwise, as with PEFT 0.21, the resume restored nothing
         pytest.skip("this PEFT loads an FSDP root's adapter by itself: fsdp_safe_adapter_loading can go")
-    assert not r["resumed"]
