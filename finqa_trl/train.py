@@ -615,10 +615,10 @@ def _trainer_class() -> type:
     class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         def __init__(self, batch_size: int, lengths: list[int], seed: int, epoch: Callable[[], int]) -> None:
             super().__init__(batch_size, lengths=lengths)
-            self.seed, self.epoch = seed, epoch
+            self.seed, self.epoch_now = seed, epoch
 
         def __iter__(self) -> Any:
-            self.generator = torch.Generator().manual_seed(self.seed + self.epoch())
+            self.generator = torch.Generator().manual_seed(self.seed + self.epoch_now())
             return super().__iter__()
 
     class FinQATrainer(SFTTrainer):
