@@ -39,6 +39,9 @@ help:
 	@echo "make report                    results table (markdown) + bar chart from outputs/*/metrics_*.json"
 	@echo "make matrix NUM_GPUS=2 MATRIX_ARGS='--model M --data_dir D'   every multi-GPU launch vs one GPU"
 	@echo "make bench FINQA_DIR=... LLAMA3_TOKENIZER=...   training/eval throughput vs plain TRL (GPU)"
+	@echo "make install                   the .venv every target uses (VENV= for the current environment)"
+	@echo "make lint                      ruff only"
+	@echo "make clean                     remove outputs/demo and the pytest/ruff caches"
 
 install: $(STAMP)
 

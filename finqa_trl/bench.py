@@ -138,7 +138,7 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     "memory_quarter": ["--memory_fraction", "0.25"],
     "memory_eighth": ["--memory_fraction", "0.125"],
     # the prompts' shared system prompt (about a quarter of their tokens) run once per batch, not once per
-    # row (`auto` does so since 2026-11-26; H100: 3B 21.6 against 25.1 s), and every prompt token per row
+    # row (`auto` does so since 2026-11-26; H100: 3B 1.6-3.5 s less than 25.1 s), and every token per row
     "shared_prefix": ["--shared_prefix", "true"],
     "no_shared_prefix": ["--shared_prefix", "false"],
     "prefill_shared_prefix": ["--max_new_tokens", "1", "--shared_prefix", "true"],
