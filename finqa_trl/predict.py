@@ -200,10 +200,9 @@ class PredictArguments:
             "quarter of a FinQA prompt's tokens) once and give their KV cache to generate, instead of "
             "running them once per row (H100, 1,147 prompts, random-weight shapes: 3B 1.6-3.5 s less than "
             "25.1 s, 1B 0.45-1.65 s less than 11.9, the same predictions). auto: with batched generation and "
-            "the default cache, unless "
-            "the model's generation config brings a cache of its own; true: required; false: off. In bf16 a "
-            "greedy prediction could differ (the prefix is computed in a batch of one). The metrics record "
-            "whether it was enabled.",
+            "the default cache, unless the model's generation config brings a cache of its own; true: "
+            "required; false: off. In bf16 a greedy prediction could differ (the prefix is computed in a "
+            "batch of one). The metrics record whether it was enabled.",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -914,10 +913,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any) -> dict
 def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all `prompts` share, leaving each at least one of its own (generate must run
     something per row); 0 when under MIN_SHARED_PREFIX, too few to be worth a forward of their own."""
-    shortest = min(len(p) for p in prompts)
-    n = 0
-    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
-        n += 1
+    n = min(len(os.path.commonprefix([list(p) for p in prompts])), min(len(p) for p in prompts) - 1)
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
