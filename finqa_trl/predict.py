@@ -24,10 +24,12 @@ metrics_<tag>.json (or, for a run interrupted before its metrics, in settings_<t
 started) are not resumed or rescored (pass --overwrite). Bad input: one line on stderr, exit code 2,
 nothing written.
 
-Several processes (`torchrun --nproc_per_node N -m finqa_trl.predict ...`, or `accelerate launch`): the
-pending examples are dealt out by prompt length, each rank generates its share on its own GPU into
-predictions_<tag>.shard<rank>.json, and rank 0 merges the shards into the one predictions_<tag>.json (same
-order and format as one process writes) and scores it. Leftover shards of an interrupted run are resumed.
+Several processes (`torchrun --nproc_per_node N -m finqa_trl.predict ...`, or `accelerate launch`): every
+rank plans the batches one process would generate, and whole batches are dealt out to the ranks, so each
+example is generated in the same batch (same padding, same shared prefix) as by one process; each rank writes
+its share into predictions_<tag>.shard<rank>.json, and rank 0 merges the shards into the one
+predictions_<tag>.json (same order and format as one process writes) and scores it. Leftover shards of an
+interrupted run are resumed.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DEFAULT_MAX_PROMPT_TOKENS = 3072  # the training default (recipes/_base.yaml)
 SHOT_TOKENS = 512  # budget added per few-shot example, so shots never crowd out the question's context
 CPU_TOKEN_BUDGET = 8192
+# A GPU whose free memory is this much short of what the model leaves is shared with another process (the CUDA
+# context and the allocator's cache take less): batches are then sized from the free memory.
+SHARED_GPU_SLACK = 2 * 2**30
 # --shared_prefix: fewer shared tokens are not worth a forward, a cache copy and a longer mask of their own (a
 # guess, not timed; FinQA's Llama 3 prompts share their 289-token system prompt)
 MIN_SHARED_PREFIX = 16
@@ -137,7 +142,7 @@ class PredictArguments:
     memory_fraction: float | None = field(
         default=None,
         metadata={
-            "help": "auto on a GPU: the share of free memory (after loading) that one batch's KV cache and "
+            "help": "auto on a GPU: the share of the memory the model leaves that one batch's KV cache and "
             "prefill activations may take (default 0.5). Smaller: more batches, each padded less (prompts "
             "are length-sorted); larger: fewer batches, so fewer decoding loops."
         },
@@ -419,7 +424,8 @@ def resolve_settings(args: PredictArguments) -> Settings:
     if args.memory_fraction is not None:
         from .modeling import cuda_available
 
-        # free memory is measured after loading: the rest is for the logits, decoding and the allocator
+        # the memory the model leaves is measured after loading: the rest is for the logits, decoding, the
+        # allocator and the CUDA context
         if not 0 < args.memory_fraction <= 0.9:
             raise PredictError(f"--memory_fraction must be in (0, 0.9], got {args.memory_fraction}")
         fixed = args.max_batch_tokens is not None or args.batch_size != "auto"
@@ -659,14 +665,29 @@ def build_prompts(examples: Sequence[dict], tokenizer: Any, settings: Settings) 
 
 
 def token_budget(model: Any, args: PredictArguments) -> int:
-    """Tokens (rows x (prompt + new)) per batch, from free GPU memory / (KV cache + prefill activations)."""
+    """Tokens (rows x (prompt + new)) per batch: a share of the GPU memory the model leaves, over (KV cache +
+    prefill activations) per token.
+
+    The memory the model leaves (total less this process's tensors) is the same for every run of a model on a
+    kind of GPU, where free memory also varies with the CUDA context and the allocator's cache; so one GPU and
+    several plan the same batches (see `plan_batches`). Only on a GPU that another process shares is the
+    budget taken from free memory."""
     import torch
 
     if args.max_batch_tokens:
         return args.max_batch_tokens
     if not torch.cuda.is_available():
         return CPU_TOKEN_BUDGET
-    free, _ = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info()
+    room = total - torch.cuda.memory_allocated()
+    if free < room - SHARED_GPU_SLACK:
+        logger.warning(
+            "the GPU is shared (%.1f GiB free of the %.1f GiB the model leaves): batches are sized from free "
+            "memory, so another run may batch, and round, differently",
+            free / 2**30,
+            room / 2**30,
+        )
+        room = free
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -674,7 +695,7 @@ def token_budget(model: Any, args: PredictArguments) -> int:
     activations = 4 * cfg.hidden_size + 3 * cfg.intermediate_size  # one layer's prefill peak, per token
     elem = 2 if model.dtype in (torch.bfloat16, torch.float16) else 4
     share = 0.5 if args.memory_fraction is None else args.memory_fraction
-    return max(1024, int(share * free / ((kv + activations) * elem)))
+    return max(1024, int(share * room / ((kv + activations) * elem)))
 
 
 def rows_per_call(args: PredictArguments) -> int | None:
@@ -940,52 +961,93 @@ def longest_first(prompts: Sequence[Sequence[int]]) -> list[int]:
     return sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
 
 
+def plan_batches(
+    prompts: Sequence[Sequence[int]],
+    *,
+    rows_cap: int | None,
+    budget: int,
+    max_new_tokens: int,
+    num_samples: int,
+) -> list[list[int]]:
+    """The batches one process generates, in order: longest prompts first, each batch within the budget."""
+    lengths = [len(p) for p in prompts]
+    pending = longest_first(prompts)
+    batches = []
+    while pending:
+        n = next_batch(
+            pending,
+            lengths,
+            rows_cap=rows_cap,
+            budget=budget,
+            max_new_tokens=max_new_tokens,
+            num_samples=num_samples,
+        )
+        batches.append(pending[:n])
+        pending = pending[n:]
+    return batches
+
+
+def deal_batches(
+    batches: Sequence[list[int]], prompts: Sequence[Sequence[int]], world: int, max_new_tokens: int
+) -> list[list[list[int]]]:
+    """Whole batches to `world` ranks, each to the rank with the fewest padded tokens so far (ties: lowest).
+
+    Whole batches rather than every world-th example: a row's numbers depend on its batch (its padding, its
+    shared prefix, the kernels chosen for its shape), so only the same batches make several GPUs write what
+    one writes. The price: a run with fewer batches than ranks leaves ranks idle."""
+    hands: list[list[list[int]]] = [[] for _ in range(world)]
+    load = [0] * world
+    for batch in batches:
+        rank = min(range(world), key=lambda r: load[r])
+        hands[rank].append(batch)
+        load[rank] += len(batch) * (len(prompts[batch[0]]) + max_new_tokens)  # the longest comes first
+    return hands
+
+
 def generate_all(
     generate: Any,
     prompts: Sequence[Sequence[int]],
     ids: Sequence[str],
+    batches: Sequence[list[int]],
     *,
-    batch_size: int | None,
-    budget: int,
     max_new_tokens: int,
     num_samples: int,
     on_batch: Any,
     progress: bool = True,
 ) -> None:
-    """Longest prompts first (an OOM shows at once); on CUDA OOM halve the batch and retry it."""
+    """Generate `batches` (lists of indices, longest prompt first) in order. On CUDA OOM, halve the batch and
+    retry, and split every later batch that is bigger than the halved one's tokens."""
     import torch
     from tqdm.auto import tqdm
 
-    lengths = [len(p) for p in prompts]
-    pending = longest_first(prompts)
-    bar = tqdm(total=len(pending), desc="generating", unit="ex", disable=None if progress else True)
+    def tokens(chunk: list[int], rows: int) -> int:
+        return rows * (len(prompts[chunk[0]]) + max_new_tokens) * num_samples
+
+    queue = [list(b) for b in reversed(batches)]  # popped from the end: the first batch first
+    ceiling: int | None = None  # the tokens of the largest batch known to fit, after an OOM
+    bar = tqdm(total=sum(map(len, batches)), desc="generating", unit="ex", disable=None if progress else True)
     try:
-        while pending:
-            n = next_batch(
-                pending,
-                lengths,
-                rows_cap=batch_size,
-                budget=budget,
-                max_new_tokens=max_new_tokens,
-                num_samples=num_samples,
-            )
-            chunk = pending[:n]
+        while queue:
+            chunk = queue.pop()
+            if ceiling is not None and tokens(chunk, len(chunk)) > ceiling and len(chunk) > 1:
+                n = max(1, ceiling // tokens(chunk, 1))
+                queue.append(chunk[n:])
+                chunk = chunk[:n]
             try:
                 texts = generate([prompts[i] for i in chunk], [ids[i] for i in chunk])
             except torch.OutOfMemoryError:
-                if n == 1:
+                if len(chunk) == 1:
                     raise
                 texts = None  # free the failed batch's tensors (held by the traceback) before retrying
             if texts is None:
                 torch.cuda.empty_cache()
-                if batch_size is not None:
-                    batch_size = max(1, n // 2)
-                budget = max(1, (n // 2) * (lengths[chunk[0]] + max_new_tokens) * num_samples)
-                logger.warning("out of memory at %d prompts per batch: retrying with %d", n, max(1, n // 2))
+                half = len(chunk) // 2
+                ceiling = tokens(chunk, half)
+                logger.warning("out of memory at %d prompts per batch: retrying with %d", len(chunk), half)
+                queue.append(chunk)
                 continue
-            pending = pending[n:]
             on_batch(chunk, texts)
-            bar.update(n)
+            bar.update(len(chunk))
     finally:
         bar.close()
 
@@ -1042,6 +1104,17 @@ def barrier(ranks: Ranks) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def smallest(ranks: Ranks, value: int) -> int:
+    """The smallest of every rank's `value`, on every rank."""
+    if ranks.world == 1:
+        return value
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * ranks.world
+    dist.all_gather_object(values, value)
+    return min(values)
 
 
 def gather(ranks: Ranks, obj: Any) -> list[Any]:
@@ -1265,16 +1338,25 @@ def _predict_pending(
         return (predictions if ranks.main else None), {}
 
     model, tokenizer, prompts, load_s = loaded
-    order = longest_first(prompts)  # the order a single process generates (and writes) them in
-    mine = order[ranks.rank :: ranks.world]  # dealt by length, so every rank gets about the same tokens
+    budget = smallest(ranks, token_budget(model, args))  # every rank plans with the same budget
+    batches = plan_batches(
+        prompts,
+        rows_cap=rows_per_call(args),
+        budget=budget,
+        max_new_tokens=args.max_new_tokens,
+        num_samples=settings.num_samples,
+    )
+    order = [i for batch in batches for i in batch]  # the order one process generates (and writes) them in
     alone = ranks.world == 1
     info = _generate(
         settings,
         args,
         model,
         tokenizer,
-        [todo[i] for i in mine],
-        [prompts[i] for i in mine],
+        todo,
+        prompts,
+        deal_batches(batches, prompts, ranks.world, args.max_new_tokens)[ranks.rank],
+        budget,
         predictions if alone else [],
         pred_path if alone else settings.shard(ranks.rank),
         progress=ranks.main,
@@ -1336,27 +1418,28 @@ def _generate(
     tokenizer: Any,
     todo: list[dict],
     prompts: list[list[int]],
+    batches: list[list[int]],
+    budget: int,
     predictions: list[dict],
     out_path: Path,
     *,
     progress: bool,
 ) -> dict[str, Any]:
-    """Generate for `todo`, appending to `predictions` and checkpointing them to `out_path`; returns
-    device/timing info."""
+    """Generate `batches` (indices into `todo`), appending to `predictions` and checkpointing them to
+    `out_path`; returns device/timing info."""
     generate = Generator(model, tokenizer, args, settings)
-    budget = token_budget(model, args)
     ids = [e["id"] for e in todo]
     tables = {e["id"]: e.get("table", []) for e in todo}
     n_before = len(predictions)
-    batches = 0
+    done_batches = 0
     largest = 0
 
     def on_batch(chunk: list[int], texts: list[list[str]]) -> None:
-        nonlocal batches, largest
+        nonlocal done_batches, largest
         largest = max(largest, len(chunk))
         predictions.extend(make_entry(ids[i], t, tables[ids[i]]) for i, t in zip(chunk, texts, strict=True))
-        batches += 1
-        if batches % args.save_every == 0:
+        done_batches += 1
+        if done_batches % args.save_every == 0:
             write_json_atomic(out_path, predictions)
 
     t0 = time.perf_counter()
@@ -1367,8 +1450,7 @@ def _generate(
                 generate,
                 prompts,
                 ids,
-                batch_size=rows_per_call(args),
-                budget=budget,
+                batches,
                 max_new_tokens=args.max_new_tokens,
                 num_samples=settings.num_samples,
                 on_batch=on_batch,
@@ -1390,7 +1472,7 @@ def _generate(
         "examples_per_s": round(n / gen_s, 3) if gen_s > 0 else None,
         "seconds_per_example": round(gen_s / n, 4) if n else None,
         "max_batch_tokens": budget if args.batch_size == "auto" and args.generation == "batched" else None,
-        "batches": batches,
+        "batches": done_batches,
         "largest_batch": largest,
         "liger_kernel": liger,
         "shared_prefix": generate.shared_prefix,

@@ -558,28 +558,64 @@ def test_interrupted_run_keeps_finished_batches(tmp_path, monkeypatch):
 def test_batches_longest_first_within_budget_and_halved_on_oom():
     import torch
 
-    prompts = [[1] * n for n in (5, 30, 10, 20, 40, 15)]
+    prompts = [[1] * n for n in (5, 30, 10, 20, 40, 15, 12, 8)]
     seen: list[list[int]] = []
 
     def fake_generate(batch, batch_ids):
-        if len(batch) > 3:
+        if len(batch) * (len(batch[0]) + 4) > 100:  # a GPU that holds 100 tokens
             raise torch.OutOfMemoryError("CUDA out of memory")
         seen.append([len(p) for p in batch])
         return [[f"add({len(p)}, 1)"] for p in batch]
 
     done: list[str] = []
-    predict.generate_all(
-        fake_generate, prompts, [str(i) for i in range(6)], batch_size=None, budget=10_000, max_new_tokens=4,
-        num_samples=1, on_batch=lambda chunk, texts: done.extend(str(i) for i in chunk), progress=False,
-    )  # fmt: skip
-    # The budget allowed all 6; the OOM halved it to 3 x 44 tokens, which then fits 3 shorter prompts too.
-    assert seen == [[40, 30, 20], [15, 10, 5]]
-    assert sorted(done) == [str(i) for i in range(6)]
+    plan = dict(rows_cap=None, max_new_tokens=4, num_samples=1)
+    batches = predict.plan_batches(prompts, budget=200, **plan)
+    # Longest first, each batch's rows x (its longest prompt + new tokens) within the budget
+    assert [[len(prompts[i]) for i in b] for b in batches] == [[40, 30, 20, 15], [12, 10, 8, 5]]
+
+    def run_all(batches):
+        seen.clear()
+        done.clear()
+        predict.generate_all(
+            fake_generate, prompts, [str(i) for i in range(8)], batches, max_new_tokens=4, num_samples=1,
+            on_batch=lambda chunk, texts: done.extend(str(i) for i in chunk), progress=False,
+        )  # fmt: skip
+        assert sorted(done) == sorted(str(i) for i in range(8))
+        return seen
+
+    # The first batch (4 x 44 tokens) ran out of memory: halved to 2 x 44, which fits; the later batch
+    # (4 x 16) is within that and runs whole.
+    halved = [[40, 30], [20, 15], [12, 10, 8, 5]]
+    assert run_all(batches) == halved
+    # One batch of all 8 (8 x 44): halved to 4 x 44, out of memory again, then 2 x 44; the rest of that batch
+    # goes in pieces of at most 2 x 44 tokens.
+    assert predict.plan_batches(prompts, budget=10_000, **plan) == [predict.longest_first(prompts)]
+    assert run_all(predict.plan_batches(prompts, budget=10_000, **plan)) == halved
+    capped = predict.plan_batches(prompts, budget=10_000, **{**plan, "rows_cap": 3})
+    assert capped == [[4, 1, 3], [5, 6, 2], [7, 0]]
     # The token budget bounds rows x (longest prompt + new tokens) x samples.
     assert predict.next_batch([4, 1, 3], [5, 30, 10, 20, 40], rows_cap=None, budget=100, max_new_tokens=10,
                               num_samples=1) == 2  # fmt: skip
     assert predict.next_batch([4, 1, 3], [5, 30, 10, 20, 40], rows_cap=None, budget=100, max_new_tokens=10,
                               num_samples=2) == 1  # fmt: skip
+
+
+def test_ranks_get_whole_batches_of_the_one_process_plan():
+    prompts = [[1] * n for n in (90, 10, 50, 30, 70, 20, 60, 40, 80)]
+    batches = predict.plan_batches(prompts, rows_cap=None, budget=250, max_new_tokens=10, num_samples=1)
+    lengths = [[len(prompts[i]) for i in b] for b in batches]
+    assert lengths == [[90, 80], [70, 60, 50], [40, 30, 20, 10]]
+    for world in (1, 2, 3, 5):
+        hands = predict.deal_batches(batches, prompts, world, 10)
+        assert len(hands) == world
+        # every batch goes whole to one rank, in the plan's order within that rank
+        dealt = [b for hand in hands for b in hand]
+        assert sorted(dealt) == sorted(batches)
+        for hand in hands:
+            assert hand == [b for b in batches if b in hand]
+    # each batch to the rank with the fewest padded tokens so far: 200, then 240 to rank 1, then 200 to rank 0
+    assert predict.deal_batches(batches, prompts, 2, 10) == [[batches[0], batches[2]], [batches[1]]]
+    assert predict.deal_batches(batches, prompts, 5, 10)[3:] == [[], []]  # fewer batches than ranks
 
 
 @pytest.mark.parametrize(
@@ -791,13 +827,15 @@ def test_cli_exit_code_and_one_line(tmp_path):
     assert "--bogus_flag" in proc.stderr
 
 
-def test_token_budget_takes_the_given_share_of_free_gpu_memory(monkeypatch, tmp_path, capsys):
+def test_token_budget_takes_the_given_share_of_what_the_model_leaves(monkeypatch, tmp_path, capsys, caplog):
     from types import SimpleNamespace
 
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (40 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 3 * 2**30)  # the model
+    free = {"now": 76 * 2**30}  # of 80: the model, the CUDA context and the allocator's cache hold the rest
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free["now"], 80 * 2**30))
     cfg = SimpleNamespace(
         num_attention_heads=32,
         hidden_size=2048,
@@ -809,9 +847,16 @@ def test_token_budget_takes_the_given_share_of_free_gpu_memory(monkeypatch, tmp_
     model = SimpleNamespace(config=cfg, dtype=torch.bfloat16)
     per_token = (2 * 16 * 8 * 64 + 4 * 2048 + 3 * 8192) * 2  # KV cache + one layer's prefill peak, bf16
     half = predict.token_budget(model, predict.parse_args(["--model", "m"]))
-    assert half == int(0.5 * 40 * 2**30 / per_token)
+    assert half == int(0.5 * 77 * 2**30 / per_token)
+    free["now"] = 75.5 * 2**30  # another run's context or cache: the same budget, so the same batches
+    assert predict.token_budget(model, predict.parse_args(["--model", "m"])) == half
     quarter = predict.token_budget(model, predict.parse_args(["--model", "m", "--memory_fraction", "0.25"]))
     assert abs(quarter - half / 2) <= 1
+    assert not caplog.records
+    free["now"] = 40 * 2**30  # another process holds 35 GiB: sized from what is free, and said so
+    shared = predict.token_budget(model, predict.parse_args(["--model", "m"]))
+    assert shared == int(0.5 * 40 * 2**30 / per_token)
+    assert "the GPU is shared" in caplog.text
     base = ["--model", SMOKE_MODEL, "--output_dir", str(tmp_path / "o")]
     expect_error(capsys, [*base, "--memory_fraction", "1.5"], "--memory_fraction must be in (0, 0.9]")
     for fixed in (["--max_batch_tokens", "5000"], ["--batch_size", "8"], ["--generation", "continuous"]):

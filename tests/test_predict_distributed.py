@@ -1,5 +1,6 @@
-"""Evaluation over several processes on the CPU (torchrun, gloo): two ranks write the same predictions file,
-metrics and details as one process; the shards of an interrupted run are resumed, by any number of processes.
+"""Evaluation over several processes on the CPU (torchrun, gloo): two ranks generate the batches one process
+does and write the same predictions file, metrics and details; the shards of an interrupted run are resumed,
+by any number of processes.
 
 The smoke model generates a few tokens per example; each launch costs a few seconds of imports.
 """
@@ -71,6 +72,20 @@ def test_two_processes_write_what_one_process_writes(single, tmp_path):
     assert without_run_info(two) == without_run_info(one)
     assert (one["num_processes"], two["num_processes"]) == (1, 2) and two["n_generated"] == N_TEST
     assert "exe_acc" in rank_output(logs, 0) and rank_output(logs, 1) == ""  # rank 1 prints nothing
+
+
+def test_two_processes_generate_the_batches_one_process_does(tmp_path):
+    # 3,000 tokens a batch: one process plans 4 prompts, then 2. Dealing every other example would give each
+    # rank 3 prompts in one batch; whole batches of the one-process plan go 4 to one rank and 2 to the other.
+    budget = ["--max_batch_tokens", "3000"]
+    assert predict.main([*ARGS, "--output_dir", str(tmp_path / "one"), *budget]) == 0
+    proc = launch(tmp_path / "two", *budget)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read(tmp_path / "one" / "metrics_test.json"), read(tmp_path / "two" / "metrics_test.json")
+    assert (one["batches"], one["largest_batch"]) == (2, 4)
+    assert (two["batches"], two["largest_batch"], two["num_processes"]) == (2, 4, 2)
+    for name in OUTPUTS[::2]:  # details and predictions
+        assert read(tmp_path / "two" / name) == read(tmp_path / "one" / name)
 
 
 def test_resume_from_predictions_and_leftover_shards(single, tmp_path):
