@@ -114,7 +114,7 @@ TRL_VARIANTS = ("trl", "trl:full_length")
 
 # Ways to run the evaluation, each a set of `finqa_trl.predict` flags (`auto`: what `make eval` does).
 EVAL_VARIANTS: dict[str, list[str]] = {
-    "auto": [],  # length-sorted batches sized from free GPU memory, dynamic KV cache
+    "auto": [],  # length-sorted batches sized from the GPU memory the model leaves, dynamic KV cache
     "static": ["--cache_implementation", "static"],  # static KV cache: transformers compiles the decode step
     # transformers' continuous batching: paged KV cache, no padding, CUDA graphs; chunks of 512 prompts (each
     # call builds its scheduler and cache, and warms up), or all 1,147 in one call
@@ -134,7 +134,7 @@ EVAL_VARIANTS: dict[str, list[str]] = {
     "no_liger": ["--liger_kernel", "false"],
     "prefill_liger": ["--max_new_tokens", "1", "--liger_kernel", "true"],
     "prefill_no_liger": ["--max_new_tokens", "1", "--liger_kernel", "false"],
-    # smaller token budgets than the default half of free memory: more batches, each padded less
+    # smaller token budgets than the default half of what the model leaves: more batches, each padded less
     "memory_quarter": ["--memory_fraction", "0.25"],
     "memory_eighth": ["--memory_fraction", "0.125"],
     # the prompts' shared system prompt (about a quarter of their tokens) run once per batch, not once per
@@ -459,7 +459,7 @@ def bench_eval(
             *EVAL_VARIANTS[variant],
         ]
     )  # fmt: skip
-    # Nothing of an earlier variant may shrink the free memory the batch sizes come from, or set the peak.
+    # Nothing of an earlier variant may shrink the memory the batch sizes come from, or set the peak.
     gc.collect()
     _empty_cache()
     if _cuda():

@@ -74,8 +74,8 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DEFAULT_MAX_PROMPT_TOKENS = 3072  # the training default (recipes/_base.yaml)
 SHOT_TOKENS = 512  # budget added per few-shot example, so shots never crowd out the question's context
 CPU_TOKEN_BUDGET = 8192
-# A GPU whose free memory is this much short of what the model leaves is shared with another process (the CUDA
-# context and the allocator's cache take less): batches are then sized from the free memory.
+# Memory held outside this process's allocator beyond this (meant to exceed what a CUDA context takes; not
+# measured): the GPU is shared with another process, and batches are sized from what is free.
 SHARED_GPU_SLACK = 2 * 2**30
 # --shared_prefix: fewer shared tokens are not worth a forward, a cache copy and a longer mask of their own (a
 # guess, not timed; FinQA's Llama 3 prompts share their 289-token system prompt)
@@ -142,9 +142,11 @@ class PredictArguments:
     memory_fraction: float | None = field(
         default=None,
         metadata={
-            "help": "auto on a GPU: the share of the memory the model leaves that one batch's KV cache and "
-            "prefill activations may take (default 0.5). Smaller: more batches, each padded less (prompts "
-            "are length-sorted); larger: fewer batches, so fewer decoding loops."
+            "help": "auto on a GPU: the share of the memory the model leaves (of free memory on a GPU shared "
+            "with another process) that one batch's KV cache and prefill activations may take (default 0.5). "
+            "Smaller: more batches, each padded less (prompts are length-sorted); larger: fewer batches, so "
+            "fewer decoding loops, and the logits and decoding may no longer fit (an out-of-memory halves "
+            "the batch)."
         },
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Longest program generated, in tokens."})
@@ -679,13 +681,13 @@ def token_budget(model: Any, args: PredictArguments) -> int:
     if not torch.cuda.is_available():
         return CPU_TOKEN_BUDGET
     free, total = torch.cuda.mem_get_info()
-    room = total - torch.cuda.memory_allocated()
-    if free < room - SHARED_GPU_SLACK:
+    room = total - torch.cuda.memory_allocated()  # the allocator's cache (from loading) is ours to reuse
+    others = total - free - torch.cuda.memory_reserved()  # the CUDA context, and any other process
+    if others > SHARED_GPU_SLACK:
         logger.warning(
-            "the GPU is shared (%.1f GiB free of the %.1f GiB the model leaves): batches are sized from free "
+            "the GPU is shared (%.1f GiB held outside this process's tensors): batches are sized from free "
             "memory, so another run may batch, and round, differently",
-            free / 2**30,
-            room / 2**30,
+            others / 2**30,
         )
         room = free
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -1338,10 +1340,12 @@ def _predict_pending(
         return (predictions if ranks.main else None), {}
 
     model, tokenizer, prompts, load_s = loaded
-    budget = smallest(ranks, token_budget(model, args))  # every rank plans with the same budget
+    rows_cap = rows_per_call(args)
+    # every rank plans with the same budget (none is needed for a fixed number of rows)
+    budget = 0 if rows_cap is not None else smallest(ranks, token_budget(model, args))
     batches = plan_batches(
         prompts,
-        rows_cap=rows_per_call(args),
+        rows_cap=rows_cap,
         budget=budget,
         max_new_tokens=args.max_new_tokens,
         num_samples=settings.num_samples,

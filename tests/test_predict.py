@@ -593,6 +593,24 @@ def test_batches_longest_first_within_budget_and_halved_on_oom():
     assert run_all(predict.plan_batches(prompts, budget=10_000, **plan)) == halved
     capped = predict.plan_batches(prompts, budget=10_000, **{**plan, "rows_cap": 3})
     assert capped == [[4, 1, 3], [5, 6, 2], [7, 0]]
+    # After an OOM, a later planned batch above the halved one's tokens is split before it runs, not run
+    # out of memory again: 10 x 14 tokens in pieces of at most 88.
+    prompts[:] = [[1] * n for n in (40, 30, 20, 20, *[10] * 10)]
+    ooms = 0
+
+    def oom_counting(batch, batch_ids):
+        nonlocal ooms
+        ooms += len(batch) * (len(batch[0]) + 4) > 100
+        return fake_generate(batch, batch_ids)
+
+    seen.clear()
+    batches = predict.plan_batches(prompts, budget=200, **plan)
+    assert [len(b) for b in batches] == [4, 10]
+    predict.generate_all(
+        oom_counting, prompts, [str(i) for i in range(14)], batches, max_new_tokens=4, num_samples=1,
+        on_batch=lambda chunk, texts: None, progress=False,
+    )  # fmt: skip
+    assert seen == [[40, 30], [20, 20], [10] * 6, [10] * 4] and ooms == 1
     # The token budget bounds rows x (longest prompt + new tokens) x samples.
     assert predict.next_batch([4, 1, 3], [5, 30, 10, 20, 40], rows_cap=None, budget=100, max_new_tokens=10,
                               num_samples=1) == 2  # fmt: skip
@@ -834,7 +852,9 @@ def test_token_budget_takes_the_given_share_of_what_the_model_leaves(monkeypatch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 3 * 2**30)  # the model
-    free = {"now": 76 * 2**30}  # of 80: the model, the CUDA context and the allocator's cache hold the rest
+    reserved = {"now": 3.5 * 2**30}  # the model and the allocator's cache
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: reserved["now"])
+    free = {"now": 76 * 2**30}  # of 80: this process's allocator and the CUDA context hold the rest
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free["now"], 80 * 2**30))
     cfg = SimpleNamespace(
         num_attention_heads=32,
@@ -848,8 +868,11 @@ def test_token_budget_takes_the_given_share_of_what_the_model_leaves(monkeypatch
     per_token = (2 * 16 * 8 * 64 + 4 * 2048 + 3 * 8192) * 2  # KV cache + one layer's prefill peak, bf16
     half = predict.token_budget(model, predict.parse_args(["--model", "m"]))
     assert half == int(0.5 * 77 * 2**30 / per_token)
-    free["now"] = 75.5 * 2**30  # another run's context or cache: the same budget, so the same batches
+    free["now"] = 75.5 * 2**30  # another run's CUDA context: the same budget, so the same batches
     assert predict.token_budget(model, predict.parse_args(["--model", "m"])) == half
+    reserved["now"], free["now"] = 10 * 2**30, 69.5 * 2**30  # a big cache left by loading: ours to reuse
+    assert predict.token_budget(model, predict.parse_args(["--model", "m"])) == half
+    reserved["now"], free["now"] = 3.5 * 2**30, 76 * 2**30
     quarter = predict.token_budget(model, predict.parse_args(["--model", "m", "--memory_fraction", "0.25"]))
     assert abs(quarter - half / 2) <= 1
     assert not caplog.records
