@@ -861,6 +861,8 @@ def train(run: Run) -> int:
     prepared = prepare(run)
     trainer, hub, script = prepared.trainer, prepared.hub, run.script
     output_dir, state = Path(run.training.output_dir), run.training.distributed_state
+    # What the saved adapter must hold: every trainable tensor, counted before FSDP or DeepSpeed wraps it
+    trainable = sum(1 for _, param in trainer.model.named_parameters() if param.requires_grad)
     result = trainer.train(resume_from_checkpoint=prepared.resume)
 
     if trainer.is_fsdp_enabled:  # a loadable adapter, not per-rank shards
@@ -886,10 +888,12 @@ def train(run: Run) -> int:
     state.wait_for_everyone()
     if state.is_main_process:
         try:
-            if saved_adapter_tensors(output_dir) == 0:  # a run that "worked" but saved nothing to evaluate
+            saved = saved_adapter_tensors(output_dir)
+            if saved is not None and saved < trainable:  # a run that "worked" but saved less than it trained
                 raise RuntimeError(
-                    f"the adapter file in {output_dir} holds no weights (PEFT found none of the adapter's "
-                    "entries in the model's state dict), so it would evaluate as the bare base"
+                    f"the adapter file in {output_dir} holds {saved} of the {trainable} weights trained "
+                    "(PEFT missed the others in the model's state dict), so it would evaluate as "
+                    + ("the bare base" if saved == 0 else "a partly untrained adapter")
                 )
             if script.merge:  # on the CPU, from a fresh bf16 copy of the base (never the 4-bit one)
                 from .merge import merge

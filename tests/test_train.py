@@ -711,13 +711,23 @@ def test_fsdp_launch_applies_the_adapter_key_fix(launched, monkeypatch: pytest.M
         train_module.prepare(train_module.parse(smoke_args(Path("unused"))))
 
 
-def test_an_adapter_saved_empty_is_one_line_and_kept(tmp_path: Path, capsys, monkeypatch) -> None:
-    """A run that trained but saved an adapter without weights (PEFT under FSDP did) fails instead of leaving
-    `make eval` to score the bare base; what it saved stays for inspection."""
-    monkeypatch.setattr("finqa_trl.train.saved_adapter_tensors", lambda _: 0)
+@pytest.mark.parametrize(("missing", "reads"), [("all", "holds 0 of the 28"), ("one", "holds 27 of the 28")])
+def test_an_adapter_saved_short_is_one_line_and_kept(
+    missing: str, reads: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A run that trained but saved an adapter without some or all of its weights (PEFT under FSDP saved
+    none) fails instead of leaving `make eval` to score the bare base or untrained layers; what it saved stays
+    for inspection. The smoke model: 2 layers x 7 linears x LoRA A and B = 28 trainable tensors."""
+    from finqa_trl import modeling
+
+    real = modeling.saved_adapter_tensors
+    monkeypatch.setattr(
+        "finqa_trl.train.saved_adapter_tensors", lambda d: 0 if missing == "all" else real(d) - 1
+    )
     out = tmp_path / "o"
     assert main(smoke_args(out)) == 1
-    assert "holds no weights" in one_line_error(capsys)
+    assert reads in one_line_error(capsys)
+    assert real(out) == 28  # what the run saved, whole: the check counts what it trained
     assert (out / "adapter_config.json").is_file() and (out / "train_results.json").is_file()
 
 
