@@ -1026,7 +1026,7 @@ def generate_all(
         return rows * (len(prompts[chunk[0]]) + max_new_tokens) * num_samples
 
     queue = [list(b) for b in reversed(batches)]  # popped from the end: the first batch first
-    ceiling: int | None = None  # the tokens of the largest batch known to fit, after an OOM
+    ceiling: int | None = None  # after an OOM: half the tokens of the batch that did not fit
     bar = tqdm(total=sum(map(len, batches)), desc="generating", unit="ex", disable=None if progress else True)
     try:
         while queue:
