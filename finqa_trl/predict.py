@@ -708,6 +708,12 @@ def rows_per_call(args: PredictArguments) -> int | None:
     return CONTINUOUS_CHUNK if args.generation == "continuous" else None
 
 
+def row_tokens(longest_prompt: int, max_new_tokens: int, num_samples: int) -> int:
+    """What one row of a batch costs in tokens: left padding makes every row as long as the batch's longest
+    prompt, plus the new tokens, once per sample."""
+    return (longest_prompt + max_new_tokens) * num_samples
+
+
 def next_batch(
     pending: Sequence[int],
     lengths: Sequence[int],
@@ -720,8 +726,7 @@ def next_batch(
     """How many of `pending` (longest first) go into the next batch; at least one."""
     if rows_cap is not None:
         return min(rows_cap, len(pending))
-    longest = lengths[pending[0]] + max_new_tokens  # left padding: every row is as long as the longest
-    n = max(1, budget // (longest * num_samples))
+    n = max(1, budget // row_tokens(lengths[pending[0]], max_new_tokens, num_samples))
     return min(n, len(pending), max(1, MAX_BATCH_ROWS // num_samples))
 
 
@@ -1002,7 +1007,7 @@ def deal_batches(
     for batch in batches:
         rank = min(range(world), key=lambda r: load[r])
         hands[rank].append(batch)
-        load[rank] += len(batch) * (len(prompts[batch[0]]) + max_new_tokens)  # the longest comes first
+        load[rank] += len(batch) * row_tokens(len(prompts[batch[0]]), max_new_tokens, 1)  # longest first
     return hands
 
 
@@ -1023,7 +1028,7 @@ def generate_all(
     from tqdm.auto import tqdm
 
     def tokens(chunk: list[int], rows: int) -> int:
-        return rows * (len(prompts[chunk[0]]) + max_new_tokens) * num_samples
+        return rows * row_tokens(len(prompts[chunk[0]]), max_new_tokens, num_samples)
 
     queue = [list(b) for b in reversed(batches)]  # popped from the end: the first batch first
     ceiling: int | None = None  # after an OOM: half the tokens of the batch that did not fit
