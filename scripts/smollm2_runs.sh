@@ -9,7 +9,8 @@
 # Training uses train + dev (the offline sample's train split has only 100 examples), evaluation uses test.
 # Each run's metrics, predictions, recipe and training log land in RESULTS_DIR/<run>/ (default
 # results/smollm2-135m), every command in RESULTS_DIR/commands.txt, and the table in RESULTS_DIR/table.md.
-# Environment: PYTHON (default python3), METHODS (default "lora dora qlora qdora"), SHOTS (default "0 3"),
+# Environment: PYTHON (default python3), METHODS (default "lora dora qlora qdora"), SHOTS (default "0 3"; set
+# but empty, e.g. SHOTS="", runs no baseline: rerunning some recipes keeps the committed baseline rows),
 # TRAIN_ARGS / PREDICT_ARGS (extra flags, e.g. for a short dry run: TRAIN_ARGS="--max_steps 2"), and
 # Q_TRAIN_ARGS (extra flags for the 4-bit recipes only, e.g. --kbit_fp32_upcast true, refused on 16-bit ones).
 set -euo pipefail
@@ -49,7 +50,7 @@ for method in ${METHODS:-lora dora qlora qdora}; do
   run "$py" -m finqa_trl.predict --model "$out" --split test --overwrite ${predict_args[@]+"${predict_args[@]}"}
   keep "$out" "$method"
 done
-for k in ${SHOTS:-0 3}; do
+for k in ${SHOTS-0 3}; do
   out=outputs/smollm2-135m-base-${k}shot
   run "$py" -m finqa_trl.predict --model "$model" --data_dir "$data" --split test --eg_k "$k" \
     --output_dir "$out" --overwrite ${predict_args[@]+"${predict_args[@]}"}

@@ -10,6 +10,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "smollm2_runs.sh"
 
 
+def fake_python(tmp_path: Path) -> Path:
+    """A stand-in python that records each call in $CALLS and writes the files the real steps would."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "$*" >> "$CALLS"\n'
+        'out=""; prev=""; for a in "$@"; do [ "$prev" = --output_dir ] && out=$a; prev=$a; done\n'
+        'if [ "$2" = finqa_trl.predict ]; then [ -n "$out" ] || out=$4; mkdir -p "$out";'
+        ' for k in metrics details predictions; do echo {} > "$out/${k}_test.json"; done; fi\n'
+    )
+    fake.chmod(0o755)
+    return fake
+
+
 def test_syntax():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
@@ -24,16 +38,7 @@ def test_bad_arguments_are_one_line():
 
 
 def test_runs_each_recipe_then_the_baselines_and_logs_every_command(tmp_path):
-    # A stand-in python records each call and writes the files the real steps would.
-    fake = tmp_path / "python"
-    fake.write_text(
-        "#!/usr/bin/env bash\n"
-        'echo "$*" >> "$CALLS"\n'
-        'out=""; prev=""; for a in "$@"; do [ "$prev" = --output_dir ] && out=$a; prev=$a; done\n'
-        'if [ "$2" = finqa_trl.predict ]; then [ -n "$out" ] || out=$4; mkdir -p "$out";'
-        ' for k in metrics details predictions; do echo {} > "$out/${k}_test.json"; done; fi\n'
-    )
-    fake.chmod(0o755)
+    fake = fake_python(tmp_path)
     data, results = tmp_path / "data", tmp_path / "results"
     data.mkdir()
     env = {**os.environ, "PYTHON": str(fake), "CALLS": str(tmp_path / "calls"), "METHODS": "lora qdora",
@@ -56,3 +61,19 @@ def test_runs_each_recipe_then_the_baselines_and_logs_every_command(tmp_path):
         assert (results / run / "predictions_test.json").is_file()
         # FinQA's questions and gold programs must not reach a committed folder
         assert not (results / run / "details_test.json").exists()
+
+
+def test_empty_shots_runs_no_baseline(tmp_path):
+    # SHOTS="" reruns recipes only (the committed baseline rows stay); unset, both baselines run (above)
+    (tmp_path / "data").mkdir()
+    env = {**os.environ, "PYTHON": str(fake_python(tmp_path)), "CALLS": str(tmp_path / "calls")}
+    env.update(METHODS="lora", SHOTS="")
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "m.gguf", str(tmp_path / "data"), str(tmp_path / "r")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    calls = [c.split()[1] for c in (tmp_path / "calls").read_text().splitlines()]
+    assert calls == ["finqa_trl.train", "finqa_trl.predict", "finqa_trl.report"], proc.stderr
