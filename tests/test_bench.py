@@ -35,7 +35,10 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     monkeypatch.setattr("finqa_trl.modeling.cuda_available", lambda: True)
     monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)
     assert train.parse(lora).training.use_liger_kernel
-    assert train.parse([*q, *bench.lever_args("recipe:liger")]).training.use_liger_kernel
+    assert train.parse(q).training.use_liger_kernel  # QLoRA too (measured faster), QDoRA not (slower)
+    qdora = ["--config", "recipes/qdora-1b.yaml"]
+    assert train.parse(qdora).model.use_dora and not train.parse(qdora).training.use_liger_kernel
+    assert train.parse([*qdora, *bench.lever_args("recipe:liger")]).training.use_liger_kernel
     assert not train.parse([*lora, *bench.lever_args("recipe:no_liger")]).training.use_liger_kernel
 
 
