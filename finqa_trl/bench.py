@@ -105,6 +105,8 @@ LEVERS: dict[str, list[str]] = {
     "upcast": ["--kbit_fp32_upcast", "true"],
     # 16-bit bases: LoRA A/B in bf16 like TRL's 4-bit adapters (on the H100, 1b QLoRA ran at 1.5x 1b LoRA)
     "bf16_adapters": ["--adapters_in_compute_dtype", "true"],
+    # 16-bit bases: fp32 adapters as now, the input not copied to fp32 (autocast computes the same matmuls)
+    "no_input_cast": ["--adapter_input_cast", "false"],
 }
 
 

@@ -143,6 +143,16 @@ class FinQAArguments:
             "weights) and DeepSpeed (bf16 everywhere)."
         },
     )
+    adapter_input_cast: bool = field(
+        default=True,
+        metadata={
+            "help": "16-bit bases, one GPU or DDP: false stops PEFT from copying each adapted layer's bf16 "
+            "input to fp32 (its adapters' dtype) before the adapter. bf16 autocast computes the adapter "
+            "matmuls in bf16 either way, so for LoRA the loss and gradients are the same (bit for bit on the "
+            "CPU without dropout; the dropout masks are drawn on another dtype), and the adapters and the "
+            "optimizer stay fp32. A speed lever to time, not a default."
+        },
+    )
     liger_kernel: str = field(
         default="false",
         metadata={
@@ -421,6 +431,20 @@ def _check_precision_options(run: Run) -> None:
             raise UsageError(
                 "--adapters_in_compute_dtype true does nothing under FSDP (accelerate upcasts trainable bf16 "
                 "weights to fp32) or DeepSpeed (bf16 everywhere): drop it, or use DDP / one GPU"
+            )
+
+    if not s.adapter_input_cast:
+        # Nothing to copy where the adapters already have the input's dtype
+        if m.load_in_4bit or s.adapters_in_compute_dtype or not training.bf16:
+            raise UsageError(
+                "--adapter_input_cast false applies to fp32 adapters of a bf16 base under bf16 mixed "
+                "precision: here the adapters already compute in the input's dtype (4-bit base, "
+                "--adapters_in_compute_dtype true, or no bf16)"
+            )
+        if _uses_fsdp(training) or _uses_deepspeed(training):
+            raise UsageError(
+                "--adapter_input_cast false is for one GPU or DDP: FSDP and DeepSpeed compute the adapters "
+                "in bf16 themselves"
             )
 
 
@@ -748,6 +772,7 @@ class Prepared:
 def prepare(run: Run) -> Prepared:
     """Check the input (before anything is written), record the recipe, load tokenizer + data + model, and
     build the trainer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers.trainer_utils import get_last_checkpoint
 
     script, training, margs = run.script, run.training, run.model
@@ -827,6 +852,12 @@ def prepare(run: Run) -> Prepared:
         for name, param in trainer.model.named_parameters():
             if param.requires_grad and "lora_magnitude_vector" not in name:
                 param.data = param.data.to(model.dtype)
+    if not script.adapter_input_cast:  # bf16 base, fp32 adapters, bf16 autocast (_check_precision_options)
+        # PEFT's own switch (`cast_input_dtype_enabled`, which peft.helpers.disable_input_dtype_casting sets
+        # for a `with` block), set for good here: the bench calls trainer.train() itself
+        for module in trainer.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
     _keep_adapter_dtypes_on_resume(trainer)
     dropped = len(train_ds) - len(trainer.train_dataset)
     if dropped:

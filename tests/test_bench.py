@@ -15,7 +15,8 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "bs16": ("per_device_train_batch_size", 16),
         "compile": ("torch_compile", True),
     }
-    assert set(expected) | {"no_upcast", "upcast", "bf16_adapters", "liger", "no_liger"} == set(bench.LEVERS)
+    levers = {"no_upcast", "upcast", "bf16_adapters", "no_input_cast", "liger", "no_liger"}
+    assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
         training = train.parse(
@@ -31,14 +32,14 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     lora = ["--config", "recipes/lora-1b.yaml"]
     assert train.parse(lora).script.adapters_in_compute_dtype is False
     assert train.parse([*lora, *bench.lever_args("recipe:bf16_adapters")]).script.adapters_in_compute_dtype
+    assert not train.parse([*lora, *bench.lever_args("recipe:no_input_cast")]).script.adapter_input_cast
     # Liger's kernels: a recipe default where installed on a GPU (faked here), which no_liger turns off
     monkeypatch.setattr("finqa_trl.modeling.cuda_available", lambda: True)
     monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)
     assert train.parse(lora).training.use_liger_kernel
-    assert train.parse(q).training.use_liger_kernel  # QLoRA too (measured faster), QDoRA not (slower)
-    qdora = ["--config", "recipes/qdora-1b.yaml"]
-    assert train.parse(qdora).model.use_dora and not train.parse(qdora).training.use_liger_kernel
+    qdora = ["--config", "recipes/qdora-1b.yaml"]  # its recipe keeps Liger off (test_train), the lever on
     assert train.parse([*qdora, *bench.lever_args("recipe:liger")]).training.use_liger_kernel
+    assert not train.parse([*q, *bench.lever_args("recipe:no_liger")]).training.use_liger_kernel
     assert not train.parse([*lora, *bench.lever_args("recipe:no_liger")]).training.use_liger_kernel
 
 

@@ -19,7 +19,7 @@ import yaml
 from finqa_trl import modeling
 from finqa_trl.data import FIXTURE_DIR
 from finqa_trl.recipes import method_name
-from finqa_trl.train import main, parse
+from finqa_trl.train import UsageError, _check_precision_options, main, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -837,6 +837,36 @@ def test_adapters_in_compute_dtype_puts_lora_weights_in_bf16_but_keeps_the_dora_
     assert trainer.state.global_step == 1
 
 
+def test_adapter_input_cast_false_keeps_fp32_adapters_and_the_same_loss_and_gradients(tmp_path) -> None:
+    # The lever's claim: under bf16 autocast the adapter matmuls run in bf16 whether or not PEFT first copies
+    # the input to fp32, so without dropout the loss and every gradient are bit for bit the same, and the
+    # adapters stay fp32. A bf16 GPU is faked by setting bf16 after parsing; the CPU has no bf16 training
+    # (the Trainer would not autocast here), so one forward + backward runs under CPU autocast instead.
+    import torch
+
+    from finqa_trl.train import prepare
+
+    results = {}
+    for cast in (True, False):
+        run = parse(smoke_args(tmp_path / str(cast), "--dtype", "bfloat16", "--lora_dropout", "0"))
+        run.training.bf16 = True
+        run.script.adapter_input_cast = cast
+        _check_precision_options(run)  # accepted: fp32 adapters of a bf16 base under bf16
+        trainer = prepare(run).trainer
+        model = trainer.model
+        switches = {m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "lora_A")}
+        assert switches == {cast}
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+        loss.backward()
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert {p.dtype for p in trained.values()} == {torch.float32}
+        results[cast] = loss.item(), {n: p.grad for n, p in trained.items()}
+    assert results[True][0] == results[False][0]
+    assert all(torch.equal(results[True][1][n], g) for n, g in results[False][1].items())
+
+
 @pytest.mark.parametrize("upcast, expected", [("true", "float32"), ("false", "bfloat16")])
 def test_kbit_fp32_upcast_decides_the_dtype_of_the_unquantized_weights(upcast, expected, tmp_path) -> None:
     # PEFT's k-bit preparation casts embeddings, norms and LM head to fp32 (hidden states then run in fp32);
@@ -854,7 +884,7 @@ def test_kbit_fp32_upcast_decides_the_dtype_of_the_unquantized_weights(upcast, e
     assert str(model.get_input_embeddings().weight.dtype) == f"torch.{expected}"
 
 
-def test_liger_kernels_where_installed_on_a_gpu_not_on_4bit_bases(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_liger_kernels_where_installed_on_a_gpu_not_for_qdora(monkeypatch: pytest.MonkeyPatch) -> None:
     import finqa_trl.modeling as m
     from finqa_trl.train import UsageError
 
@@ -864,15 +894,16 @@ def test_liger_kernels_where_installed_on_a_gpu_not_on_4bit_bases(monkeypatch: p
     assert run.resolved["liger_kernel"] == "auto"
     with pytest.raises(UsageError, match=r"--liger_kernel true needs"):
         parse(["--config", "recipes/lora-1b.yaml", "--liger_kernel", "true"])
-    # TRL's own flag still works where the recipe says false (the 4-bit ones) or says nothing (smoke)
+    # TRL's own flag still works where the recipe says false (QDoRA) or says nothing (smoke)
     assert parse(
-        ["--config", "recipes/qlora-1b.yaml", "--use_liger_kernel", "true"]
+        ["--config", "recipes/qdora-1b.yaml", "--use_liger_kernel", "true"]
     ).training.use_liger_kernel
     assert parse(["--config", "recipes/smoke.yaml", "--use_liger_kernel", "true"]).training.use_liger_kernel
-    # A GPU with liger-kernel installed: on for the 16-bit recipes, off for the 4-bit ones (not timed there)
+    # A GPU with liger-kernel installed: on for LoRA, DoRA and QLoRA, off for QDoRA (measured slower there)
     monkeypatch.setattr(m, "cuda_available", lambda: True)
     monkeypatch.setattr(m, "liger_installed", lambda: True)
     assert parse(["--config", "recipes/dora-3b.yaml"]).training.use_liger_kernel
+    assert parse(["--config", "recipes/qlora-3b.yaml"]).training.use_liger_kernel
     off = parse(["--config", "recipes/lora-1b.yaml", "--liger_kernel", "false"])
     assert not off.training.use_liger_kernel
     assert not parse(["--config", "recipes/qdora-1b.yaml"]).training.use_liger_kernel
@@ -903,4 +934,16 @@ def test_precision_options_that_would_do_nothing_are_one_line(
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with the fsdp config exports
     assert main(smoke_args(tmp_path / "o", "--adapters_in_compute_dtype", "true")) == 2
     assert "does nothing under FSDP" in one_line_error(capsys)
+    assert main(smoke_args(tmp_path / "o", "--adapter_input_cast", "false")) == 2  # no bf16 on the CPU
+    assert "--adapter_input_cast false applies to fp32 adapters of a bf16 base" in one_line_error(capsys)
+    run = parse(smoke_args(tmp_path / "o", "--adapter_input_cast", "false"))
+    run.training.bf16 = True  # as on a bf16 GPU: FSDP computes the adapters in bf16 itself
+    with pytest.raises(UsageError, match="is for one GPU or DDP"):
+        _check_precision_options(run)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    for extra in (Q4, ["--adapters_in_compute_dtype", "true"]):  # the adapters already have the input's dtype
+        run = parse(smoke_args(tmp_path / "o", *extra, "--adapter_input_cast", "false"))
+        run.training.bf16 = True
+        with pytest.raises(UsageError, match="already compute in the input's dtype"):
+            _check_precision_options(run)
     assert not (tmp_path / "o").exists()
