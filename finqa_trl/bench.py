@@ -94,7 +94,7 @@ LEVERS: dict[str, list[str]] = {
     "no_ckpt": ["--activation_checkpointing", "false"],  # no recomputation in the backward pass
     "bs8": ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2"],
     "bs16": ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1"],
-    # Liger's layer kernels (needs liger-kernel); the 16-bit recipes use them wherever it is installed
+    # Liger's layer kernels (needs liger-kernel): LoRA, DoRA and QLoRA recipes use them where installed
     "liger": ["--liger_kernel", "true"],
     "no_liger": ["--liger_kernel", "false"],
     "compile": ["--torch_compile", "true"],

@@ -158,8 +158,9 @@ class FinQAArguments:
         metadata={
             "help": "Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (pip install liger-kernel; "
             "TRL's use_liger_kernel, which keeps its own loss: the objective is unchanged). auto: on when "
-            "liger-kernel is installed and a GPU is used (not under --use_cpu; the 16-bit recipes: 1b LoRA "
-            "1.9x, DoRA 1.5x the tokens/s on an H100); true: required; false: not automatically (TRL's "
+            "liger-kernel is installed and a GPU is used (not under --use_cpu; the LoRA, DoRA and QLoRA "
+            "recipes: 1b LoRA 1.9x, DoRA 1.5x on an H100, QLoRA 1.5x on an H200); true: required; false: not "
+            "automatically (TRL's "
             "--use_liger_kernel true still turns them on).",
             "choices": ["auto", "true", "false"],
         },
@@ -435,10 +436,11 @@ def _check_precision_options(run: Run) -> None:
 
     if not s.adapter_input_cast:
         # Nothing to copy where the adapters already have the input's dtype
-        if m.load_in_4bit or s.adapters_in_compute_dtype or not training.bf16:
+        bf16_base = m.use_peft and m.dtype == "bfloat16" and not m.load_in_4bit
+        if not (bf16_base and training.bf16) or s.adapters_in_compute_dtype:
             raise UsageError(
                 "--adapter_input_cast false applies to fp32 adapters of a bf16 base under bf16 mixed "
-                "precision: here the adapters already compute in the input's dtype (4-bit base, "
+                "precision: here there is no such cast (no adapter, a 4-bit or non-bf16 base, "
                 "--adapters_in_compute_dtype true, or no bf16)"
             )
         if _uses_fsdp(training) or _uses_deepspeed(training):

@@ -854,12 +854,21 @@ def test_adapter_input_cast_false_keeps_fp32_adapters_and_the_same_loss_and_grad
         _check_precision_options(run)  # accepted: fp32 adapters of a bf16 base under bf16
         trainer = prepare(run).trainer
         model = trainer.model
-        switches = {m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "lora_A")}
-        assert switches == {cast}
+        layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+        assert {layer.cast_input_dtype_enabled for layer in layers} == {cast}
+        seen: set = set()  # the dtype each adapter receives: fp32 (PEFT's copy) by default, bf16 without it
+
+        def record(module, args, seen=seen):
+            seen.add(args[0].dtype)
+
+        hooks = [layer.lora_A["default"].register_forward_pre_hook(record) for layer in layers]
         batch = next(iter(trainer.get_train_dataloader()))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
         loss.backward()
+        for hook in hooks:
+            hook.remove()
+        assert seen == {torch.float32 if cast else torch.bfloat16}
         trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
         assert {p.dtype for p in trained.values()} == {torch.float32}
         results[cast] = loss.item(), {n: p.grad for n, p in trained.items()}
@@ -936,14 +945,17 @@ def test_precision_options_that_would_do_nothing_are_one_line(
     assert "does nothing under FSDP" in one_line_error(capsys)
     assert main(smoke_args(tmp_path / "o", "--adapter_input_cast", "false")) == 2  # no bf16 on the CPU
     assert "--adapter_input_cast false applies to fp32 adapters of a bf16 base" in one_line_error(capsys)
-    run = parse(smoke_args(tmp_path / "o", "--adapter_input_cast", "false"))
+    bf16 = ["--dtype", "bfloat16", "--adapter_input_cast", "false"]  # the smoke recipe's base is fp32
+    run = parse(smoke_args(tmp_path / "o", *bf16))
     run.training.bf16 = True  # as on a bf16 GPU: FSDP computes the adapters in bf16 itself
     with pytest.raises(UsageError, match="is for one GPU or DDP"):
         _check_precision_options(run)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
-    for extra in (Q4, ["--adapters_in_compute_dtype", "true"]):  # the adapters already have the input's dtype
-        run = parse(smoke_args(tmp_path / "o", *extra, "--adapter_input_cast", "false"))
+    # no cast to skip: the adapters already have the input's dtype, or there is no adapter
+    no_cast = (Q4, ["--adapters_in_compute_dtype", "true"], ["--dtype", "float32"], ["--use_peft", "false"])
+    for extra in no_cast:
+        run = parse(smoke_args(tmp_path / "o", *bf16, *extra))
         run.training.bf16 = True
-        with pytest.raises(UsageError, match="already compute in the input's dtype"):
+        with pytest.raises(UsageError, match="here there is no such cast"):
             _check_precision_options(run)
     assert not (tmp_path / "o").exists()
