@@ -27,7 +27,9 @@ def build(setting: str, dropout: float) -> torch.nn.Module:
     model = LlamaForCausalLM(CONFIG).to(torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear")
+    )
     for name, param in model.named_parameters():
         if "lora_B" in name:  # nonzero, so that lora_A gets gradients too
             torch.nn.init.normal_(param, std=0.02)
@@ -69,7 +71,8 @@ def main() -> None:
                 reference = (loss, grads)
             same = loss == reference[0] and all(torch.equal(g, reference[1][n]) for n, g in grads.items())
             print(
-                f"dropout {dropout}: {setting:30s} loss {loss:.6f}  s/step {min(seconds):.3f}-{max(seconds):.3f}"
+                f"dropout {dropout}: {setting:30s} loss {loss:.6f}"
+                f"  s/step {min(seconds):.3f}-{max(seconds):.3f}"
                 f"  _to_copy {copies}  same loss and gradients as the default: {same}"
             )
 
