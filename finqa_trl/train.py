@@ -160,8 +160,7 @@ class FinQAArguments:
             "TRL's use_liger_kernel, which keeps its own loss: the objective is unchanged). auto: on when "
             "liger-kernel is installed and a GPU is used (not under --use_cpu; the LoRA, DoRA and QLoRA "
             "recipes: 1b LoRA 1.9x, DoRA 1.5x on an H100, QLoRA 1.5x on an H200); true: required; false: not "
-            "automatically (TRL's "
-            "--use_liger_kernel true still turns them on).",
+            "automatically (TRL's --use_liger_kernel true still turns them on).",
             "choices": ["auto", "true", "false"],
         },
     )
