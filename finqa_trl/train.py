@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import enum
 import functools
+import json
 import logging
 import math
 import os
@@ -81,6 +82,9 @@ IDENTITY = (
 # Precision settings that also make a run what it is (a resume must not switch them halfway), recorded in
 # every saved recipe, with the value a saved recipe that lacks the key ran with: the default of its time.
 PRECISION = {"kbit_fp32_upcast": True, "adapters_in_compute_dtype": False}
+# Written into each checkpoint: how many processes saved it and the global batch they trained with, so that a
+# resume can tell whether it is launched as the run it continues (checkpoints saved before it: not checked)
+LAUNCH_FILE = "launch.json"
 
 
 class UsageError(OneLineError):
@@ -791,6 +795,14 @@ def prepare(run: Run) -> Prepared:
     if margs.load_in_4bit:
         check_4bit_supported()
     check_output_dir(output_dir, run.resolved, script.overwrite_output_dir)
+    # -- resume from the last checkpoint of this recipe's output_dir (checked before the model loads)
+    resume = training.resume_from_checkpoint
+    if resume is None and not script.overwrite_output_dir and output_dir.is_dir():
+        resume = get_last_checkpoint(str(output_dir))
+        if resume:
+            logger.info("resuming from %s", resume)
+    if isinstance(resume, str) and Path(resume).is_dir():
+        check_resume_launch(Path(resume), training)
 
     state = training.distributed_state  # initialised by SFTConfig
     # Global rank 0 first, not each node's local rank 0 (Trainer's default): under an initialised process
@@ -845,7 +857,8 @@ def prepare(run: Run) -> Prepared:
     if training.push_to_hub:
         hub = _hub_callback(training, output_dir)
         training.push_to_hub = False  # our callback pushes; Trainer's own pushing would duplicate it
-    trainer = build_trainer(run, model, tokenizer, train_ds, eval_ds, [hub] if hub else [])
+    callbacks = [_launch_recorder(), *([hub] if hub else [])]
+    trainer = build_trainer(run, model, tokenizer, train_ds, eval_ds, callbacks)
     if script.adapters_in_compute_dtype:  # 16-bit bases only (_check_precision_options)
         # PEFT keeps the adapters of a 16-bit base in fp32, so each adapted layer casts its input to fp32; TRL
         # already puts those of a 4-bit base (and of ZeRO-3 runs) in the compute dtype. Same rule as TRL's:
@@ -879,13 +892,57 @@ def prepare(run: Run) -> Prepared:
         _write_recipe(output_dir, run.resolved)
     state.wait_for_everyone()
 
-    # -- resume from the last checkpoint of this recipe's output_dir
-    resume = training.resume_from_checkpoint
-    if resume is None and not script.overwrite_output_dir and output_dir.is_dir():
-        resume = get_last_checkpoint(str(output_dir))
-        if resume:
-            logger.info("resuming from %s", resume)
     return Prepared(run, trainer, resume, hub)
+
+
+def _launch(training: Any) -> dict[str, int]:
+    processes = training.world_size
+    batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * processes
+    return {"processes": processes, "global_batch": batch}
+
+
+def _launch_recorder() -> Any:  # a TrainerCallback, built lazily
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class LaunchRecorder(TrainerCallback):
+        """Writes LAUNCH_FILE into each checkpoint once the Trainer has saved it."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if state.is_world_process_zero and checkpoint.is_dir():
+                (checkpoint / LAUNCH_FILE).write_text(json.dumps(_launch(args)) + "\n")
+
+    return LaunchRecorder()
+
+
+def check_resume_launch(checkpoint: Path, training: Any) -> None:
+    """A resume launched with another global batch is refused: the Trainer would recompute the steps per epoch
+    and the learning-rate schedule from it and place the saved step in the wrong epoch. Another process count
+    at the same global batch only deals the rest of the resumed epoch differently: a warning."""
+    try:
+        saved = json.loads((checkpoint / LAUNCH_FILE).read_text())
+        saved_processes, saved_batch = int(saved["processes"]), int(saved["global_batch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # saved before launches were recorded, or unreadable: nothing to compare with
+    now = _launch(training)
+    if now["global_batch"] != saved_batch:
+        raise UsageError(
+            f"{checkpoint} was saved by {saved_processes} process(es) at a global batch of {saved_batch} "
+            f"examples; this launch ({now['processes']} process(es)) makes it {now['global_batch']}, which "
+            "would change the steps and the learning-rate schedule: resume with per_device_train_batch_size "
+            f"x gradient_accumulation_steps x processes = {saved_batch}, or pass --overwrite_output_dir true "
+            "to start over"
+        )
+    if now["processes"] != saved_processes:
+        logger.warning(
+            "%s was saved by %d process(es), resumed on %d: the rest of its epoch is dealt to the processes "
+            "otherwise than the interrupted run would have (examples of that epoch may repeat or be left "
+            "out); from the next epoch on, the run is as one launched this way",
+            checkpoint,
+            saved_processes,
+            now["processes"],
+        )
 
 
 def train(run: Run) -> int:

@@ -165,6 +165,30 @@ def test_resume_from_last_checkpoint(tmp_path: Path, capsys) -> None:
     assert yaml.safe_load((out / "recipe.yaml").read_text())["max_steps"] == 3
 
 
+def test_a_resume_launched_with_another_global_batch_is_refused(tmp_path: Path, capsys) -> None:
+    """Each checkpoint records how many processes saved it and their global batch. Resuming it at another
+    global batch (the Trainer would recompute steps and schedule) is one line; another process count at the
+    same global batch is a warning. Nothing saved is lost."""
+    out = tmp_path / "run"
+    assert main(smoke_args(out, "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "2")) == 0
+    launch = out / "checkpoint-2" / "launch.json"
+    saved = json.loads(launch.read_text())
+    training = parse(smoke_args(out)).training
+    batch = training.per_device_train_batch_size * training.gradient_accumulation_steps
+    assert saved == {"processes": 1, "global_batch": batch}
+    capsys.readouterr()
+    resume = ["--config", str(out / "recipe.yaml"), "--max_steps", "3"]
+    launch.write_text(json.dumps({"processes": 2, "global_batch": 2 * batch}))  # as two processes save it
+    assert main(resume) == 2
+    err = one_line_error(capsys)
+    assert f"at a global batch of {2 * batch} examples; this launch (1 process(es)) makes it {batch}" in err
+    assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-3").exists()
+    launch.write_text(json.dumps({"processes": 2, "global_batch": batch}))  # 2 processes at half the batch
+    assert main(resume) == 0
+    assert "was saved by 2 process(es), resumed on 1" in capsys.readouterr().err
+    assert json.loads((out / "checkpoint-3" / "launch.json").read_text()) == saved
+
+
 def straight_and_resumed(
     tmp_path: Path, run: Callable[[Path, list[str]], None], every: int, resume_at: int, steps: int
 ) -> tuple[dict, dict, float]:
