@@ -439,7 +439,8 @@ def _check_precision_options(run: Run) -> None:
 
     if not s.adapter_input_cast:
         # Nothing to copy where the adapters already have the input's dtype
-        bf16_base = m.use_peft and m.dtype == "bfloat16" and not m.load_in_4bit
+        # `auto`/unset load bf16 on a bf16 GPU (Llama 3.2's own dtype): only another explicit dtype is refused
+        bf16_base = m.use_peft and m.dtype not in ("float32", "float16") and not m.load_in_4bit
         if not (bf16_base and training.bf16) or s.adapters_in_compute_dtype:
             raise UsageError(
                 "--adapter_input_cast false applies to fp32 adapters of a bf16 base under bf16 mixed "
@@ -709,6 +710,7 @@ def _hub_callback(training: Any, output_dir: Path) -> Any:  # a TrainerCallback,
             "training_args.bin",
             "checkpoint-*",
             "merged/*",
+            LAUNCH_FILE,  # this machine's launch, for resuming here
         ]
 
         def __init__(self) -> None:
@@ -802,6 +804,11 @@ def prepare(run: Run) -> Prepared:
         if resume:
             logger.info("resuming from %s", resume)
     if isinstance(resume, str) and Path(resume).is_dir():
+        if script.overwrite_output_dir and Path(resume).resolve().is_relative_to(output_dir.resolve()):
+            raise UsageError(
+                f"--resume_from_checkpoint {resume} lies in the output_dir that --overwrite_output_dir true "
+                "would empty first: drop one of the two"
+            )
         check_resume_launch(Path(resume), training)
 
     state = training.distributed_state  # initialised by SFTConfig
@@ -869,6 +876,8 @@ def prepare(run: Run) -> Prepared:
     if not script.adapter_input_cast:  # bf16 base, fp32 adapters, bf16 autocast (_check_precision_options)
         # PEFT's own switch (`cast_input_dtype_enabled`, which peft.helpers.disable_input_dtype_casting sets
         # for a `with` block), set for good here: the bench calls trainer.train() itself
+        # Training and evaluation run the forward that accelerate wraps in bf16 autocast; a generate() on this
+        # model outside autocast would now meet fp32 adapters with bf16 inputs (predict loads its own model).
         for module in trainer.model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
@@ -910,16 +919,17 @@ def _launch_recorder() -> Any:  # a TrainerCallback, built lazily
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if state.is_world_process_zero and checkpoint.is_dir():
+            if args.should_save and checkpoint.is_dir():  # where the Trainer saved: each node's, if told to
                 (checkpoint / LAUNCH_FILE).write_text(json.dumps(_launch(args)) + "\n")
 
     return LaunchRecorder()
 
 
 def check_resume_launch(checkpoint: Path, training: Any) -> None:
-    """A resume launched with another global batch is refused: the Trainer would recompute the steps per epoch
-    and the learning-rate schedule from it and place the saved step in the wrong epoch. Another process count
-    at the same global batch only deals the rest of the resumed epoch differently: a warning."""
+    """A resume launched with another global batch is refused: every later step would average another number
+    of examples, and in an epoch-based run (the recipes') the Trainer recomputes the steps per epoch, and with
+    them the learning-rate schedule and the epoch the saved step falls in. Another process count at the same
+    global batch only deals the rest of the resumed epoch differently: a warning."""
     try:
         saved = json.loads((checkpoint / LAUNCH_FILE).read_text())
         saved_processes, saved_batch = int(saved["processes"]), int(saved["global_batch"])
@@ -930,9 +940,10 @@ def check_resume_launch(checkpoint: Path, training: Any) -> None:
         raise UsageError(
             f"{checkpoint} was saved by {saved_processes} process(es) at a global batch of {saved_batch} "
             f"examples; this launch ({now['processes']} process(es)) makes it {now['global_batch']}, which "
-            "would change the steps and the learning-rate schedule: resume with per_device_train_batch_size "
-            f"x gradient_accumulation_steps x processes = {saved_batch}, or pass --overwrite_output_dir true "
-            "to start over"
+            "would change the examples per step (and in an epoch-based run the steps per epoch and the "
+            "learning-rate schedule): resume with per_device_train_batch_size x gradient_accumulation_steps "
+            f"x processes = {saved_batch}, or start a new run (another --output_dir, or "
+            "--overwrite_output_dir true there)"
         )
     if now["processes"] != saved_processes:
         logger.warning(

@@ -178,6 +178,9 @@ def test_a_resume_launched_with_another_global_batch_is_refused(tmp_path: Path, 
     assert saved == {"processes": 1, "global_batch": batch}
     capsys.readouterr()
     resume = ["--config", str(out / "recipe.yaml"), "--max_steps", "3"]
+    accumulation = str(2 * training.gradient_accumulation_steps)
+    assert main([*resume, "--gradient_accumulation_steps", accumulation]) == 2  # twice the global batch
+    assert f"this launch (1 process(es)) makes it {2 * batch}," in one_line_error(capsys)
     launch.write_text(json.dumps({"processes": 2, "global_batch": 2 * batch}))  # as two processes save it
     assert main(resume) == 2
     err = one_line_error(capsys)
@@ -187,6 +190,11 @@ def test_a_resume_launched_with_another_global_batch_is_refused(tmp_path: Path, 
     assert main(resume) == 0
     assert "was saved by 2 process(es), resumed on 1" in capsys.readouterr().err
     assert json.loads((out / "checkpoint-3" / "launch.json").read_text()) == saved
+    # resuming a checkpoint that --overwrite_output_dir would delete first: one line, nothing deleted
+    explicit = ["--resume_from_checkpoint", str(out / "checkpoint-3"), "--overwrite_output_dir", "true"]
+    assert main(smoke_args(out, *explicit)) == 2
+    assert "lies in the output_dir that --overwrite_output_dir true would empty" in one_line_error(capsys)
+    assert (out / "checkpoint-3").is_dir()
 
 
 def straight_and_resumed(
@@ -976,6 +984,9 @@ def test_precision_options_that_would_do_nothing_are_one_line(
         _check_precision_options(run)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     # no cast to skip: the adapters already have the input's dtype, or there is no adapter
+    run = parse(smoke_args(tmp_path / "o", *bf16, "--dtype", "auto"))  # Llama 3.2's own dtype: bf16
+    run.training.bf16 = True
+    _check_precision_options(run)
     no_cast = (Q4, ["--adapters_in_compute_dtype", "true"], ["--dtype", "float32"], ["--use_peft", "false"])
     for extra in no_cast:
         run = parse(smoke_args(tmp_path / "o", *bf16, *extra))
