@@ -875,9 +875,9 @@ def prepare(run: Run) -> Prepared:
                 param.data = param.data.to(model.dtype)
     if not script.adapter_input_cast:  # bf16 base, fp32 adapters, bf16 autocast (_check_precision_options)
         # PEFT's own switch (`cast_input_dtype_enabled`, which peft.helpers.disable_input_dtype_casting sets
-        # for a `with` block), set for good here: the bench calls trainer.train() itself
-        # Training and evaluation run the forward that accelerate wraps in bf16 autocast; a generate() on this
-        # model outside autocast would now meet fp32 adapters with bf16 inputs (predict loads its own model).
+        # for a `with` block), set for good here: the bench calls trainer.train() itself. Training and
+        # evaluation run the forward that accelerate wraps in bf16 autocast; a generate() on this model
+        # outside autocast would meet fp32 adapters with bf16 inputs (predict loads its own model).
         for module in trainer.model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
