@@ -930,11 +930,15 @@ def check_resume_launch(checkpoint: Path, training: Any) -> None:
     of examples, and in an epoch-based run (the recipes') the Trainer recomputes the steps per epoch, and with
     them the learning-rate schedule and the epoch the saved step falls in. Another process count at the same
     global batch only deals the rest of the resumed epoch differently: a warning."""
+    recorded = checkpoint / LAUNCH_FILE
+    if not recorded.is_file():
+        return  # saved before launches were recorded: nothing to compare with
     try:
-        saved = json.loads((checkpoint / LAUNCH_FILE).read_text())
+        saved = json.loads(recorded.read_text())
         saved_processes, saved_batch = int(saved["processes"]), int(saved["global_batch"])
     except (OSError, ValueError, KeyError, TypeError):
-        return  # saved before launches were recorded, or unreadable: nothing to compare with
+        logger.warning("%s is unreadable: resuming without checking the launch against it", recorded)
+        return
     now = _launch(training)
     if now["global_batch"] != saved_batch:
         raise UsageError(

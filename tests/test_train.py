@@ -195,6 +195,9 @@ def test_a_resume_launched_with_another_global_batch_is_refused(tmp_path: Path, 
     assert main(smoke_args(out, *explicit)) == 2
     assert "lies in the output_dir that --overwrite_output_dir true would empty" in one_line_error(capsys)
     assert (out / "checkpoint-3").is_dir()
+    (out / "checkpoint-3" / "launch.json").write_text("{not json")  # damaged: said, then resumed unchecked
+    assert main(["--config", str(out / "recipe.yaml"), "--max_steps", "4"]) == 0
+    assert "launch.json is unreadable: resuming without checking" in capsys.readouterr().err
 
 
 def straight_and_resumed(
