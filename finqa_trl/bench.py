@@ -382,6 +382,49 @@ def longest_batch_peak(trainer: Any) -> dict[str, Any]:
     return {"longest_batch_tokens": tokens, "longest_batch_peak_gib": peak_gpu_memory_gib()}
 
 
+PROFILE_STEPS = 3  # profiled micro-steps per training variant, after 2 unprofiled ones on the same batch
+
+
+def profile_training(trainer: Any, dest: Path) -> dict[str, Any]:
+    """Where a micro-step's time goes: forward + backward (no optimizer step) on the micro-batch of
+    median-length examples (length-grouped batches are near uniform), run after the timed window so the
+    throughput is not touched. Writes the busiest ops to `dest` and returns per micro-step the wall time,
+    the time the GPU spent in kernels (a wall time far above it means the step waits on the CPU: launches,
+    Python, casts) and the number of kernels launched."""
+    from torch.autograd import DeviceType
+
+    data = trainer.train_dataset
+    size = trainer.args.per_device_train_batch_size
+    lengths = [len(ids) for ids in data["input_ids"]]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    mid = max(0, len(order) // 2 - size // 2)
+    picked = order[mid : mid + size]
+    rows = trainer._remove_unused_columns(data.select(picked), description="profiled batch")
+    batch = trainer._prepare_inputs(trainer.data_collator([rows[i] for i in range(len(rows))]))
+    model = trainer.model_wrapped
+    model.train()
+    for _ in range(2):  # allocator and autotuning settle on this shape before the profiled steps
+        trainer.training_step(model, batch)
+    _sync()
+    holder: dict[str, Any] = {}
+    t = time.perf_counter()
+    with profiled(dest, holder):
+        for _ in range(PROFILE_STEPS):
+            trainer.training_step(model, batch)
+        _sync()
+    wall = time.perf_counter() - t
+    trainer.model.zero_grad(set_to_none=True)
+    kernels = [e for e in holder["prof"].events() if e.device_type == DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+    return {
+        "profile": dest.name,
+        "profile_batch_tokens": sum(lengths[i] for i in picked),
+        "profile_step_ms": round(wall * 1e3 / PROFILE_STEPS, 1),  # under the profiler: slower than unprofiled
+        "profile_gpu_kernel_ms": round(busy / PROFILE_STEPS, 1) if kernels else None,
+        "profile_kernels": len(kernels) // PROFILE_STEPS if kernels else None,
+    }
+
+
 def bench_training(
     variant: str,
     method: str,
@@ -392,6 +435,7 @@ def bench_training(
     examples: int,
     warmup_examples: int,
     limit: int | None = None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -432,6 +476,11 @@ def bench_training(
                 res.update(longest_batch_peak(trainer))
             except Exception as err:
                 res["longest_batch_peak_gib"] = _error_text(err)
+            if profile is not None:
+                try:  # likewise: a failed profile loses only itself
+                    res.update(profile_training(trainer, profile))
+                except Exception as err:
+                    res["profile"] = _error_text(err)
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps
             res["timed_steps"] = trainer.args.max_steps - warmup
@@ -493,9 +542,10 @@ def bench_eval(
 
 
 @contextlib.contextmanager
-def profiled(dest: Path | None) -> Iterator[None]:
+def profiled(dest: Path | None, holder: dict[str, Any] | None = None) -> Iterator[None]:
     """Run the body under torch.profiler (CPU + CUDA) and write the ops that took the most GPU time to `dest`:
-    where generation spends its time (GEMMs, attention, KV-cache copies, ...)."""
+    where generation or a training step spends its time (GEMMs, attention, casts, copies, ...). The profiler
+    object is left in `holder["prof"]` for callers that summarise its events."""
     if dest is None:
         yield
         return
@@ -506,6 +556,8 @@ def profiled(dest: Path | None) -> Iterator[None]:
     with profile(activities=activities) as prof:
         yield
     _sync()
+    if holder is not None:
+        holder["prof"] = prof
     key = "self_device_time_total" if _cuda() else "self_cpu_time_total"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(
@@ -565,7 +617,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--eval", action="store_true", help="also time evaluation (generation + scoring)")
     ap.add_argument("--eval_variants", nargs="+", default=["auto"], choices=list(EVAL_VARIANTS))
     ap.add_argument(
-        "--profile", action="store_true", help="profile each eval variant (its times are then not its speed)"
+        "--profile",
+        action="store_true",
+        help="profile each variant: a training variant for a few extra micro-steps after its timed window, "
+        "an eval variant for its whole run (its times are then not its speed)",
     )
     ap.add_argument("--workdir", default=None, help="where the random-weight models are saved")
     ap.add_argument("--out", default="results")
@@ -573,8 +628,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if min(args.examples, args.warmup_examples, 1 if args.max_examples is None else args.max_examples) < 1:
         ap.error("--examples, --warmup_examples and --max_examples must be at least 1")
-    if args.profile and not args.eval:
-        ap.error("--profile profiles the eval variants: add --eval")
     for flag, path in (("--data_dir", args.data_dir), ("--tokenizer", args.tokenizer)):
         if not Path(path).is_dir():
             print(f"error: {flag} {path}: no such directory", file=sys.stderr)
@@ -626,6 +679,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = format_split(records, tokenizer=tokenizer, max_prompt_tokens=3072, trim="gold")
         for method in args.methods:
             for variant in args.variants:
+                prof = None
+                if args.profile:  # a variant named twice (an order check) keeps both profiles
+                    seen = sum(
+                        (r.get("shape"), r.get("method"), r.get("variant")) == (shape, method, variant)
+                        for r in results
+                    )
+                    name = f"{shape}-{method}-{variant.replace(':', '-').replace('+', '-')}"
+                    name += f"-{seen + 1}" if seen else ""
+                    prof = out_file.with_name(f"{out_file.stem}-profile-{name}.txt")
                 r = bench_training(
                     variant,
                     method,
@@ -636,6 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.examples,
                     args.warmup_examples,
                     args.max_examples,
+                    prof,
                 )
                 print(json.dumps(r), flush=True)
                 results.append(r)
