@@ -107,6 +107,10 @@ LEVERS: dict[str, list[str]] = {
     "bf16_adapters": ["--adapters_in_compute_dtype", "true"],
     # 16-bit bases: fp32 adapters as now, the input not copied to fp32 (autocast computes the same matmuls)
     "no_input_cast": ["--adapter_input_cast", "false"],
+    # Fewer distinct batch shapes (at most one per 64 tokens of length): cuDNN's attention builds a plan per
+    # new shape, and a first epoch of length-grouped batches meets a new one at most steps. Padding is masked.
+    "pad64": ["--pad_to_multiple_of", "64"],
+    "no_cudnn": ["--cudnn_attention", "false"],  # sdpa's flash kernel: no plans to build
 }
 
 
@@ -446,6 +450,7 @@ def bench_training(
 
     from .modeling import stock_modeling_code
 
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()  # --cudnn_attention false turns it off process-wide
     # Liger (a recipe default where installed) rebinds modeling-module globals: put back for the next variant
     with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as tmp, stock_modeling_code():
         try:
@@ -490,6 +495,7 @@ def bench_training(
             res = {"error": _error_text(err)}
         finally:
             trainer = None
+            torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
             gc.collect()
             _empty_cache()
     return {"variant": variant, "method": method, "shape": shape, **res}

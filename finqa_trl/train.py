@@ -157,6 +157,14 @@ class FinQAArguments:
             "optimizer stay fp32. A speed lever to time, not a default."
         },
     )
+    cudnn_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "Let sdpa use cuDNN's attention kernel (CUDA). false: PyTorch's flash kernel instead; "
+            "cuDNN builds a plan for each new sequence length the first time it meets it, a CPU cost that "
+            "length-grouped batches meet at almost every step of a first epoch (a speed lever to time)."
+        },
+    )
     liger_kernel: str = field(
         default="false",
         metadata={
@@ -779,6 +787,7 @@ class Prepared:
 def prepare(run: Run) -> Prepared:
     """Check the input (before anything is written), record the recipe, load tokenizer + data + model, and
     build the trainer."""
+    import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -881,6 +890,9 @@ def prepare(run: Run) -> Prepared:
         for module in trainer.model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
+    if not script.cudnn_attention:
+        # process-wide, as torch keeps it: the flash (or memory-efficient) kernel, which builds no plans
+        torch.backends.cuda.enable_cudnn_sdp(False)
     _keep_adapter_dtypes_on_resume(trainer)
     dropped = len(train_ds) - len(trainer.train_dataset)
     if dropped:
