@@ -105,11 +105,14 @@ LEVERS: dict[str, list[str]] = {
     "upcast": ["--kbit_fp32_upcast", "true"],
     # 16-bit bases: LoRA A/B in bf16 like TRL's 4-bit adapters (on the H100, 1b QLoRA ran at 1.5x 1b LoRA)
     "bf16_adapters": ["--adapters_in_compute_dtype", "true"],
-    # 16-bit bases: fp32 adapters as now, the input not copied to fp32 (autocast computes the same matmuls)
+    # 16-bit bases: fp32 adapters, the input not copied to fp32 (autocast computes the same matmuls): what
+    # the recipes' `adapter_input_cast: auto` does since 2026-11-26; `input_cast` times PEFT's copy as before
     "no_input_cast": ["--adapter_input_cast", "false"],
+    "input_cast": ["--adapter_input_cast", "true"],
     # Fewer distinct batch shapes (at most one per 64 tokens of length): cuDNN's attention builds a plan per
     # new shape, and a first epoch of length-grouped batches meets a new one at most steps. Padding is masked.
     "pad64": ["--pad_to_multiple_of", "64"],
+    "no_pad64": ["--pad_to_multiple_of", "none"],  # the recipes pad to multiples of 64 since 2026-11-26
     "no_cudnn": ["--cudnn_attention", "false"],  # sdpa's flash kernel: no plans to build
 }
 

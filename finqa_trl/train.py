@@ -147,14 +147,18 @@ class FinQAArguments:
             "weights) and DeepSpeed (bf16 everywhere)."
         },
     )
-    adapter_input_cast: bool = field(
-        default=True,
+    adapter_input_cast: str = field(
+        default="true",
         metadata={
             "help": "16-bit bases, one GPU or DDP: false stops PEFT from copying each adapted layer's bf16 "
             "input to fp32 (its adapters' dtype) before the adapter. bf16 autocast computes the adapter "
             "matmuls in bf16 either way, so for LoRA the loss and gradients are the same (bit for bit on the "
             "CPU without dropout; the dropout masks are drawn on another dtype), and the adapters and the "
-            "optimizer stay fp32. A speed lever to time, not a default."
+            "optimizer stay fp32. auto (the recipes): false wherever it applies (fp32 adapters of a bf16 "
+            "base under bf16 mixed precision, one GPU or DDP), true elsewhere; false is refused where it "
+            "would do nothing. On one H100, 1b LoRA 1.24x and DoRA 1.11x the tokens/s "
+            "(results/speed-notes.md).",
+            "choices": ["auto", "true", "false"],
         },
     )
     cudnn_attention: bool = field(
@@ -445,11 +449,11 @@ def _check_precision_options(run: Run) -> None:
                 "weights to fp32) or DeepSpeed (bf16 everywhere): drop it, or use DDP / one GPU"
             )
 
-    if not s.adapter_input_cast:
-        # Nothing to copy where the adapters already have the input's dtype
-        # `auto`/unset load bf16 on a bf16 GPU (Llama 3.2's own dtype): only another explicit dtype is refused
-        bf16_base = m.use_peft and m.dtype not in ("float32", "float16") and not m.load_in_4bit
-        if not (bf16_base and training.bf16) or s.adapters_in_compute_dtype:
+    s.adapter_input_cast = str(s.adapter_input_cast).lower()
+    if s.adapter_input_cast not in ("auto", "true", "false"):
+        raise UsageError(f"adapter_input_cast must be auto, true or false, got {s.adapter_input_cast!r}")
+    if s.adapter_input_cast == "false":
+        if not _input_cast_skippable(run):
             raise UsageError(
                 "--adapter_input_cast false applies to fp32 adapters of a bf16 base under bf16 mixed "
                 "precision: here there is no such cast (no adapter, a 4-bit or non-bf16 base, "
@@ -460,6 +464,24 @@ def _check_precision_options(run: Run) -> None:
                 "--adapter_input_cast false is for one GPU or DDP: FSDP and DeepSpeed compute the adapters "
                 "in bf16 themselves"
             )
+
+
+def _input_cast_skippable(run: Run) -> bool:
+    """fp32 adapters of a bf16 base under bf16 autocast: the only case where PEFT copies each adapted
+    layer's input to another dtype. `auto`/unset dtype loads bf16 on a bf16 GPU (Llama 3.2's own dtype)."""
+    m, s, training = run.model, run.script, run.training
+    bf16_base = m.use_peft and m.dtype not in ("float32", "float16") and not m.load_in_4bit
+    return bool(bf16_base and training.bf16 and not s.adapters_in_compute_dtype)
+
+
+def skips_input_cast(run: Run) -> bool:
+    """Whether this run turns PEFT's input cast off: `false` (checked to apply), or `auto` where it applies
+    and the adapters are not sharded (FSDP and DeepSpeed compute them in bf16 themselves)."""
+    s, training = run.script, run.training
+    if s.adapter_input_cast == "false":
+        return True
+    sharded = _uses_fsdp(training) or _uses_deepspeed(training)
+    return s.adapter_input_cast == "auto" and _input_cast_skippable(run) and not sharded
 
 
 def check_output_dir(output_dir: Path, resolved: dict[str, Any], overwrite: bool) -> None:
@@ -882,7 +904,7 @@ def prepare(run: Run) -> Prepared:
         for name, param in trainer.model.named_parameters():
             if param.requires_grad and "lora_magnitude_vector" not in name:
                 param.data = param.data.to(model.dtype)
-    if not script.adapter_input_cast:  # bf16 base, fp32 adapters, bf16 autocast (_check_precision_options)
+    if skips_input_cast(run):  # bf16 base, fp32 adapters, bf16 autocast (_check_precision_options)
         # PEFT's own switch (`cast_input_dtype_enabled`, which peft.helpers.disable_input_dtype_casting sets
         # for a `with` block), set for good here: the bench calls trainer.train() itself. Training and
         # evaluation run the forward that accelerate wraps in bf16 autocast; a generate() on this model
@@ -994,6 +1016,7 @@ def train(run: Run) -> int:
     # The recipe says auto: record what was asked of TRL here (it applies them where liger-kernel supports the
     # model type, and logs at info level where it does not)
     metrics["liger_kernel"] = bool(run.training.use_liger_kernel)
+    metrics["adapter_input_cast"] = not skips_input_cast(run)  # likewise `auto` in the recipes
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     logger.info("adapter, tokenizer, %s and the training log saved in %s", RECIPE_FILE, output_dir)

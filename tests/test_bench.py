@@ -14,9 +14,9 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "bs8": ("per_device_train_batch_size", 8),
         "bs16": ("per_device_train_batch_size", 16),
         "compile": ("torch_compile", True),
-        "pad64": ("pad_to_multiple_of", 64),
     }
-    levers = {"no_upcast", "upcast", "bf16_adapters", "no_input_cast", "liger", "no_liger", "no_cudnn"}
+    levers = {"no_upcast", "upcast", "bf16_adapters", "no_input_cast", "input_cast", "liger", "no_liger"}
+    levers |= {"no_cudnn", "pad64", "no_pad64"}
     assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
@@ -33,7 +33,12 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     lora = ["--config", "recipes/lora-1b.yaml"]
     assert train.parse(lora).script.adapters_in_compute_dtype is False
     assert train.parse([*lora, *bench.lever_args("recipe:bf16_adapters")]).script.adapters_in_compute_dtype
-    assert not train.parse([*lora, *bench.lever_args("recipe:no_input_cast")]).script.adapter_input_cast
+    assert (
+        train.parse([*lora, *bench.lever_args("recipe:no_input_cast")]).script.adapter_input_cast == "false"
+    )
+    assert train.parse([*lora, *bench.lever_args("recipe:input_cast")]).script.adapter_input_cast == "true"
+    assert train.parse(lora).training.pad_to_multiple_of == 64  # the recipes' default, which no_pad64 undoes
+    assert train.parse([*lora, *bench.lever_args("recipe:no_pad64")]).training.pad_to_multiple_of is None
     assert train.parse(lora).script.cudnn_attention
     assert not train.parse([*lora, *bench.lever_args("recipe:no_cudnn")]).script.cudnn_attention
     # Liger's kernels: a recipe default where installed on a GPU (faked here), which no_liger turns off

@@ -885,7 +885,7 @@ def test_adapter_input_cast_false_keeps_fp32_adapters_and_the_same_loss_and_grad
     for cast in (True, False):
         run = parse(smoke_args(tmp_path / str(cast), "--dtype", "bfloat16", "--lora_dropout", "0"))
         run.training.bf16 = True
-        run.script.adapter_input_cast = cast
+        run.script.adapter_input_cast = str(cast).lower()
         _check_precision_options(run)  # accepted: fp32 adapters of a bf16 base under bf16
         trainer = prepare(run).trainer
         model = trainer.model
@@ -997,3 +997,35 @@ def test_precision_options_that_would_do_nothing_are_one_line(
         with pytest.raises(UsageError, match="here there is no such cast"):
             _check_precision_options(run)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_recipes_skip_the_input_cast_only_where_it_applies(tmp_path: Path, monkeypatch) -> None:
+    # `adapter_input_cast: auto` (the recipes): off for fp32 adapters of a bf16 base under bf16 on one GPU or
+    # DDP, PEFT's copy kept elsewhere (a CPU run, a 4-bit base, FSDP/DeepSpeed) instead of refused.
+    from finqa_trl.train import skips_input_cast
+
+    for recipe in ("lora-1b", "dora-3b", "qlora-1b", "smollm2-135m-qdora"):
+        assert parse(["--config", f"recipes/{recipe}.yaml"]).script.adapter_input_cast == "auto"
+
+    def resolved(*extra: str, bf16: bool = True):
+        run = parse(smoke_args(tmp_path / "o", "--dtype", "bfloat16", "--adapter_input_cast", "auto", *extra))
+        run.training.bf16 = bf16  # as on a bf16 GPU
+        _check_precision_options(run)  # auto is never refused
+        return skips_input_cast(run)
+
+    assert resolved()
+    assert not resolved(bf16=False)  # no autocast, e.g. a CPU run: nothing to skip
+    assert not resolved(*Q4)
+    assert not resolved("--adapters_in_compute_dtype", "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert not resolved()
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with pytest.raises(UsageError, match="invalid choice: 'sometimes'"):
+        parse(smoke_args(tmp_path / "o", "--adapter_input_cast", "sometimes"))
+    run = parse(smoke_args(tmp_path / "o"))
+    run.script.adapter_input_cast = False  # a YAML `false` may reach the dataclass as a bool: read as "false"
+    with pytest.raises(UsageError, match="--adapter_input_cast false applies to fp32 adapters"):
+        _check_precision_options(run)  # (and refused here: no bf16 on the CPU)
+    run.script.adapter_input_cast = "sometimes"  # set by code, past the parser's choices
+    with pytest.raises(UsageError, match="adapter_input_cast must be auto, true or false"):
+        _check_precision_options(run)
