@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from finqa_trl import bench, train
@@ -233,3 +236,42 @@ def test_cli_refuses_a_variant_that_only_starts_like_recipe_and_a_folder_without
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert not work.exists()  # refused before anything was written
+
+
+def test_each_training_variant_runs_in_a_fresh_process(tmp_path, monkeypatch):
+    # Variants in one process share cuDNN's attention plans (one per batch length), so a later one runs faster
+    # for that alone: by default each runs as its own `python -m finqa_trl.bench --same_process` child, whose
+    # result (and profile) the parent collects; a child that dies leaves an error row, not a lost run.
+    import argparse
+    import subprocess
+
+    seen = []
+
+    def fake_run(cmd, check):  # noqa: ANN001
+        seen.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        variant = cmd[cmd.index("--variants") + 1]
+        if variant == "recipe:no_liger":  # this child crashes before writing anything
+            return subprocess.CompletedProcess(cmd, 1)
+        row = {"variant": variant, "method": "lora", "shape": "1b", "tokens_per_s": 10.0}
+        (out / "bench-child.json").write_text(json.dumps({"results": [row]}))
+        (out / "bench-child-profile-1b-lora-recipe.txt").write_text("ops")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    args = argparse.Namespace(
+        data_dir="d", tokenizer="t", examples=512, warmup_examples=32, max_examples=None
+    )
+    prof = tmp_path / "bench-x-profile-1b-lora-recipe.txt"
+    r = bench.bench_training_in_fresh_process(args, "1b", "lora", "recipe", tmp_path / "work", prof)
+    assert r == {**r, "tokens_per_s": 10.0, "process": "fresh", "profile": prof.name}
+    assert prof.read_text() == "ops"  # moved out of the child's temporary folder
+    cmd = seen[0]
+    assert cmd[1:4] == ["-m", "finqa_trl.bench", "--same_process"] and "--profile" in cmd
+    assert cmd[cmd.index("--workdir") + 1] == str(tmp_path / "work")  # the parent's saved models, reused
+    assert (cmd[cmd.index("--shapes") + 1], cmd[cmd.index("--methods") + 1]) == ("1b", "lora")
+    assert cmd[cmd.index("--examples") + 1] == "512"
+    bad = bench.bench_training_in_fresh_process(
+        args, "1b", "lora", "recipe:no_liger", tmp_path / "work", None
+    )
+    assert bad["variant"] == "recipe:no_liger" and "exited with code 1" in bad["error"]
