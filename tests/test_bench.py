@@ -218,7 +218,7 @@ def test_a_profiled_training_variant_keeps_its_timing_and_names_its_batch(tmp_pa
     prof = tmp_path / "bench-x-profile-tiny-lora-recipe.txt"
     r = bench.bench_training("recipe", "lora", "tiny", model, FIXTURE_DIR, [], 4, 4, limit=8, profile=prof)
     assert "error" not in r and r["tokens_per_s"] > 0, r
-    assert r["profile"] == prof.name and r["profile_step_ms"] > 0
+    assert r["profile"] == prof.name and r["profile_step_ms"] > 0 and r["profiled_step_ms"] > 0
     assert r["profile_gpu_kernel_ms"] is None and r["profile_kernels"] is None
     assert 0 < r["profile_batch_tokens"] < r["longest_batch_tokens"]  # the median examples, not the longest
     text = prof.read_text()
@@ -259,9 +259,7 @@ def test_each_training_variant_runs_in_a_fresh_process(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    args = argparse.Namespace(
-        data_dir="d", tokenizer="t", examples=512, warmup_examples=32, max_examples=None
-    )
+    args = argparse.Namespace(data_dir="d", tokenizer="t", examples=512, warmup_examples=32, max_examples=7)
     prof = tmp_path / "bench-x-profile-1b-lora-recipe.txt"
     r = bench.bench_training_in_fresh_process(args, "1b", "lora", "recipe", tmp_path / "work", prof)
     assert r == {**r, "tokens_per_s": 10.0, "process": "fresh", "profile": prof.name}
@@ -270,8 +268,30 @@ def test_each_training_variant_runs_in_a_fresh_process(tmp_path, monkeypatch):
     assert cmd[1:4] == ["-m", "finqa_trl.bench", "--same_process"] and "--profile" in cmd
     assert cmd[cmd.index("--workdir") + 1] == str(tmp_path / "work")  # the parent's saved models, reused
     assert (cmd[cmd.index("--shapes") + 1], cmd[cmd.index("--methods") + 1]) == ("1b", "lora")
-    assert cmd[cmd.index("--examples") + 1] == "512"
+    flags = {
+        f: cmd[cmd.index(f) + 1] for f in ("--data_dir", "--tokenizer", "--examples", "--warmup_examples")
+    }
+    assert flags == {"--data_dir": "d", "--tokenizer": "t", "--examples": "512", "--warmup_examples": "32"}
+    assert cmd[cmd.index("--max_examples") + 1] == "7"
     bad = bench.bench_training_in_fresh_process(
         args, "1b", "lora", "recipe:no_liger", tmp_path / "work", None
     )
+    assert "--profile" not in seen[1]
     assert bad["variant"] == "recipe:no_liger" and "exited with code 1" in bad["error"]
+
+
+@pytest.mark.slow
+def test_the_bench_times_a_variant_in_a_real_child_process(
+    sample_dir, llama3_tokenizer_dir, tmp_path, capsys
+):
+    # The default path end to end on the CPU: the parent builds the tiny model, a `--same_process` child
+    # trains one window on one example and the parent's JSON holds its row.
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--data_dir", str(sample_dir), "--tokenizer", str(llama3_tokenizer_dir), "--shapes", "tiny",
+            "--methods", "lora", "--variants", "recipe", "--examples", "1", "--warmup_examples", "1",
+            "--max_examples", "1", "--workdir", str(work), "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    (result_file,) = out.glob("bench-*.json")
+    (row,) = json.loads(result_file.read_text())["results"]
+    assert row["process"] == "fresh" and "error" not in row, row
+    assert row["variant"] == "recipe" and row["tokens_per_s"] > 0 and row["train_examples"] == 1

@@ -1000,8 +1000,8 @@ def test_precision_options_that_would_do_nothing_are_one_line(
 
 
 def test_the_recipes_skip_the_input_cast_only_where_it_applies(tmp_path: Path, monkeypatch) -> None:
-    # `adapter_input_cast: auto` (the recipes): off for fp32 adapters of a bf16 base under bf16 on one GPU or
-    # DDP, PEFT's copy kept elsewhere (a CPU run, a 4-bit base, FSDP/DeepSpeed) instead of refused.
+    # `adapter_input_cast: auto` (the recipes): off for LoRA's fp32 adapters of a bf16 base under bf16 on one
+    # GPU or DDP, PEFT's copy kept elsewhere (a CPU run, a 4-bit base, FSDP/DeepSpeed, DoRA), never refused.
     from finqa_trl.train import skips_input_cast
 
     for recipe in ("lora-1b", "dora-3b", "qlora-1b", "smollm2-135m-qdora"):
@@ -1017,9 +1017,17 @@ def test_the_recipes_skip_the_input_cast_only_where_it_applies(tmp_path: Path, m
     assert not resolved(bf16=False)  # no autocast, e.g. a CPU run: nothing to skip
     assert not resolved(*Q4)
     assert not resolved("--adapters_in_compute_dtype", "true")
+    assert not resolved("--use_dora", "true")  # DoRA keeps the cast under auto (its forward would change)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert not resolved()
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    # and prepare() acts on it: PEFT's own per-layer switch, off on every adapted layer
+    from finqa_trl.train import prepare
+
+    run = parse(smoke_args(tmp_path / "p", "--dtype", "bfloat16", "--adapter_input_cast", "auto"))
+    run.training.bf16 = True
+    layers = [m for m in prepare(run).trainer.model.modules() if hasattr(m, "lora_A")]
+    assert layers and {layer.cast_input_dtype_enabled for layer in layers} == {False}
     with pytest.raises(UsageError, match="invalid choice: 'sometimes'"):
         parse(smoke_args(tmp_path / "o", "--adapter_input_cast", "sometimes"))
     run = parse(smoke_args(tmp_path / "o"))
