@@ -728,11 +728,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for shape in args.shapes:
         model_dir = build_shape(shape, tok, work / f"llama-3.2-{shape}")
-        tokenizer = load_tokenizer(resolve_source(str(model_dir)))
-        # The recipes' prompt settings (max_prompt_tokens 3072, trimmed by the gold facts), for plain TRL.
+        # The recipes' prompt settings (max_prompt_tokens 3072, trimmed by the gold facts), for plain TRL in
+        # this process; the recipe variants format their own data, and fresh processes their own.
         rows = []
-        # the recipe variants format their own data, and fresh processes their own
         if args.same_process and any(v in TRL_VARIANTS for v in args.variants):
+            tokenizer = load_tokenizer(resolve_source(str(model_dir)))
             rows = format_split(records, tokenizer=tokenizer, max_prompt_tokens=3072, trim="gold")
         for method in args.methods:
             for variant in args.variants:

@@ -370,15 +370,22 @@ def parse(argv: Sequence[str]) -> Run:
     return Run(script, training, model, recipe, final)
 
 
+def _auto_true_false(script: FinQAArguments, key: str) -> str:
+    """An auto/true/false field: a YAML `false`/`true` arrives as a bool (and bypasses the parser's choices
+    check), so it is normalised to its string and checked here."""
+    value = str(getattr(script, key)).lower()
+    if value not in ("auto", "true", "false"):
+        raise UsageError(f"{key} must be auto, true or false, got {value!r}")
+    setattr(script, key, value)
+    return value
+
+
 def _resolve_liger(script: FinQAArguments, training: Any) -> None:
     """--liger_kernel decides TRL's use_liger_kernel; the recorded recipe keeps `auto` (per machine). TRL's
     own --use_liger_kernel true still turns them on (false only means: not automatically)."""
     from . import modeling
 
-    # A YAML `false`/`true` arrives as a bool (and bypasses the choices check): normalise and check it here
-    script.liger_kernel = str(script.liger_kernel).lower()
-    if script.liger_kernel not in ("auto", "true", "false"):
-        raise UsageError(f"liger_kernel must be auto, true or false, got {script.liger_kernel!r}")
+    _auto_true_false(script, "liger_kernel")
     why_not = modeling.liger_unavailable(on_gpu=modeling.cuda_available() and not training.use_cpu)
     if script.liger_kernel == "true" and why_not:
         raise UsageError(why_not)
@@ -421,6 +428,9 @@ def _validate(run: Run) -> None:
         raise UsageError(f"eg_k must be >= 0, got {s.eg_k}")
     if s.max_prompt_tokens is not None and s.max_prompt_tokens <= 0:
         raise UsageError(f"max_prompt_tokens must be positive, got {s.max_prompt_tokens}")
+    pad = run.training.pad_to_multiple_of  # the recipes round batch lengths up to a multiple of 64
+    if pad is not None and pad <= 0:  # else the collator's shapes break mid-training
+        raise UsageError(f"pad_to_multiple_of must be positive (or none), got {pad}")
     if run.training.push_to_hub and not run.training.hub_model_id:
         raise UsageError("push_to_hub needs --hub_model_id USER/NAME")
 
@@ -452,10 +462,7 @@ def _check_precision_options(run: Run) -> None:
                 "weights to fp32) or DeepSpeed (bf16 everywhere): drop it, or use DDP / one GPU"
             )
 
-    s.adapter_input_cast = str(s.adapter_input_cast).lower()
-    if s.adapter_input_cast not in ("auto", "true", "false"):
-        raise UsageError(f"adapter_input_cast must be auto, true or false, got {s.adapter_input_cast!r}")
-    if s.adapter_input_cast == "false":
+    if _auto_true_false(s, "adapter_input_cast") == "false":
         if not _input_cast_skippable(run):
             raise UsageError(
                 "--adapter_input_cast false applies to fp32 adapters of a bf16 base under bf16 mixed "

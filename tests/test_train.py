@@ -999,6 +999,13 @@ def test_precision_options_that_would_do_nothing_are_one_line(
     assert not (tmp_path / "o").exists()
 
 
+def test_a_padding_multiple_that_is_not_positive_is_one_line(tmp_path: Path, capsys) -> None:
+    # The recipes pad to multiples of 64; a negative multiple once broke the collator mid-training.
+    assert main(smoke_args(tmp_path / "o", "--pad_to_multiple_of", "-3")) == 2
+    assert one_line_error(capsys) == "error: pad_to_multiple_of must be positive (or none), got -3"
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_recipes_skip_the_input_cast_only_where_it_applies(tmp_path: Path, monkeypatch) -> None:
     # `adapter_input_cast: auto` (the recipes): off for LoRA's fp32 adapters of a bf16 base under bf16 on one
     # GPU or DDP, PEFT's copy kept elsewhere (a CPU run, a 4-bit base, FSDP/DeepSpeed, DoRA), never refused.
