@@ -629,6 +629,21 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
+def compile_decoder_layers(model: Any) -> int:
+    """torch.compile every decoder layer in place; returns how many. In place (`Module.compile`), not
+    `torch.compile(layer)`: parameter names, and so saved adapters and checkpoints, stay the same, and the
+    layer keeps its class. Under activation checkpointing transformers checkpoints inside the layer's
+    forward, so dynamo sees the checkpoint and the compiled backward recomputes as eager does. All layers
+    run one code object with their parameters as inputs, so they share the compiled graphs: one for the first
+    sequence length, one with the length dynamic from the second on (recompiles counted on the CPU)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def liger_unavailable(on_gpu: bool) -> str | None:
     """Why `--liger_kernel true` cannot run here (None: it can); train and predict refuse with this line."""
     if not liger_installed():

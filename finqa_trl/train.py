@@ -45,6 +45,7 @@ from .modeling import (
     ModelError,
     bf16_supported,
     check_4bit_supported,
+    compile_decoder_layers,
     default_dtype,
     end_of_turn_token,
     fsdp_safe_adapter_keys,
@@ -169,6 +170,17 @@ class FinQAArguments:
             "cuDNN builds a plan for each new sequence length the first time it meets it, a CPU cost that "
             "length-grouped batches meet at almost every step of a first epoch. Not a default: the recipes "
             "pad batches to multiples of 64 instead (1.62x against 1.53x for this, 1b LoRA, one H100)."
+        },
+    )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile each decoder layer in place (regional compilation: the layers share one "
+            "compiled graph; dynamic sequence lengths after the second length met). Fuses the layer's "
+            "elementwise work and PEFT's Python per adapter into a few kernels per layer, for runs bound by "
+            "launching kernels. Same objective: gradients match eager to float rounding (a CPU test); "
+            "dropout masks come from another generator. Not for DoRA (PEFT's DoRA forward cannot be traced "
+            "under activation checkpointing: it would run eager)."
         },
     )
     liger_kernel: str = field(
@@ -428,6 +440,11 @@ def _validate(run: Run) -> None:
         raise UsageError(f"eg_k must be >= 0, got {s.eg_k}")
     if s.max_prompt_tokens is not None and s.max_prompt_tokens <= 0:
         raise UsageError(f"max_prompt_tokens must be positive, got {s.max_prompt_tokens}")
+    if s.compile_layers and m.use_dora:
+        raise UsageError(
+            "--compile_layers true does not compile DoRA: PEFT's DoRA forward (a cache side effect, a "
+            "torchao check) cannot be traced under activation checkpointing, so its layers would run eager"
+        )
     pad = run.training.pad_to_multiple_of  # the recipes round batch lengths up to a multiple of 64
     if pad is not None and pad <= 0:  # else the collator's shapes break mid-training
         raise UsageError(f"pad_to_multiple_of must be positive (or none), got {pad}")
@@ -928,6 +945,10 @@ def prepare(run: Run) -> Prepared:
     if not script.cudnn_attention:
         # process-wide, as torch keeps it: the flash (or memory-efficient) kernel, which builds no plans
         torch.backends.cuda.enable_cudnn_sdp(False)
+    if script.compile_layers:
+        logger.info(
+            "compiling %d decoder layers (torch.compile, in place)", compile_decoder_layers(trainer.model)
+        )
     _keep_adapter_dtypes_on_resume(trainer)
     dropped = len(train_ds) - len(trainer.train_dataset)
     if dropped:

@@ -16,10 +16,10 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "no_ckpt": ("activation_checkpointing", False),
         "bs8": ("per_device_train_batch_size", 8),
         "bs16": ("per_device_train_batch_size", 16),
-        "compile": ("torch_compile", True),
+        "compile_model": ("torch_compile", True),
     }
     levers = {"no_upcast", "upcast", "bf16_adapters", "no_input_cast", "input_cast", "liger", "no_liger"}
-    levers |= {"no_cudnn", "pad64", "no_pad64"}
+    levers |= {"no_cudnn", "pad64", "no_pad64", "compile"}
     assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
@@ -44,6 +44,8 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     assert train.parse([*lora, *bench.lever_args("recipe:no_pad64")]).training.pad_to_multiple_of is None
     assert train.parse(lora).script.cudnn_attention
     assert not train.parse([*lora, *bench.lever_args("recipe:no_cudnn")]).script.cudnn_attention
+    assert not train.parse(lora).script.compile_layers
+    assert train.parse([*lora, *bench.lever_args("recipe:compile")]).script.compile_layers
     # Liger's kernels: a recipe default where installed on a GPU (faked here), which no_liger turns off
     monkeypatch.setattr("finqa_trl.modeling.cuda_available", lambda: True)
     monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)

@@ -1044,3 +1044,36 @@ def test_the_recipes_skip_the_input_cast_only_where_it_applies(tmp_path: Path, m
     run.script.adapter_input_cast = "sometimes"  # set by code, past the parser's choices
     with pytest.raises(UsageError, match="adapter_input_cast must be auto, true or false"):
         _check_precision_options(run)
+
+
+def test_compile_layers_trains_as_eager_with_one_shared_graph_and_the_same_saved_adapter(tmp_path) -> None:
+    # Regional compilation: each decoder layer compiled in place, activation checkpointing inside the compiled
+    # region. Without dropout the compiled run logs the eager run's losses (to float rounding) and saves the
+    # same adapter keys; both layers and all the lengths met share at most three graphs (the first length; the
+    # length dynamic; a batch without padding, where sdpa gets no mask). The eager run compiles nothing.
+    import torch
+    from torch._dynamo.utils import counters
+
+    graphs, runs = {}, {}
+    for compiled in ("false", "true"):
+        torch._dynamo.reset()
+        counters.clear()
+        out = tmp_path / compiled
+        args = ["--lora_dropout", "0", "--pad_to_multiple_of", "none", "--max_steps", "4", "--compile_layers"]
+        assert main(smoke_args(out, *args, compiled)) == 0
+        graphs[compiled] = counters["stats"]["unique_graphs"]
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        runs[compiled] = [h["loss"] for h in history if "loss" in h], adapter_keys(out)
+    assert graphs["false"] == 0 and 1 <= graphs["true"] <= 3
+    (eager, eager_keys), (fused, fused_keys) = runs["false"], runs["true"]
+    assert len(eager) == len(fused) == 4
+    assert fused == pytest.approx(eager, rel=1e-4)
+    assert fused_keys == eager_keys
+
+
+def test_compile_layers_refuses_dora() -> None:
+    from finqa_trl.train import UsageError, _validate
+
+    _validate(parse(["--config", "recipes/lora-1b.yaml", "--compile_layers", "true"]))
+    with pytest.raises(UsageError, match="--compile_layers true does not compile DoRA"):
+        _validate(parse(["--config", "recipes/dora-1b.yaml", "--compile_layers", "true"]))
