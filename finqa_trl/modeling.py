@@ -630,17 +630,20 @@ def liger_installed() -> bool:
 
 
 def compile_decoder_layers(model: Any) -> int:
-    """torch.compile every decoder layer in place; returns how many. In place (`Module.compile`), not
-    `torch.compile(layer)`: parameter names, and so saved adapters and checkpoints, stay the same, and the
-    layer keeps its class. Under activation checkpointing transformers checkpoints inside the layer's
-    forward, so dynamo sees the checkpoint and the compiled backward recomputes as eager does. All layers
-    run one code object with their parameters as inputs, so they share the compiled graphs: one for the first
-    sequence length, one with the length dynamic from the second on (recompiles counted on the CPU)."""
+    """torch.compile the parts of every decoder layer (attention, MLP, norms: its child modules) in place;
+    returns how many layers. In place (`Module.compile`), not `torch.compile(module)`: parameter names, and so
+    saved adapters and checkpoints, stay the same. The parts, not the layer: transformers 5 checkpoints
+    inside the layer's forward, and a compiled layer puts that checkpoint inside the graph, which inductor
+    failed to partition on an H100 (`Node add_641 was invalid, but is output`, torch 2.11); around compiled
+    parts the checkpoint stays eager and recomputes by calling them again. Layers run one code object per
+    part with their parameters as graph inputs, so all layers share its graphs (CPU: 6 graphs for LoRA's
+    attention, MLP and norm at a first and a dynamic length). DoRA's forward breaks into smaller graphs."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
-        layer.compile()
+        for part in layer.children():
+            part.compile()
     return len(layers)
 
 
