@@ -19,7 +19,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "compile_model": ("torch_compile", True),
     }
     levers = {"no_upcast", "upcast", "bf16_adapters", "no_input_cast", "input_cast", "liger", "no_liger"}
-    levers |= {"no_cudnn", "pad64", "no_pad64", "compile"}
+    levers |= {"no_cudnn", "pad64", "no_pad64", "compile", "no_compile"}
     assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
@@ -44,16 +44,20 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     assert train.parse([*lora, *bench.lever_args("recipe:no_pad64")]).training.pad_to_multiple_of is None
     assert train.parse(lora).script.cudnn_attention
     assert not train.parse([*lora, *bench.lever_args("recipe:no_cudnn")]).script.cudnn_attention
-    assert not train.parse(lora).script.compile_layers
-    assert train.parse([*lora, *bench.lever_args("recipe:compile")]).script.compile_layers
-    # Liger's kernels: a recipe default where installed on a GPU (faked here), which no_liger turns off
+    assert train.parse(lora).script.compile_layers == "auto"  # compiled on one GPU or DDP
+    assert train.parse([*lora, *bench.lever_args("recipe:compile")]).script.compile_layers == "true"
+    eager = [*lora, *bench.lever_args("recipe:no_compile")]
+    assert train.parse(eager).script.compile_layers == "false"
+    # Liger's kernels: a recipe default where installed on a GPU (faked here) and the layers run eager (they
+    # are off under the compiled layers of one GPU), which no_liger turns off
     monkeypatch.setattr("finqa_trl.modeling.cuda_available", lambda: True)
     monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)
-    assert train.parse(lora).training.use_liger_kernel
+    assert not train.parse(lora).training.use_liger_kernel
+    assert train.parse(eager).training.use_liger_kernel
     qdora = ["--config", "recipes/qdora-1b.yaml"]  # its recipe keeps Liger off (test_train), the lever on
     assert train.parse([*qdora, *bench.lever_args("recipe:liger")]).training.use_liger_kernel
     assert not train.parse([*q, *bench.lever_args("recipe:no_liger")]).training.use_liger_kernel
-    assert not train.parse([*lora, *bench.lever_args("recipe:no_liger")]).training.use_liger_kernel
+    assert not train.parse([*eager, *bench.lever_args("recipe:no_liger")]).training.use_liger_kernel
 
 
 def test_levers_combine_and_unknown_ones_are_refused():

@@ -788,27 +788,27 @@ def test_missing_config(capsys) -> None:
 # ------------------------------------------------------------------------------------------ distributed
 
 
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 @pytest.mark.parametrize(
-    "launcher",
+    "launcher, extra",
     [
-        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+        (TORCHRUN, []),
         # what `make train ACCELERATE_CONFIG=cpu_ddp NUM_GPUS=2` runs
-        [
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            "accelerate_configs/cpu_ddp.yaml",
-            "--num_processes",
-            "2",
-        ],
+        (["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml"], []),
+        # DDP around compiled layer parts: what compile_layers auto does on several GPUs
+        (TORCHRUN, ["--compile_layers", "true"]),
     ],
-    ids=["torchrun", "accelerate-cpu_ddp"],
+    ids=["torchrun", "accelerate-cpu_ddp", "torchrun-compiled"],
 )
-def test_two_process_cpu_run(launcher: list[str], tmp_path: Path) -> None:
+def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Path) -> None:
     """Two CPU processes (gloo): one process group of 2, the data sharded, one adapter saved."""
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, *launcher, "-m", "finqa_trl.train", *smoke_args(out)]
+    if "accelerate.commands.launch" in launcher:
+        launcher = [*launcher, "--num_processes", "2"]
+    cmd = [sys.executable, *launcher, "-m", "finqa_trl.train", *smoke_args(out, *extra)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr
@@ -822,6 +822,7 @@ def test_two_process_cpu_run(launcher: list[str], tmp_path: Path) -> None:
     assert final["global_step"] == 2 and final["log_history"][-1]["train_runtime"] > 0
     results = json.loads((out / "train_results.json").read_text())
     assert results["train_runtime"] > 0 and results["liger_kernel"] is False  # what ran (no GPU here)
+    assert results["compile_layers"] is bool(extra)
 
 
 def test_a_run_failing_while_loading_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, capsys):
@@ -943,18 +944,21 @@ def test_liger_kernels_where_installed_on_a_gpu_not_on_4bit_bases(monkeypatch: p
         ["--config", "recipes/qdora-1b.yaml", "--use_liger_kernel", "true"]
     ).training.use_liger_kernel
     assert parse(["--config", "recipes/smoke.yaml", "--use_liger_kernel", "true"]).training.use_liger_kernel
-    # A GPU with liger-kernel installed: on for LoRA and DoRA, off for QLoRA and QDoRA (measured slower there)
+    # A GPU with liger-kernel installed: the recipes compile the layers (one process), and inductor fuses what
+    # Liger would, so auto leaves them off; --liger_kernel true still asks for them
     monkeypatch.setattr(m, "cuda_available", lambda: True)
     monkeypatch.setattr(m, "liger_installed", lambda: True)
-    assert parse(["--config", "recipes/dora-3b.yaml"]).training.use_liger_kernel
-    assert not parse(["--config", "recipes/qlora-3b.yaml"]).training.use_liger_kernel
-    off = parse(["--config", "recipes/lora-1b.yaml", "--liger_kernel", "false"])
+    lora = ["--config", "recipes/lora-1b.yaml"]
+    assert not parse(lora).training.use_liger_kernel
+    assert parse([*lora, "--liger_kernel", "true"]).training.use_liger_kernel
+    # Eager layers: on for LoRA and DoRA, off for QLoRA and QDoRA (measured slower there)
+    eager = ["--compile_layers", "false"]
+    assert parse([*lora, *eager]).training.use_liger_kernel
+    assert parse(["--config", "recipes/dora-3b.yaml", *eager]).training.use_liger_kernel
+    assert not parse(["--config", "recipes/qlora-3b.yaml", *eager]).training.use_liger_kernel
+    off = parse([*lora, *eager, "--liger_kernel", "false"])
     assert not off.training.use_liger_kernel
-    assert not parse(["--config", "recipes/qdora-1b.yaml"]).training.use_liger_kernel
-    # compiled layers: inductor fuses what Liger would, so auto leaves them off (true still asks for them)
-    compiled = ["--config", "recipes/lora-1b.yaml", "--compile_layers", "true"]
-    assert not parse(compiled).training.use_liger_kernel
-    assert parse([*compiled, "--liger_kernel", "true"]).training.use_liger_kernel
+    assert not parse(["--config", "recipes/qdora-1b.yaml", *eager]).training.use_liger_kernel
     assert not parse(["--config", "recipes/lora-1b.yaml", "--use_cpu", "true"]).training.use_liger_kernel
     monkeypatch.setattr(m, "liger_installed", lambda: False)
     assert not parse(["--config", "recipes/lora-1b.yaml"]).training.use_liger_kernel
@@ -1074,3 +1078,22 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
     assert len(eager) == len(fused) == 4
     assert fused == pytest.approx(eager, rel=1e-4)
     assert fused_keys == eager_keys
+
+
+def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_fsdp(monkeypatch) -> None:
+    import finqa_trl.modeling as m
+    from finqa_trl.train import UsageError, _validate, compiles_layers
+
+    def compiles(*extra: str) -> bool:
+        run = parse(["--config", "recipes/lora-1b.yaml", *extra])
+        return compiles_layers(run.script, run.training)
+
+    assert parse(["--config", "recipes/lora-1b.yaml"]).resolved["compile_layers"] == "auto"
+    assert not compiles()  # no GPU here (CI): eager, as make demo runs
+    assert compiles("--compile_layers", "true")  # asked for: the CPU compiles too
+    monkeypatch.setattr(m, "cuda_available", lambda: True)
+    assert compiles() and not compiles("--compile_layers", "false") and not compiles("--use_cpu", "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with an FSDP config sets it
+    assert not compiles()  # FSDP's hooks would be traced with the parts: auto stays eager
+    with pytest.raises(UsageError, match="--compile_layers true is for one GPU or DDP"):
+        _validate(parse(["--config", "recipes/lora-1b.yaml", "--compile_layers", "true"]))
