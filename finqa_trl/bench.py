@@ -97,7 +97,8 @@ LEVERS: dict[str, list[str]] = {
     "no_ckpt": ["--activation_checkpointing", "false"],  # no recomputation in the backward pass
     "bs8": ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2"],
     "bs16": ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1"],
-    # Liger's layer kernels (needs liger-kernel): the LoRA and DoRA recipes use them where installed
+    # Liger's layer kernels (needs liger-kernel): the LoRA and DoRA recipes use them where installed and the
+    # layers run eager (FSDP, DeepSpeed, no_compile)
     "liger": ["--liger_kernel", "true"],
     "no_liger": ["--liger_kernel", "false"],
     # torch.compile of each decoder layer's parts in place (regional: the layers share the graphs); the
@@ -465,9 +466,11 @@ def bench_training(
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
     import transformers.models.llama.modeling_llama  # noqa: F401 - loaded, so stock_modeling_code watches it
+    from torch._dynamo.utils import counters
 
     from .modeling import stock_modeling_code
 
+    counters.clear()  # process-wide: the graphs of this variant only (--same_process runs several)
     cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()  # --cudnn_attention false turns it off process-wide
     # Liger (a recipe default where installed) rebinds modeling-module globals: put back for the next variant
     with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as tmp, stock_modeling_code():
@@ -504,9 +507,9 @@ def bench_training(
                     res.update(profile_training(trainer, profile))
                 except Exception as err:
                     res["profile"] = _error_text(err)
-            from torch._dynamo.utils import counters
-
-            if counters["stats"]["unique_graphs"]:  # recipe:compile: more than a few means recompilation
+            if counters["stats"][
+                "unique_graphs"
+            ]:  # compiled layers (a GPU's recipe): more than 6 = recompiles
                 res["compiled_graphs"] = counters["stats"]["unique_graphs"]
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps

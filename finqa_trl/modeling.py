@@ -142,6 +142,15 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def triton_gpu_ready() -> bool:
+    """Triton can compile for the CUDA GPU here (inductor's GPU code is Triton): installed, and a device it
+    supports. `compile_layers: auto` asks this, so a machine without it trains eager instead of failing at the
+    first step."""
+    from torch.utils._triton import has_triton
+
+    return has_triton()
+
+
 def bf16_supported() -> bool:
     """True where bf16 training runs natively (an Ampere+ CUDA GPU, or XPU)."""
     import torch
@@ -644,7 +653,9 @@ def compile_decoder_layers(model: Any) -> int:
     for layer in layers:
         for part in layer.children():
             part.compile()
-    return len(layers)
+    return len(
+        layers
+    )  # 0 for a model whose layers are not transformers' checkpointing layers: nothing compiled
 
 
 def liger_unavailable(on_gpu: bool) -> str | None:

@@ -157,9 +157,9 @@ class FinQAArguments:
             "CPU without dropout; the dropout masks are drawn on another dtype), and the adapters and the "
             "optimizer stay fp32. auto (the recipes): false for LoRA wherever it applies (fp32 adapters of "
             "a bf16 base under bf16 mixed precision, one GPU or DDP), true elsewhere and for DoRA (whose "
-            "forward it changes slightly; not yet checked on real weights); false is refused where it would "
-            "do nothing. On one H100, over half an epoch, 1b LoRA 1.24x and DoRA 1.11x the tokens/s "
-            "(results/speed-notes.md).",
+            "forward it changes: SmolLM2 DoRA ended about 1% higher in loss without the cast, two runs each "
+            "way); false is refused where it would do nothing. On one H100, over half an epoch, 1b LoRA "
+            "1.24x and DoRA 1.11x the tokens/s (results/speed-notes.md).",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -178,12 +178,13 @@ class FinQAArguments:
             "help": "torch.compile the attention, MLP and norms of each decoder layer, in place (regional "
             "compilation: every layer shares the graphs; sequence lengths dynamic from the second length "
             "met). Fuses elementwise work and PEFT's per-adapter Python into few kernels, for runs bound by "
-            "launching kernels: on one H100, in fresh processes, 1b LoRA 1.22x, QLoRA 1.20x, DoRA 1.51x, "
-            "3b LoRA 1.14x the tokens/s, 0.06-1.06 GiB more at the worst step. Activation checkpointing "
-            "stays eager around the parts. Same objective: the losses match eager to float rounding (a CPU "
-            "test); dropout masks come from another generator. auto (the recipes): on with a CUDA GPU, one "
-            "process or DDP; true: also on the CPU; refused under FSDP and DeepSpeed (their hooks would be "
-            "compiled with the parts). Liger's kernels are off under it unless --liger_kernel true.",
+            "launching kernels: on one H100, in fresh processes, 1b LoRA 1.22x, QLoRA 1.20x, DoRA (input "
+            "cast skipped) 1.51x, 3b LoRA 1.14x the tokens/s, 0.06-1.06 GiB more at the worst step. "
+            "Activation checkpointing stays eager around the parts. Same objective: the losses match eager "
+            "to float rounding (a CPU test); dropout masks come from another generator. auto (the recipes): "
+            "on with a CUDA GPU that Triton compiles for, one process or DDP; true: also on the CPU; refused "
+            "under FSDP and DeepSpeed (their hooks would be compiled with the parts). Liger's kernels are "
+            "off under it unless --liger_kernel true (that pair not timed).",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -192,8 +193,9 @@ class FinQAArguments:
         metadata={
             "help": "Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (pip install liger-kernel; "
             "TRL's use_liger_kernel, which keeps its own loss: the objective is unchanged). auto: on when "
-            "liger-kernel is installed and a GPU is used (not under --use_cpu; the LoRA and DoRA recipes: 1b "
-            "LoRA 1.03x and 0.38 GiB less on one H100, in fresh processes); true: required; false: not "
+            "liger-kernel is installed, a GPU is used (not under --use_cpu) and the layers run eager (not "
+            "under compile_layers; the LoRA and DoRA recipes under FSDP/DeepSpeed: eager 1b LoRA ran 1.03x "
+            "and 0.38 GiB less with them on one H100, in fresh processes); true: required; false: not "
             "automatically (the 4-bit recipes: 1b QLoRA ran 0.94x with them; TRL's --use_liger_kernel true "
             "still turns them on).",
             "choices": ["auto", "true", "false"],
@@ -419,11 +421,13 @@ def compiles_layers(script: FinQAArguments, training: Any) -> bool:
     parts)."""
     from . import modeling
 
+    if training.torch_compile:  # the Trainer compiles the whole model (the bench's compile_model): not twice
+        return False
     if script.compile_layers == "true":
         return True
     on_gpu = modeling.cuda_available() and not training.use_cpu
     sharded = _uses_fsdp(training) or _uses_deepspeed(training)
-    return script.compile_layers == "auto" and on_gpu and not sharded
+    return script.compile_layers == "auto" and on_gpu and not sharded and modeling.triton_gpu_ready()
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -526,7 +530,8 @@ def skips_input_cast(run: Run) -> bool:
     """Whether this run turns PEFT's input cast off: `false` (checked to apply), or `auto` for LoRA where it
     applies and the adapters are not sharded (FSDP and DeepSpeed compute them in bf16 themselves). DoRA keeps
     the cast under `auto`: PEFT's DoRA forward computes part of its result in the input's dtype, so skipping
-    the cast changes its numbers (4e-5 relative on the CPU), and its real-weight check is not settled."""
+    the cast changes its numbers (4e-5 relative on the CPU), and on real weights (SmolLM2) it ended about 1%
+    higher in loss without it, two runs each way."""
     s, training = run.script, run.training
     if s.adapter_input_cast == "false":
         return True
@@ -855,6 +860,7 @@ class Prepared:
     trainer: Any  # trl.SFTTrainer
     resume: str | None  # the checkpoint training resumes from
     hub: Any = None  # the HubPushCallback, when pushing
+    compiled_layers: int = 0  # decoder layers whose parts were compiled (compile_layers)
 
 
 def prepare(run: Run) -> Prepared:
@@ -966,9 +972,15 @@ def prepare(run: Run) -> Prepared:
     if not script.cudnn_attention:
         # process-wide, as torch keeps it: the flash (or memory-efficient) kernel, which builds no plans
         torch.backends.cuda.enable_cudnn_sdp(False)
+    compiled = 0
     if compiles_layers(script, training):
         compiled = compile_decoder_layers(trainer.model)
-        logger.info("compiling the parts of %d decoder layers (torch.compile, in place)", compiled)
+        if compiled:
+            logger.info("compiling the parts of %d decoder layers (torch.compile, in place)", compiled)
+        else:
+            logger.warning(
+                "compile_layers: no transformers decoder layers found in this model: it runs eager"
+            )
     _keep_adapter_dtypes_on_resume(trainer)
     dropped = len(train_ds) - len(trainer.train_dataset)
     if dropped:
@@ -989,7 +1001,7 @@ def prepare(run: Run) -> Prepared:
         _write_recipe(output_dir, run.resolved)
     state.wait_for_everyone()
 
-    return Prepared(run, trainer, resume, hub)
+    return Prepared(run, trainer, resume, hub, compiled)
 
 
 def _launch(training: Any) -> dict[str, int]:
@@ -1072,7 +1084,7 @@ def train(run: Run) -> int:
     metrics["liger_kernel"] = bool(run.training.use_liger_kernel)
     # likewise `auto` in the recipes: whether PEFT copied each adapter input to fp32 (None: no such copy here)
     metrics["adapter_input_cast"] = not skips_input_cast(run) if _input_cast_skippable(run) else None
-    metrics["compile_layers"] = compiles_layers(run.script, run.training)  # likewise
+    metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     logger.info("adapter, tokenizer, %s and the training log saved in %s", RECIPE_FILE, output_dir)

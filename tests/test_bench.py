@@ -51,6 +51,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     # Liger's kernels: a recipe default where installed on a GPU (faked here) and the layers run eager (they
     # are off under the compiled layers of one GPU), which no_liger turns off
     monkeypatch.setattr("finqa_trl.modeling.cuda_available", lambda: True)
+    monkeypatch.setattr("finqa_trl.modeling.triton_gpu_ready", lambda: True)
     monkeypatch.setattr("finqa_trl.modeling.liger_installed", lambda: True)
     assert not train.parse(lora).training.use_liger_kernel
     assert train.parse(eager).training.use_liger_kernel

@@ -947,6 +947,7 @@ def test_liger_kernels_where_installed_on_a_gpu_not_on_4bit_bases(monkeypatch: p
     # A GPU with liger-kernel installed: the recipes compile the layers (one process), and inductor fuses what
     # Liger would, so auto leaves them off; --liger_kernel true still asks for them
     monkeypatch.setattr(m, "cuda_available", lambda: True)
+    monkeypatch.setattr(m, "triton_gpu_ready", lambda: True)
     monkeypatch.setattr(m, "liger_installed", lambda: True)
     lora = ["--config", "recipes/lora-1b.yaml"]
     assert not parse(lora).training.use_liger_kernel
@@ -1054,12 +1055,16 @@ def test_the_recipes_skip_the_input_cast_only_where_it_applies(tmp_path: Path, m
         _check_precision_options(run)
 
 
-def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_adapter(tmp_path) -> None:
+@pytest.mark.parametrize("method", [[], ["--use_dora", "true"]], ids=["lora", "dora"])
+def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_adapter(
+    method, tmp_path
+) -> None:
     # Regional compilation: the attention, MLP and norms of each decoder layer compiled in place, activation
     # checkpointing eager around them. Without dropout the compiled run logs the eager run's losses (to float
     # rounding) and saves the same adapter keys; both layers and all the lengths met share the graphs of the
     # three parts (a first length, then the length dynamic; attention once more for a batch without padding,
-    # where sdpa gets no mask). The eager run compiles nothing.
+    # where sdpa gets no mask). The eager run compiles nothing. DoRA's forward compiles in more, smaller
+    # graphs (PEFT's DoRA code breaks them).
     import torch
     from torch._dynamo.utils import counters
 
@@ -1068,12 +1073,13 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
         torch._dynamo.reset()
         counters.clear()
         out = tmp_path / compiled
-        args = ["--lora_dropout", "0", "--pad_to_multiple_of", "none", "--max_steps", "4", "--compile_layers"]
-        assert main(smoke_args(out, *args, compiled)) == 0
+        args = ["--lora_dropout", "0", "--pad_to_multiple_of", "none", "--max_steps", "4", *method]
+        assert main(smoke_args(out, *args, "--compile_layers", compiled)) == 0
         graphs[compiled] = counters["stats"]["unique_graphs"]
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         runs[compiled] = [h["loss"] for h in history if "loss" in h], adapter_keys(out)
-    assert graphs["false"] == 0 and 3 <= graphs["true"] <= 7
+    assert graphs["false"] == 0 and 3 <= graphs["true"] <= (7 if not method else 64)
+    assert json.loads((tmp_path / "true" / "train_results.json").read_text())["compile_layers"] is True
     (eager, eager_keys), (fused, fused_keys) = runs["false"], runs["true"]
     assert len(eager) == len(fused) == 4
     assert fused == pytest.approx(eager, rel=1e-4)
@@ -1092,7 +1098,11 @@ def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_f
     assert not compiles()  # no GPU here (CI): eager, as make demo runs
     assert compiles("--compile_layers", "true")  # asked for: the CPU compiles too
     monkeypatch.setattr(m, "cuda_available", lambda: True)
+    monkeypatch.setattr(m, "triton_gpu_ready", lambda: False)
+    assert not compiles()  # a GPU Triton cannot compile for: eager rather than a failing first step
+    monkeypatch.setattr(m, "triton_gpu_ready", lambda: True)
     assert compiles() and not compiles("--compile_layers", "false") and not compiles("--use_cpu", "true")
+    assert not compiles("--torch_compile", "true")  # the Trainer compiles the whole model instead: not twice
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with an FSDP config sets it
     assert not compiles()  # FSDP's hooks would be traced with the parts: auto stays eager
     with pytest.raises(UsageError, match="--compile_layers true is for one GPU or DDP"):
