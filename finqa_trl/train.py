@@ -280,6 +280,23 @@ def _cli_keys(argv: Sequence[str]) -> list[str]:
     return [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")]
 
 
+def _cli_value(argv: Sequence[str], key: str) -> str | None:
+    """The last value given to --key on the command line (`--key v` or `--key=v`), None when absent."""
+    found = None
+    for i, arg in enumerate(argv):
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name.replace("-", "_") == key:
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
+
+
+def _check_pad_to_multiple_of(value: Any) -> None:
+    """SFTConfig converts this field itself; its bare `invalid literal for int()` names no option."""
+    text = str(value).strip().lower()
+    if value is not None and text not in ("none", "null") and not text.lstrip("-").isdigit():
+        raise UsageError(f"pad_to_multiple_of must be a positive integer or none, got {value!r}")
+
+
 def _no_accelerator() -> bool:
     import torch
 
@@ -359,6 +376,7 @@ def parse(argv: Sequence[str]) -> Run:
         raise UsageError(f"unknown option --{unknown[0]}{hint}")
 
     values = {"recipe": recipe.name, "output_dir": f"outputs/{recipe.name}", **recipe.values}
+    _check_pad_to_multiple_of(_cli_value(rest, "pad_to_multiple_of") or values.get("pad_to_multiple_of"))
     adapted = _cpu_defaults(values, _cli_keys(rest))
     with tempfile.TemporaryDirectory(prefix="finqa-recipe-") as tmp:
         resolved_file = Path(tmp) / f"{recipe.name}.yaml"

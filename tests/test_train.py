@@ -1008,10 +1008,17 @@ def test_precision_options_that_would_do_nothing_are_one_line(
     assert not (tmp_path / "o").exists()
 
 
-def test_a_padding_multiple_that_is_not_positive_is_one_line(tmp_path: Path, capsys) -> None:
+def test_a_padding_multiple_that_is_not_a_positive_integer_is_one_line(tmp_path: Path, capsys) -> None:
     # The recipes pad to multiples of 64; a negative multiple once broke the collator mid-training.
     assert main(smoke_args(tmp_path / "o", "--pad_to_multiple_of", "-3")) == 2
     assert one_line_error(capsys) == "error: pad_to_multiple_of must be positive (or none), got -3"
+    # Not a number: SFTConfig's own conversion said only "invalid literal for int()", naming no option
+    for bad in (["--pad_to_multiple_of", "abc"], ["--pad_to_multiple_of=6x4"]):
+        assert main(smoke_args(tmp_path / "o", *bad)) == 2
+        assert "error: pad_to_multiple_of must be a positive integer or none, got '" in one_line_error(capsys)
+    assert (
+        parse(smoke_args(tmp_path / "o", "--pad_to_multiple_of", "none")).training.pad_to_multiple_of is None
+    )
     assert not (tmp_path / "o").exists()
 
 
