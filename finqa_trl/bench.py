@@ -507,9 +507,8 @@ def bench_training(
                     res.update(profile_training(trainer, profile))
                 except Exception as err:
                     res["profile"] = _error_text(err)
-            if counters["stats"][
-                "unique_graphs"
-            ]:  # compiled layers (a GPU's recipe): more than 6 = recompiles
+            # compiled layers (a GPU's recipe): more than 6 graphs means recompilation
+            if counters["stats"]["unique_graphs"]:
                 res["compiled_graphs"] = counters["stats"]["unique_graphs"]
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps

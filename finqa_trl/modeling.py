@@ -653,9 +653,8 @@ def compile_decoder_layers(model: Any) -> int:
     for layer in layers:
         for part in layer.children():
             part.compile()
-    return len(
-        layers
-    )  # 0 for a model whose layers are not transformers' checkpointing layers: nothing compiled
+    # 0 for a model whose layers are not transformers' checkpointing layers: nothing compiled
+    return len(layers)
 
 
 def liger_unavailable(on_gpu: bool) -> str | None:
