@@ -291,10 +291,15 @@ def _cli_value(argv: Sequence[str], key: str) -> str | None:
 
 
 def _check_pad_to_multiple_of(value: Any) -> None:
-    """SFTConfig converts this field itself; its bare `invalid literal for int()` names no option."""
+    """Checked before SFTConfig converts it (its bare `invalid literal for int()` names no option); a value
+    that is not positive would break the collator's shapes mid-training."""
     text = str(value).strip().lower()
-    if value is not None and text not in ("none", "null") and not text.lstrip("-").isdigit():
+    if value is None or text in ("none", "null"):
+        return
+    if not text.lstrip("-").isdigit():
         raise UsageError(f"pad_to_multiple_of must be a positive integer or none, got {value!r}")
+    if int(text) <= 0:
+        raise UsageError(f"pad_to_multiple_of must be positive (or none), got {int(text)}")
 
 
 def _no_accelerator() -> bool:
@@ -444,7 +449,7 @@ def compiles_layers(script: FinQAArguments, training: Any) -> bool:
     if script.compile_layers == "true":
         return True
     on_gpu = modeling.cuda_available() and not training.use_cpu
-    sharded = _uses_fsdp(training) or _uses_deepspeed(training)
+    sharded = _fsdp_or_deepspeed(training)
     return script.compile_layers == "auto" and on_gpu and not sharded and modeling.triton_gpu_ready()
 
 
@@ -483,14 +488,11 @@ def _validate(run: Run) -> None:
         raise UsageError(f"eg_k must be >= 0, got {s.eg_k}")
     if s.max_prompt_tokens is not None and s.max_prompt_tokens <= 0:
         raise UsageError(f"max_prompt_tokens must be positive, got {s.max_prompt_tokens}")
-    if s.compile_layers == "true" and (_uses_fsdp(run.training) or _uses_deepspeed(run.training)):
+    if s.compile_layers == "true" and _fsdp_or_deepspeed(run.training):
         raise UsageError(
             "--compile_layers true is for one GPU or DDP: FSDP's and DeepSpeed's hooks on each layer would "
             "be compiled with its parts (auto leaves such runs eager)"
         )
-    pad = run.training.pad_to_multiple_of  # the recipes round batch lengths up to a multiple of 64
-    if pad is not None and pad <= 0:  # else the collator's shapes break mid-training
-        raise UsageError(f"pad_to_multiple_of must be positive (or none), got {pad}")
     if run.training.push_to_hub and not run.training.hub_model_id:
         raise UsageError("push_to_hub needs --hub_model_id USER/NAME")
 
@@ -516,7 +518,7 @@ def _check_precision_options(run: Run) -> None:
                 "--adapters_in_compute_dtype true applies to 16-bit bases: TRL already keeps the adapters "
                 "of a 4-bit base in the compute dtype"
             )
-        if _uses_fsdp(training) or _uses_deepspeed(training):
+        if _fsdp_or_deepspeed(training):
             raise UsageError(
                 "--adapters_in_compute_dtype true does nothing under FSDP (accelerate upcasts trainable bf16 "
                 "weights to fp32) or DeepSpeed (bf16 everywhere): drop it, or use DDP / one GPU"
@@ -529,7 +531,7 @@ def _check_precision_options(run: Run) -> None:
                 "precision: here there is no such cast (no adapter, a 4-bit or non-bf16 base, "
                 "--adapters_in_compute_dtype true, or no bf16)"
             )
-        if _uses_fsdp(training) or _uses_deepspeed(training):
+        if _fsdp_or_deepspeed(training):
             raise UsageError(
                 "--adapter_input_cast false is for one GPU or DDP: FSDP and DeepSpeed compute the adapters "
                 "in bf16 themselves"
@@ -553,7 +555,7 @@ def skips_input_cast(run: Run) -> bool:
     s, training = run.script, run.training
     if s.adapter_input_cast == "false":
         return True
-    sharded = _uses_fsdp(training) or _uses_deepspeed(training)
+    sharded = _fsdp_or_deepspeed(training)
     lora = not run.model.use_dora
     return s.adapter_input_cast == "auto" and lora and _input_cast_skippable(run) and not sharded
 
@@ -613,6 +615,11 @@ def _uses_fsdp(training: Any) -> bool:
 def _uses_deepspeed(training: Any) -> bool:
     """DeepSpeed, from `accelerate launch` or --deepspeed: SFTConfig then holds its plugin."""
     return getattr(training, "deepspeed_plugin", None) is not None
+
+
+def _fsdp_or_deepspeed(training: Any) -> bool:
+    """The launch wraps the model itself: hooks on its modules, adapters in bf16 (unlike DDP and one GPU)."""
+    return _uses_fsdp(training) or _uses_deepspeed(training)
 
 
 def _zero3(training: Any) -> tuple[bool, bool]:
