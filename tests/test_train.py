@@ -1097,8 +1097,8 @@ def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_f
     import finqa_trl.modeling as m
     from finqa_trl.train import UsageError, _validate, compiles_layers
 
-    def compiles(*extra: str) -> bool:
-        run = parse(["--config", "recipes/lora-1b.yaml", *extra])
+    def compiles(*extra: str, recipe: str = "lora-1b") -> bool:
+        run = parse(["--config", f"recipes/{recipe}.yaml", *extra])
         return compiles_layers(run.script, run.training)
 
     assert parse(["--config", "recipes/lora-1b.yaml"]).resolved["compile_layers"] == "auto"
@@ -1109,6 +1109,10 @@ def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_f
     assert not compiles()  # a GPU Triton cannot compile for: eager rather than a failing first step
     monkeypatch.setattr(m, "triton_gpu_ready", lambda: True)
     assert compiles() and not compiles("--compile_layers", "false") and not compiles("--use_cpu", "true")
+    assert compiles(recipe="dora-3b") and compiles(recipe="qlora-1b") and compiles(recipe="smollm2-135m-dora")
+    # QDoRA: graph breaks at the 4-bit dequantization in DoRA's weight norm; 0.72x eager on an H200
+    assert not any(compiles(recipe=r) for r in ("qdora-1b", "qdora-3b", "smollm2-135m-qdora"))
+    assert compiles("--compile_layers", "true", recipe="qdora-1b")
     assert not compiles("--torch_compile", "true")  # the Trainer compiles the whole model instead: not twice
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with an FSDP config sets it
     assert not compiles()  # FSDP's hooks would be traced with the parts: auto stays eager
