@@ -103,8 +103,8 @@ LEVERS: dict[str, list[str]] = {
     "no_liger": ["--liger_kernel", "false"],
     # torch.compile of each decoder layer's parts in place (regional: the layers share the graphs); the
     # micro-step is bound by launching kernels (1b LoRA: ~5,000 launches, 146 ms of kernels in ~320 ms per
-    # pass). The recipes' default on one GPU or DDP since 2026-11-26 (`compile_layers: auto`); `no_compile`
-    # times eager.
+    # pass). The recipes' default on one GPU or DDP since 2026-11-26 (`compile_layers: auto`), but for QDoRA's
+    # (eager: slower compiled); `no_compile` times eager, `compile` QDoRA compiled.
     "compile": ["--compile_layers", "true"],
     "no_compile": ["--compile_layers", "false"],
     # the Trainer's torch_compile: the whole model as one graph (was `compile` until 2026-11-26; machine D was
