@@ -107,6 +107,9 @@ LEVERS: dict[str, list[str]] = {
     # (eager: slower compiled); `no_compile` times eager, `compile` QDoRA compiled.
     "compile": ["--compile_layers", "true"],
     "no_compile": ["--compile_layers", "false"],
+    # torch.compile modes for the compiled parts (not timed yet): CUDA graphs per padded length, tuned kernels
+    "cudagraphs": ["--compile_mode", "reduce-overhead"],
+    "autotune": ["--compile_mode", "max-autotune-no-cudagraphs"],
     # the Trainer's torch_compile: the whole model as one graph (was `compile` until 2026-11-26; machine D was
     # cut off while it compiled)
     "compile_model": ["--torch_compile", "true"],

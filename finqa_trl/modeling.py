@@ -638,7 +638,7 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def compile_decoder_layers(model: Any) -> int:
+def compile_decoder_layers(model: Any, mode: str = "default") -> int:
     """torch.compile the parts of every decoder layer (attention, MLP, norms: its child modules) in place;
     returns how many layers. In place (`Module.compile`), not `torch.compile(module)`: parameter names, and so
     saved adapters and checkpoints, stay the same. The parts, not the layer: transformers 5 checkpoints
@@ -646,13 +646,14 @@ def compile_decoder_layers(model: Any) -> int:
     failed to partition on an H100 (`Node add_641 was invalid, but is output`, torch 2.11); around compiled
     parts the checkpoint stays eager and recomputes by calling them again. Layers run one code object per
     part with their parameters as graph inputs, so all layers share its graphs (CPU: 6 graphs for LoRA's
-    attention, MLP and norm at a first and a dynamic length). DoRA's forward breaks into smaller graphs."""
+    attention, MLP and norm at a first and a dynamic length). DoRA's forward breaks into smaller graphs.
+    `mode` is torch.compile's (reduce-overhead: CUDA graphs)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
         for part in layer.children():
-            part.compile()
+            part.compile(mode=None if mode == "default" else mode)
     # 0 for a model whose layers are not transformers' checkpointing layers: nothing compiled
     return len(layers)
 

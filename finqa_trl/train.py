@@ -189,6 +189,16 @@ class FinQAArguments:
             "choices": ["auto", "true", "false"],
         },
     )
+    compile_mode: str = field(
+        default="default",
+        metadata={
+            "help": "torch.compile's mode for the layers' parts where compile_layers compiles them: "
+            "reduce-overhead adds CUDA graphs (one per padded batch length; the compiled micro-step is still "
+            "bound by the CPU), max-autotune-no-cudagraphs tunes the fused kernels, max-autotune both. Speed "
+            "levers, not yet timed (results/speed-notes.md, Next); the same computation.",
+            "choices": ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+        },
+    )
     liger_kernel: str = field(
         default="false",
         metadata={
@@ -493,6 +503,11 @@ def _validate(run: Run) -> None:
         raise UsageError(
             "--compile_layers true is for one GPU or DDP: FSDP's and DeepSpeed's hooks on each layer would "
             "be compiled with its parts (auto leaves such runs eager)"
+        )
+    if s.compile_mode != "default" and not compiles_layers(s, run.training):
+        raise UsageError(
+            f"--compile_mode {s.compile_mode} applies where the layers are compiled (--compile_layers true, "
+            "or auto on a CUDA GPU for one process or DDP)"
         )
     if run.training.push_to_hub and not run.training.hub_model_id:
         raise UsageError("push_to_hub needs --hub_model_id USER/NAME")
@@ -1000,7 +1015,7 @@ def prepare(run: Run) -> Prepared:
         torch.backends.cuda.enable_cudnn_sdp(False)
     compiled = 0
     if compiles_layers(script, training):
-        compiled = compile_decoder_layers(trainer.model)
+        compiled = compile_decoder_layers(trainer.model, script.compile_mode)
         if compiled:
             logger.info("compiling the parts of %d decoder layers (torch.compile, in place)", compiled)
         else:
@@ -1111,6 +1126,7 @@ def train(run: Run) -> int:
     # likewise `auto` in the recipes: whether PEFT copied each adapter input to fp32 (None: no such copy here)
     metrics["adapter_input_cast"] = not skips_input_cast(run) if _input_cast_skippable(run) else None
     metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
+    metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     logger.info("adapter, tokenizer, %s and the training log saved in %s", RECIPE_FILE, output_dir)

@@ -19,7 +19,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "compile_model": ("torch_compile", True),
     }
     levers = {"no_upcast", "upcast", "bf16_adapters", "no_input_cast", "input_cast", "liger", "no_liger"}
-    levers |= {"no_cudnn", "pad64", "no_pad64", "compile", "no_compile"}
+    levers |= {"no_cudnn", "pad64", "no_pad64", "compile", "no_compile", "cudagraphs", "autotune"}
     assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
@@ -48,6 +48,12 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     assert train.parse([*lora, *bench.lever_args("recipe:compile")]).script.compile_layers == "true"
     eager = [*lora, *bench.lever_args("recipe:no_compile")]
     assert train.parse(eager).script.compile_layers == "false"
+    assert train.parse(lora).script.compile_mode == "default"
+    assert (
+        train.parse([*lora, *bench.lever_args("recipe:cudagraphs")]).script.compile_mode == "reduce-overhead"
+    )
+    tuned = train.parse([*lora, *bench.lever_args("recipe:autotune")]).script.compile_mode
+    assert tuned == "max-autotune-no-cudagraphs"
     # Liger's kernels: a recipe default where installed on a GPU (faked here) and the layers run eager (they
     # are off under the compiled layers of one GPU), which no_liger turns off
     monkeypatch.setattr("finqa_trl.modeling.cuda_available", lambda: True)

@@ -1086,7 +1086,9 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         runs[compiled] = [h["loss"] for h in history if "loss" in h], adapter_keys(out)
     assert graphs["false"] == 0 and 3 <= graphs["true"] <= (7 if not method else 64)
-    assert json.loads((tmp_path / "true" / "train_results.json").read_text())["compile_layers"] is True
+    results = {c: json.loads((tmp_path / c / "train_results.json").read_text()) for c in runs}
+    assert results["true"]["compile_layers"] is True and results["true"]["compile_mode"] == "default"
+    assert results["false"]["compile_layers"] is False and results["false"]["compile_mode"] is None
     (eager, eager_keys), (fused, fused_keys) = runs["false"], runs["true"]
     assert len(eager) == len(fused) == 4
     assert fused == pytest.approx(eager, rel=1e-4)
@@ -1104,6 +1106,13 @@ def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_f
     assert parse(["--config", "recipes/lora-1b.yaml"]).resolved["compile_layers"] == "auto"
     assert not compiles()  # no GPU here (CI): eager, as make demo runs
     assert compiles("--compile_layers", "true")  # asked for: the CPU compiles too
+    # a compile mode where nothing compiles would do nothing: refused in one line; fine where layers compile
+    graphs = ["--config", "recipes/lora-1b.yaml", "--compile_mode", "reduce-overhead"]
+    with pytest.raises(
+        UsageError, match="--compile_mode reduce-overhead applies where the layers are compiled"
+    ):
+        _validate(parse(graphs))
+    _validate(parse([*graphs, "--compile_layers", "true"]))
     monkeypatch.setattr(m, "cuda_available", lambda: True)
     monkeypatch.setattr(m, "triton_gpu_ready", lambda: False)
     assert not compiles()  # a GPU Triton cannot compile for: eager rather than a failing first step
@@ -1118,3 +1127,26 @@ def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_f
     assert not compiles()  # FSDP's hooks would be traced with the parts: auto stays eager
     with pytest.raises(UsageError, match="--compile_layers true is for one GPU or DDP"):
         _validate(parse(["--config", "recipes/lora-1b.yaml", "--compile_layers", "true"]))
+
+
+def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatch) -> None:
+    # --compile_mode reaches torch.compile for each part of each layer (CUDA graphs exist only on a GPU, so
+    # the mode itself is timed there, by the bench's cudagraphs lever); `default` leaves torch's own default
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finqa_trl.modeling import compile_decoder_layers
+
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64
+    )
+    model = LlamaForCausalLM(cfg)
+    seen: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw["mode"]))
+    )
+    assert compile_decoder_layers(model, "reduce-overhead") == 2
+    parts = ["LlamaAttention", "LlamaMLP", "LlamaRMSNorm", "LlamaRMSNorm"]
+    assert sorted(seen) == sorted([(p, "reduce-overhead") for p in parts] * 2)
+    seen.clear()
+    assert compile_decoder_layers(model) == 2 and {mode for _, mode in seen} == {None}
