@@ -103,8 +103,8 @@ LEVERS: dict[str, list[str]] = {
     "no_liger": ["--liger_kernel", "false"],
     # torch.compile of each decoder layer's parts in place (regional: the layers share the graphs); the
     # micro-step is bound by launching kernels (1b LoRA: ~5,000 launches, 146 ms of kernels in ~320 ms per
-    # pass). The recipes' default on one GPU or DDP since 2026-11-26 (`compile_layers: auto`), but for QDoRA's
-    # (eager: slower compiled); `no_compile` times eager, `compile` QDoRA compiled.
+    # pass). The recipes' default on one GPU or DDP since 2026-11-26 (`compile_layers: auto`), but not for
+    # QDoRA (eager: slower compiled); `no_compile` times eager, `compile` QDoRA compiled.
     "compile": ["--compile_layers", "true"],
     "no_compile": ["--compile_layers", "false"],
     # torch.compile modes for the compiled parts (not timed yet): CUDA graphs per padded length, tuned kernels

@@ -183,8 +183,9 @@ class FinQAArguments:
             "Activation checkpointing stays eager around the parts. Same objective: the losses match eager "
             "to float rounding (a CPU test); dropout masks come from another generator. auto (the recipes): "
             "on with a CUDA GPU that Triton compiles for, one process or DDP; true: also on the CPU; refused "
-            "under FSDP and DeepSpeed (their hooks would be compiled with the parts). The QDoRA recipes set "
-            "false: their 4-bit DoRA layers compiled into many graphs and ran 0.72x eager (1b, one H200). "
+            "under FSDP and DeepSpeed (their hooks would be compiled with the parts); auto leaves DoRA on a "
+            "4-bit base eager (compiled, 1b QDoRA split into 59 graphs and ran 0.72x, one H200). SmolLM2 "
+            "LoRA, compiled on a GPU, ran 3.9% lower in first-epoch loss than eager: not explained yet. "
             "Liger's kernels are off under it unless --liger_kernel true (that pair not timed).",
             "choices": ["auto", "true", "false"],
         },
@@ -195,7 +196,7 @@ class FinQAArguments:
             "help": "torch.compile's mode for the layers' parts where compile_layers compiles them: "
             "reduce-overhead adds CUDA graphs (one per padded batch length; the compiled micro-step is still "
             "bound by the CPU), max-autotune-no-cudagraphs tunes the fused kernels, max-autotune both. Speed "
-            "levers, not yet timed (results/speed-notes.md, Next); the same computation.",
+            "levers, not yet timed (results/speed-notes.md, Next); the same loss function.",
             "choices": ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
         },
     )
@@ -406,7 +407,7 @@ def parse(argv: Sequence[str]) -> Run:
     if remaining:
         raise UsageError(f"unexpected argument(s): {' '.join(remaining)}")
     _auto_true_false(script, "compile_layers")
-    _resolve_liger(script, training)
+    _resolve_liger(script, training, model)
 
     objs = (script, training, model)
     keys = list(dict.fromkeys([*values, *_cli_keys(rest), *PRECISION]))
@@ -433,7 +434,7 @@ def _auto_true_false(script: FinQAArguments, key: str) -> str:
     return value
 
 
-def _resolve_liger(script: FinQAArguments, training: Any) -> None:
+def _resolve_liger(script: FinQAArguments, training: Any, model: Any) -> None:
     """--liger_kernel decides TRL's use_liger_kernel; the recorded recipe keeps `auto` (per machine). TRL's
     own --use_liger_kernel true still turns them on (false only means: not automatically)."""
     from . import modeling
@@ -444,21 +445,26 @@ def _resolve_liger(script: FinQAArguments, training: Any) -> None:
         raise UsageError(why_not)
     # Under --compile_layers inductor fuses what Liger's kernels fuse, and Liger's Triton functions inside a
     # compiled layer are more for dynamo to trace (the H100 run with both traced nothing: eager speed)
-    auto = script.liger_kernel == "auto" and not why_not and not compiles_layers(script, training)
+    auto = script.liger_kernel == "auto" and not why_not and not compiles_layers(script, training, model)
     if script.liger_kernel == "true" or auto:
         training.use_liger_kernel = True
 
 
-def compiles_layers(script: FinQAArguments, training: Any) -> bool:
+def compiles_layers(script: FinQAArguments, training: Any, model: Any) -> bool:
     """Whether this run compiles the decoder layers' parts: `true`, or `auto` on a CUDA GPU for one process or
-    DDP (`true` under FSDP or DeepSpeed is refused in _validate: their module hooks would be traced with the
-    parts)."""
+    DDP, but for DoRA on a 4-bit base (`true` under FSDP or DeepSpeed is refused in _validate: their module
+    hooks would be traced with the parts)."""
     from . import modeling
 
     if training.torch_compile:  # the Trainer compiles the whole model (the bench's compile_model): not twice
         return False
     if script.compile_layers == "true":
         return True
+    # QDoRA: DoRA's weight norm dequantizes each 4-bit weight inside the layer, where dynamo breaks the graph
+    # (bitsandbytes' Params4bit attribute access, a `.data` write): 1b QDoRA came to 59 graphs and ran 0.72x
+    # eager on one H200 (results/compile-2026-11-26-h200)
+    if model.use_dora and model.load_in_4bit:
+        return False
     on_gpu = modeling.cuda_available() and not training.use_cpu
     sharded = _fsdp_or_deepspeed(training)
     return script.compile_layers == "auto" and on_gpu and not sharded and modeling.triton_gpu_ready()
@@ -504,7 +510,7 @@ def _validate(run: Run) -> None:
             "--compile_layers true is for one GPU or DDP: FSDP's and DeepSpeed's hooks on each layer would "
             "be compiled with its parts (auto leaves such runs eager)"
         )
-    if s.compile_mode != "default" and not compiles_layers(s, run.training):
+    if s.compile_mode != "default" and not compiles_layers(s, run.training, run.model):
         raise UsageError(
             f"--compile_mode {s.compile_mode} applies where the layers are compiled (--compile_layers true, "
             "or auto on a CUDA GPU for one process or DDP)"
@@ -1014,7 +1020,7 @@ def prepare(run: Run) -> Prepared:
         # process-wide, as torch keeps it: the flash (or memory-efficient) kernel, which builds no plans
         torch.backends.cuda.enable_cudnn_sdp(False)
     compiled = 0
-    if compiles_layers(script, training):
+    if compiles_layers(script, training, margs):
         compiled = compile_decoder_layers(trainer.model, script.compile_mode)
         if compiled:
             logger.info("compiling the parts of %d decoder layers (torch.compile, in place)", compiled)

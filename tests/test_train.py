@@ -1101,7 +1101,7 @@ def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_f
 
     def compiles(*extra: str, recipe: str = "lora-1b") -> bool:
         run = parse(["--config", f"recipes/{recipe}.yaml", *extra])
-        return compiles_layers(run.script, run.training)
+        return compiles_layers(run.script, run.training, run.model)
 
     assert parse(["--config", "recipes/lora-1b.yaml"]).resolved["compile_layers"] == "auto"
     assert not compiles()  # no GPU here (CI): eager, as make demo runs
@@ -1121,6 +1121,7 @@ def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_f
     assert compiles(recipe="dora-3b") and compiles(recipe="qlora-1b") and compiles(recipe="smollm2-135m-dora")
     # QDoRA: graph breaks at the 4-bit dequantization in DoRA's weight norm; 0.72x eager on an H200
     assert not any(compiles(recipe=r) for r in ("qdora-1b", "qdora-3b", "smollm2-135m-qdora"))
+    assert not compiles("--use_dora", "true", recipe="qlora-1b")  # DoRA on a 4-bit base, whatever the recipe
     assert compiles("--compile_layers", "true", recipe="qdora-1b")
     assert not compiles("--torch_compile", "true")  # the Trainer compiles the whole model instead: not twice
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with an FSDP config sets it
