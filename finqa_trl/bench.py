@@ -107,6 +107,10 @@ LEVERS: dict[str, list[str]] = {
     # QDoRA (eager: slower compiled); `no_compile` times eager, `compile` QDoRA compiled.
     "compile": ["--compile_layers", "true"],
     "no_compile": ["--compile_layers", "false"],
+    # each step's 16 examples in passes of at most the worst fixed micro-batch's padded tokens (4 x the
+    # longest example), instead of 4 passes of 4: fewer, larger passes where examples are short
+    "tokens": ["--micro_batch_tokens", "auto"],
+    "no_tokens": ["--micro_batch_tokens", "false"],
     # torch.compile modes for the compiled parts (not timed yet): CUDA graphs per padded length, tuned kernels
     "cudagraphs": ["--compile_mode", "reduce-overhead"],
     "autotune": ["--compile_mode", "max-autotune-no-cudagraphs"],
@@ -515,6 +519,7 @@ def bench_training(
                 res["compiled_graphs"] = counters["stats"]["unique_graphs"]
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps
+            res["micro_batch_tokens"] = getattr(trainer, "micro_batch_tokens", None)  # recipes' budget
             res["timed_steps"] = trainer.args.max_steps - warmup
             # Plain TRL truncates to max_length=1024 and then drops every example whose program was cut off.
             res["train_examples"] = len(trainer.train_dataset)

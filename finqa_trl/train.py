@@ -22,6 +22,7 @@ the recipe -- its `base:` chain resolved first (finqa_trl.recipes) -- and then t
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import enum
 import functools
@@ -198,6 +199,23 @@ class FinQAArguments:
             "bound by the CPU), max-autotune-no-cudagraphs tunes the fused kernels, max-autotune both. Speed "
             "levers, not yet timed (results/speed-notes.md, Next); the same loss function.",
             "choices": ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+        },
+    )
+    micro_batch_tokens: str = field(
+        default="false",
+        metadata={
+            "help": "One process or DDP: load each optimizer step's per_device_train_batch_size x "
+            "gradient_accumulation_steps examples (per process) as one batch and run its forward + backward "
+            "in the fewest micro-batches of at most this many padded tokens (rows x padded length), the "
+            "gradients adding up before the one optimizer step. The same examples in each step (the "
+            "length-grouped sampler already draws them per step) and the same loss: TRL divides by the "
+            "trained tokens of the whole step either way. Short examples then share a micro-batch instead of "
+            "each group of per_device_train_batch_size paying the per-pass launch cost. auto (the recipes): "
+            "where gradient_accumulation_steps > 1, a budget of per_device_train_batch_size x the longest "
+            "training example (padded), so that no micro-batch holds more tokens than the fixed "
+            "micro-batches' worst; a positive integer: that budget; false: fixed micro-batches. Off under "
+            "FSDP and DeepSpeed (an integer is refused there: DeepSpeed counts micro-steps itself) and with "
+            "padding_free or packing (no rows to regroup)."
         },
     )
     liger_kernel: str = field(
@@ -408,6 +426,8 @@ def parse(argv: Sequence[str]) -> Run:
         raise UsageError(f"unexpected argument(s): {' '.join(remaining)}")
     _auto_true_false(script, "compile_layers")
     _resolve_liger(script, training, model)
+    # a YAML false/integer arrives as a bool/int: one spelling in the record and in the checks
+    script.micro_batch_tokens = str(script.micro_batch_tokens).strip().lower()
 
     objs = (script, training, model)
     keys = list(dict.fromkeys([*values, *_cli_keys(rest), *PRECISION]))
@@ -470,6 +490,71 @@ def compiles_layers(script: FinQAArguments, training: Any, model: Any) -> bool:
     return script.compile_layers == "auto" and on_gpu and not sharded and modeling.triton_gpu_ready()
 
 
+def micro_batch_tokens(script: FinQAArguments, training: Any) -> int | str | None:
+    """What --micro_batch_tokens asks of this run: None (fixed micro-batches), "auto" (a budget that prepare
+    derives from the data) or a token budget. Off where it cannot apply: FSDP and DeepSpeed (an integer is
+    refused there, in _validate), padding-free or packed batches, and auto without accumulation (nothing to
+    regroup)."""
+    value = script.micro_batch_tokens
+    if value == "false" or _fsdp_or_deepspeed(training) or training.padding_free or training.packing:
+        return None
+    if value == "auto":
+        return "auto" if training.gradient_accumulation_steps > 1 else None
+    return int(value)
+
+
+def _check_micro_batch_tokens(run: Run) -> None:
+    value, training = run.script.micro_batch_tokens, run.training
+    if value in ("auto", "false"):
+        return
+    if not value.isdigit() or int(value) <= 0:
+        raise UsageError(
+            f"micro_batch_tokens must be auto, false or a positive number of tokens, got {value!r}"
+        )
+    if _fsdp_or_deepspeed(training):
+        # DeepSpeed's engine counts micro-steps itself (it would step the optimizer after each micro-batch),
+        # and FSDP would hold unsharded gradients between them
+        raise UsageError(
+            "--micro_batch_tokens N is for one GPU or DDP: under FSDP and DeepSpeed the micro-batches stay "
+            "fixed (auto leaves them so)"
+        )
+    if training.padding_free or training.packing:
+        raise UsageError(
+            "--micro_batch_tokens N regroups the padded rows of a batch: it does not apply with padding_free "
+            "or packing"
+        )
+
+
+def _round_up(length: int, multiple: int | None) -> int:
+    return length if not multiple else -(-length // multiple) * multiple
+
+
+def plan_micro_batches(
+    lengths: Sequence[int], budget: int, multiple: int | None = None, parts: int | None = None
+) -> list[list[int]]:
+    """The rows of one batch (indices into `lengths`, their unpadded lengths) in the fewest micro-batches
+    whose rows x padded length (the longest row, rounded up to `multiple`) stays within `budget` tokens, or in
+    `parts` micro-batches (at most one per row) where the processes of a DDP run must agree. Rows go longest
+    first into micro-batches of near-equal row counts, the smaller ones taking the longest rows. A row longer
+    than the budget gets a micro-batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+    def split(n: int) -> list[list[int]]:
+        q, r = divmod(len(order), n)
+        sizes, out, start = [q] * (n - r) + [q + 1] * r, [], 0
+        for size in sizes:
+            out.append(order[start : start + size])
+            start += size
+        return out
+
+    def fits(group: list[int]) -> bool:
+        return len(group) * _round_up(max(lengths[i] for i in group), multiple) <= budget
+
+    if parts is None:
+        parts = next((n for n in range(1, len(order)) if all(map(fits, split(n)))), len(order))
+    return split(max(1, min(parts, len(order))))
+
+
 # ------------------------------------------------------------------------------------------------ checks
 
 
@@ -515,6 +600,7 @@ def _validate(run: Run) -> None:
             f"--compile_mode {s.compile_mode} applies where the layers are compiled (--compile_layers true, "
             "or auto on a CUDA GPU for one process or DDP)"
         )
+    _check_micro_batch_tokens(run)
     if run.training.push_to_hub and not run.training.hub_model_id:
         raise UsageError("push_to_hub needs --hub_model_id USER/NAME")
 
@@ -760,6 +846,16 @@ def build_dataset(
 
 
 @functools.cache
+def _rows(value: Any, index: Any, rows: int, width: int, keep: int) -> Any:
+    """`value` (a batch entry) for the rows in `index`, cut to `keep` positions where it is per position."""
+    import torch
+
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows:
+        return value
+    value = value.index_select(0, index)
+    return value[:, :keep] if value.dim() >= 2 and value.shape[1] == width else value
+
+
 def _trainer_class() -> type:
     """TRL's SFTTrainer, except that a run resumed in the middle of an epoch sees the batches the
     uninterrupted run saw. transformers' LengthGroupedSampler (the recipes' `group_by_length`) draws each
@@ -785,6 +881,47 @@ def _trainer_class() -> type:
             return super().__iter__()
 
     class FinQATrainer(SFTTrainer):
+        # set by prepare where --micro_batch_tokens applies: each step's batch runs in micro-batches of at
+        # most this many padded tokens
+        micro_batch_tokens: int | None = None
+
+        def training_step(
+            self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+        ) -> torch.Tensor:
+            mask = inputs.get("attention_mask")
+            if not self.micro_batch_tokens or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+                return super().training_step(model, inputs, num_items_in_batch)
+            rows, width = mask.shape
+            multiple = self.args.pad_to_multiple_of
+            lengths = mask.sum(1).tolist()  # right-padded (TRL's collator): each row's tokens come first
+            parts = len(plan_micro_batches(lengths, self.micro_batch_tokens, multiple))
+            if self.accelerator.num_processes > 1:
+                # every process runs as many passes: TRL gathers its metrics in each, and DDP reduces the
+                # gradients in the last one
+                agreed = torch.tensor(parts, device=mask.device)
+                torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+                parts = int(agreed)
+            if parts == 1:
+                return super().training_step(model, inputs, num_items_in_batch)
+            if num_items_in_batch is None:
+                # Each pass's loss must be its summed token losses over the trained tokens of the whole step
+                # (what the Trainer counts where the model takes loss kwargs, which PEFT's Llama does), not
+                # its own mean
+                num_items_in_batch = (inputs["labels"][..., 1:] != -100).sum()
+                if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                    num_items_in_batch = self.accelerator.gather(num_items_in_batch).sum()
+            total = None
+            groups = plan_micro_batches(lengths, self.micro_batch_tokens, multiple, parts)
+            for i, group in enumerate(groups):
+                keep = min(width, _round_up(max(lengths[r] for r in group), multiple))
+                index = torch.tensor(group, device=mask.device)
+                part = {key: _rows(value, index, rows, width, keep) for key, value in inputs.items()}
+                last = i == len(groups) - 1  # DDP reduces the summed gradients once, after the last pass
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    loss = super().training_step(model, part, num_items_in_batch)
+                total = loss if total is None else total + loss
+            return total
+
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             sampler = super()._get_train_sampler(train_dataset)
             if type(sampler) is not LengthGroupedSampler:
@@ -1000,7 +1137,25 @@ def prepare(run: Run) -> Prepared:
         hub = _hub_callback(training, output_dir)
         training.push_to_hub = False  # our callback pushes; Trainer's own pushing would duplicate it
     callbacks = [_launch_recorder(), *([hub] if hub else [])]
+    budget, fixed = micro_batch_tokens(script, training), training.per_device_train_batch_size
+    if budget is not None:
+        # Each step's examples load as one batch. The sampler already draws them per step (transformers'
+        # length-grouped sampler groups per_device x accumulation examples; random order is one permutation,
+        # however batched), so every step holds the examples it held with fixed micro-batches, and the global
+        # batch, the steps per epoch and a resumed run's skipped batches stay as they were.
+        training.per_device_train_batch_size = fixed * training.gradient_accumulation_steps
+        training.gradient_accumulation_steps = 1
     trainer = build_trainer(run, model, tokenizer, train_ds, eval_ds, callbacks)
+    if budget is not None:
+        if budget == "auto":  # the worst fixed micro-batch: `fixed` copies of the longest example, padded
+            longest = max(len(ids) for ids in trainer.train_dataset["input_ids"])
+            budget = fixed * _round_up(longest, training.pad_to_multiple_of)
+        trainer.micro_batch_tokens = budget
+        logger.info(
+            "%d examples per step and process, in micro-batches of at most %d padded tokens",
+            training.per_device_train_batch_size,
+            budget,
+        )
     if script.adapters_in_compute_dtype:  # 16-bit bases only (_check_precision_options)
         # PEFT keeps the adapters of a 16-bit base in fp32, so each adapted layer casts its input to fp32; TRL
         # already puts those of a 4-bit base (and of ZeRO-3 runs) in the compute dtype. Same rule as TRL's:
@@ -1133,6 +1288,7 @@ def train(run: Run) -> int:
     metrics["adapter_input_cast"] = not skips_input_cast(run) if _input_cast_skippable(run) else None
     metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
+    metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     logger.info("adapter, tokenizer, %s and the training log saved in %s", RECIPE_FILE, output_dir)

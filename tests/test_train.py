@@ -257,6 +257,98 @@ def test_a_resume_inside_an_epoch_on_two_processes(tmp_path: Path) -> None:
     assert resumed == straight and apart == 0
 
 
+# --------------------------------------------------------------------------- token-budgeted micro-batches
+
+
+def test_plan_micro_batches_fills_the_budget_with_the_fewest_passes() -> None:
+    from finqa_trl.train import plan_micro_batches
+
+    lengths = [100, 700, 300, 650, 120, 90, 500, 310]
+
+    def cost(group: list[int]) -> int:  # rows x the longest row padded to 64
+        return len(group) * -(-max(lengths[i] for i in group) // 64) * 64
+
+    groups = plan_micro_batches(lengths, 1536, 64)
+    assert sorted(i for g in groups for i in g) == list(range(8))  # every row once
+    assert all(cost(g) <= 1536 for g in groups)
+    # the fewest that fit: two passes of four rows cannot hold them (4 x 704 tokens), three can (the two
+    # longest rows, then 3 x 512, then 3 x 128)
+    assert [len(g) for g in groups] == [2, 3, 3] and groups[0] == [1, 3] and groups[1] == [6, 7, 2]
+    assert len(plan_micro_batches(lengths, 10**6, 64)) == 1  # everything in one pass
+    # near-equal sizes, the smaller micro-batches taking the longest rows
+    assert [len(g) for g in plan_micro_batches(lengths, 10**6, 64, parts=5)] == [1, 1, 2, 2, 2]
+    assert len(plan_micro_batches(lengths, 10**6, 64, parts=20)) == 8  # at most one per row
+    assert plan_micro_batches([5000, 10], 1000, 64) == [[0], [1]]  # a row over the budget goes alone
+
+
+@pytest.mark.parametrize("sampling", ["group_by_length", "random"])
+def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_passes(
+    sampling, tmp_path
+) -> None:
+    # Each step's 2 x 4 examples load as one batch and run in passes of at most N padded tokens: the same
+    # examples per step and the same loss (TRL divides by the trained tokens of the whole step), so without
+    # dropout the losses and the adapter match fixed micro-batches to float rounding. auto's budget (2 x the
+    # longest example, padded) regroups these 8 rows into the fixed run's pairs: bit for bit.
+    import torch
+    from safetensors.torch import load_file
+
+    from finqa_trl.train import prepare
+
+    runs = {}
+    for budget in ("false", "auto", "1000", "100000"):
+        out = tmp_path / budget
+        args = ["--max_steps", "3", "--gradient_accumulation_steps", "4", "--lora_dropout", "0"]
+        run = parse(
+            smoke_args(out, *args, "--train_sampling_strategy", sampling, "--micro_batch_tokens", budget)
+        )
+        trainer = prepare(run).trainer
+        passes: list = []
+        trainer.model.register_forward_pre_hook(
+            lambda m, a, kw, passes=passes: passes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+        )
+        trainer.train()
+        trainer.save_model(str(out))
+        history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        runs[budget] = history, load_file(out / "adapter_model.safetensors"), passes, trainer
+    fixed, auto, small, whole = (runs[b] for b in ("false", "auto", "1000", "100000"))
+    assert fixed[3].micro_batch_tokens is None and (fixed[3].args.per_device_train_batch_size, 4) == (2, 4)
+    assert whole[3].args.per_device_train_batch_size == 8 and whole[3].args.gradient_accumulation_steps == 1
+    assert auto[3].micro_batch_tokens == 2 * 768  # 2 x the fixture's longest example, padded to 768
+    # 12 examples an epoch: steps of 8, 4 (the epoch's rest) and 8 examples, in passes of 2 rows or in one
+    assert len(fixed[2]) == 4 + 2 + 4 and len(whole[2]) == 3
+    assert all(rows * width <= 1000 for rows, width in small[2]) and 3 < len(small[2])
+    for budget in (auto, small, whole):
+        assert len(budget[0]) == 3 and budget[0] == pytest.approx(fixed[0], rel=1e-5)
+        assert max((budget[1][k] - fixed[1][k]).abs().max().item() for k in fixed[1]) < 1e-4
+    if sampling == "group_by_length":
+        assert all(torch.equal(auto[1][k], fixed[1][k]) for k in fixed[1])
+
+
+def test_micro_batch_tokens_settings(monkeypatch) -> None:
+    from finqa_trl.train import _validate, micro_batch_tokens
+
+    def setting(*extra: str, recipe: str = "lora-1b"):
+        run = parse(["--config", f"recipes/{recipe}.yaml", *extra])
+        _validate(run)
+        return micro_batch_tokens(run.script, run.training)
+
+    auto = ("--micro_batch_tokens", "auto")
+    assert parse(["--config", "recipes/lora-1b.yaml", *auto]).resolved["micro_batch_tokens"] == "auto"
+    assert setting(*auto) == "auto" and setting(*auto, recipe="qdora-3b") == "auto"
+    assert setting("--micro_batch_tokens", "false") is None
+    assert setting("--micro_batch_tokens", "9000") == 9000
+    assert setting(*auto, "--gradient_accumulation_steps", "1") is None  # nothing to regroup
+    for bad in ("0", "-5", "lots"):
+        with pytest.raises(UsageError, match="micro_batch_tokens must be auto, false or a positive number"):
+            setting("--micro_batch_tokens", bad)
+    with pytest.raises(UsageError, match="does not apply with padding_free or packing"):
+        setting("--micro_batch_tokens", "9000", "--padding_free", "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with an FSDP config sets it
+    assert setting(*auto) is None  # FSDP keeps its fixed micro-batches
+    with pytest.raises(UsageError, match="--micro_batch_tokens N is for one GPU or DDP"):
+        setting("--micro_batch_tokens", "9000")
+
+
 def test_merge_writes_a_standalone_bf16_model(tmp_path: Path) -> None:
     import torch
     from peft import PeftModel
@@ -799,8 +891,10 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "
         (["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml"], []),
         # DDP around compiled layer parts: what compile_layers auto does on several GPUs
         (TORCHRUN, ["--compile_layers", "true"]),
+        # each step's 2 x 2 examples per process in token-budgeted passes, as many on both processes
+        (TORCHRUN, ["--gradient_accumulation_steps", "2", "--micro_batch_tokens", "1408"]),
     ],
-    ids=["torchrun", "accelerate-cpu_ddp", "torchrun-compiled"],
+    ids=["torchrun", "accelerate-cpu_ddp", "torchrun-compiled", "torchrun-micro-batch-tokens"],
 )
 def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Path) -> None:
     """Two CPU processes (gloo): one process group of 2, the data sharded, one adapter saved."""
@@ -815,14 +909,41 @@ def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Pa
     assert proc.stderr.count("adapter, tokenizer, recipe.yaml and the training log saved") == 1  # rank 0 only
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     # 2 steps x 2 examples x 2 processes = 8 of the 12 fixture examples: the data is sharded, not repeated
-    assert state["global_step"] == 2 and abs(state["epoch"] - 8 / 12) < 1e-6
+    # (accumulating 2: steps of 8 and of the epoch's other 4, one epoch)
+    epoch = 1.0 if "--micro_batch_tokens" in extra else 8 / 12
+    assert state["global_step"] == 2 and abs(state["epoch"] - epoch) < 1e-6
     assert (out / "adapter_model.safetensors").is_file()
     # The run's training log, written once: the final state and the summary metrics
     final = json.loads((out / "trainer_state.json").read_text())
     assert final["global_step"] == 2 and final["log_history"][-1]["train_runtime"] > 0
     results = json.loads((out / "train_results.json").read_text())
     assert results["train_runtime"] > 0 and results["liger_kernel"] is False  # what ran (no GPU here)
-    assert results["compile_layers"] is bool(extra)
+    assert results["compile_layers"] is ("--compile_layers" in extra)
+    assert results["micro_batch_tokens"] == (1408 if "--micro_batch_tokens" in extra else None)
+
+
+def test_micro_batch_tokens_on_two_processes_trains_as_fixed_micro_batches(tmp_path: Path) -> None:
+    """Under DDP each process loads its share of a step as one batch (process 0 the step's first 4 examples
+    rather than micro-batches 0 and 2): the same examples per step, and the loss divided by the trained tokens
+    of all processes either way, so without dropout the adapters match. A budget of 1,408 tokens (2 x 704)
+    splits the first step's batches into 3 passes on process 0 (its longest example pads to 768) and 2 on
+    process 1, which then runs 3 as well: they must agree. One step: at an epoch's
+    end accelerate completes the processes' last batches with examples from the epoch's start, and batches of
+    4 need other completions than batches of 2 (12 examples: 4 repeated against none here)."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    adapters = {}
+    for budget in ("false", "1408"):
+        out = tmp_path / budget
+        args = ["--max_steps", "1", "--gradient_accumulation_steps", "2", "--lora_dropout", "0"]
+        args += ["--micro_batch_tokens", budget]
+        cmd = [sys.executable, *TORCHRUN, "-m", "finqa_trl.train", *smoke_args(out, *args)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        adapters[budget] = load_file(out / "adapter_model.safetensors")
+    fixed, budgeted = adapters["false"], adapters["1408"]
+    assert max((budgeted[k] - fixed[k]).abs().max().item() for k in fixed) < 1e-4
 
 
 def test_a_run_failing_while_loading_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, capsys):
