@@ -108,7 +108,9 @@ LEVERS: dict[str, list[str]] = {
     "compile": ["--compile_layers", "true"],
     "no_compile": ["--compile_layers", "false"],
     # each step's 16 examples in passes of at most the worst fixed micro-batch's padded tokens (4 x the
-    # longest example), instead of 4 passes of 4: fewer, larger passes where examples are short
+    # longest example), instead of 4 passes of 4: fewer, larger passes where examples are short. The
+    # recipes' default on one GPU or DDP since 2026-11-27 (`micro_batch_tokens: auto`); `no_tokens` times
+    # the fixed micro-batches they had before
     "tokens": ["--micro_batch_tokens", "auto"],
     "no_tokens": ["--micro_batch_tokens", "false"],
     # torch.compile modes for the compiled parts (not timed yet): CUDA graphs per padded length, tuned kernels
@@ -381,6 +383,8 @@ def _recipe_trainer(
 def longest_batch_peak(trainer: Any) -> dict[str, Any]:
     """One more forward + backward, on the micro-batch of the variant's longest examples: the peak memory
     of its worst step in an epoch (every batch holding the longest example is padded to the same shape).
+    Where micro_batch_tokens regroups a step's examples into one batch, that batch is the step's longest
+    examples, run in its passes of at most the budget's tokens (the first holding the longest).
     The timed window's peak depends on which batches it happened to meet (length grouping puts the longest
     batch first, random batches meet it somewhere in the epoch), so only this number compares the memory
     of two variants. Run after training (optimizer state allocated), through the module training ran

@@ -20,6 +20,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     }
     levers = {"no_upcast", "upcast", "bf16_adapters", "no_input_cast", "input_cast", "liger", "no_liger"}
     levers |= {"no_cudnn", "pad64", "no_pad64", "compile", "no_compile", "cudagraphs", "autotune"}
+    levers |= {"tokens", "no_tokens"}
     assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
@@ -41,6 +42,8 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     )
     assert train.parse([*lora, *bench.lever_args("recipe:input_cast")]).script.adapter_input_cast == "true"
     assert train.parse(lora).training.pad_to_multiple_of == 64  # the recipes' default, which no_pad64 undoes
+    assert train.parse(lora).script.micro_batch_tokens == "auto"  # the default, which no_tokens undoes
+    assert train.parse([*lora, *bench.lever_args("recipe:no_tokens")]).script.micro_batch_tokens == "false"
     assert train.parse([*lora, *bench.lever_args("recipe:no_pad64")]).training.pad_to_multiple_of is None
     assert train.parse(lora).script.cudnn_attention
     assert not train.parse([*lora, *bench.lever_args("recipe:no_cudnn")]).script.cudnn_attention
@@ -198,8 +201,10 @@ def test_every_eval_variant_passes_predicts_checks(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_worst_step_is_the_same_longest_batch_on_equal_data(sample_dir, llama3_tokenizer_dir, tmp_path):
-    # The memory condition compares each variant's worst step: plain TRL at full length and the recipe train
-    # on the same examples at the same micro-batch, so their longest micro-batches hold the same tokens.
+    # The memory condition compares each variant's worst step: plain TRL at full length and the recipe with
+    # fixed micro-batches train on the same examples at the same micro-batch, so their longest micro-batches
+    # hold the same tokens. The recipe itself loads a step's 16 examples as one batch (here all 12), run in
+    # passes of at most 4 x the longest example (padded to 64): no pass holds more than that micro-batch.
     from finqa_trl.modeling import load_tokenizer, resolve_source
     from finqa_trl.prompts import format_split
 
@@ -209,14 +214,20 @@ def test_the_worst_step_is_the_same_longest_batch_on_equal_data(sample_dir, llam
     rows = format_split(records, tokenizer=tokenizer, max_prompt_tokens=3072, trim="gold")
     got = {
         v: bench.bench_training(v, "lora", "tiny", model, sample_dir, rows, 4, 4, limit=12)
-        for v in ("trl:full_length", "recipe", "trl")
+        for v in ("trl:full_length", "recipe:no_tokens", "trl", "recipe")
     }
     assert all("error" not in r for r in got.values()), got
     # TRL's default max_length=1024 truncates, then drops the examples whose program was cut off; the
     # full_length variant is plain TRL on the recipes' data, for the memory comparison.
     assert got["trl:full_length"]["train_examples"] == got["recipe"]["train_examples"] == len(rows) == 12
     assert got["trl"]["train_examples"] < 12  # the sample's prompts are mostly longer than 1,024 tokens
-    assert got["trl:full_length"]["longest_batch_tokens"] == got["recipe"]["longest_batch_tokens"] > 4 * 1024
+    fixed = got["recipe:no_tokens"]
+    assert got["trl:full_length"]["longest_batch_tokens"] == fixed["longest_batch_tokens"] > 4 * 1024
+    assert fixed["micro_batch"] == 4 and fixed["micro_batch_tokens"] is None
+    regrouped, longest_four = got["recipe"], fixed["longest_batch_tokens"]
+    assert regrouped["micro_batch"] == 16 and regrouped["longest_batch_tokens"] > longest_four  # all 12
+    budget = regrouped["micro_batch_tokens"]  # 4 x the longest example, padded to a multiple of 64
+    assert budget % (4 * 64) == 0 and longest_four <= budget
     assert got["trl"]["longest_batch_tokens"] <= 4 * 1024  # plain TRL's default truncation
 
 

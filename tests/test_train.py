@@ -333,8 +333,9 @@ def test_micro_batch_tokens_settings(monkeypatch) -> None:
         return micro_batch_tokens(run.script, run.training)
 
     auto = ("--micro_batch_tokens", "auto")
-    assert parse(["--config", "recipes/lora-1b.yaml", *auto]).resolved["micro_batch_tokens"] == "auto"
-    assert setting(*auto) == "auto" and setting(*auto, recipe="qdora-3b") == "auto"
+    assert parse(["--config", "recipes/lora-1b.yaml"]).resolved["micro_batch_tokens"] == "auto"  # recipes
+    assert setting() == "auto" and setting(recipe="qdora-3b") == "auto" and setting(*auto) == "auto"
+    assert setting(recipe="smoke") is None  # no accumulation there: nothing to regroup
     assert setting("--micro_batch_tokens", "false") is None
     assert setting("--micro_batch_tokens", "9000") == 9000
     assert setting(*auto, "--gradient_accumulation_steps", "1") is None  # nothing to regroup
