@@ -113,7 +113,8 @@ LEVERS: dict[str, list[str]] = {
     # the fixed micro-batches they had before
     "tokens": ["--micro_batch_tokens", "auto"],
     "no_tokens": ["--micro_batch_tokens", "false"],
-    # torch.compile modes for the compiled parts (not timed yet): CUDA graphs per padded length, tuned kernels
+    # torch.compile modes for the compiled parts: CUDA graphs per batch shape (failed on an H200 under the
+    # recipes' checkpointing, 2026-11-27: results/speed-notes.md), tuned kernels (not timed yet)
     "cudagraphs": ["--compile_mode", "reduce-overhead"],
     "autotune": ["--compile_mode", "max-autotune-no-cudagraphs"],
     # the Trainer's torch_compile: the whole model as one graph (was `compile` until 2026-11-26; machine D was
