@@ -113,8 +113,8 @@ LEVERS: dict[str, list[str]] = {
     # the fixed micro-batches they had before
     "tokens": ["--micro_batch_tokens", "auto"],
     "no_tokens": ["--micro_batch_tokens", "false"],
-    # torch.compile modes for the compiled parts: CUDA graphs per batch shape (failed on an H200 under the
-    # recipes' checkpointing, 2026-11-27: results/speed-notes.md), tuned kernels (not timed yet)
+    # torch.compile modes for the compiled parts: CUDA graphs per batch shape (failed on an H200 with the
+    # recipes' checkpointing and token passes, 2026-11-27: results/speed-notes.md), tuned kernels (not timed)
     "cudagraphs": ["--compile_mode", "reduce-overhead"],
     "autotune": ["--compile_mode", "max-autotune-no-cudagraphs"],
     # the Trainer's torch_compile: the whole model as one graph (was `compile` until 2026-11-26; machine D was
@@ -410,7 +410,11 @@ def longest_batch_peak(trainer: Any) -> dict[str, Any]:
     _sync()
     trainer.model.zero_grad(set_to_none=True)
     tokens = sum(lengths[i] for i in longest)
-    return {"longest_batch_tokens": tokens, "longest_batch_peak_gib": peak_gpu_memory_gib()}
+    return {
+        "longest_batch_tokens": tokens,
+        "longest_example_tokens": max(lengths),  # what micro_batch_tokens auto's budget derives from
+        "longest_batch_peak_gib": peak_gpu_memory_gib(),
+    }
 
 
 PROFILE_STEPS = 3  # profiled micro-steps per training variant, after 2 unprofiled ones on the same batch
@@ -418,7 +422,8 @@ PROFILE_STEPS = 3  # profiled micro-steps per training variant, after 2 unprofil
 
 def profile_training(trainer: Any, dest: Path) -> dict[str, Any]:
     """Where a micro-step's time goes: forward + backward (no optimizer step) on the micro-batch of
-    median-length examples (length-grouped batches are near uniform), run after the timed window so the
+    median-length examples (length-grouped batches are near uniform; with micro_batch_tokens, a step's
+    examples in their passes: the times are then per step, not per pass), run after the timed window so the
     throughput is not touched. Writes the busiest ops to `dest` and returns per micro-step the wall time
     (timed without the profiler, whose overhead is large), the time the GPU spent in kernels (a wall time far
     above it means the step waits on the CPU: launches, Python, casts) and the number of kernels launched."""

@@ -186,8 +186,8 @@ class FinQAArguments:
             "on with a CUDA GPU that Triton compiles for, one process or DDP; true: also on the CPU; refused "
             "under FSDP and DeepSpeed (their hooks would be compiled with the parts); auto leaves DoRA on a "
             "4-bit base eager (compiled, 1b QDoRA split into 59 graphs and ran 0.72x, one H200). On a GPU, "
-            "SmolLM2 LoRA logged eager's losses compiled in fp32 (15 steps, within 1e-6); in bf16 the "
-            "compiled run stayed closer to fp32 than eager (3.0% against 9.4% above it on average). "
+            "SmolLM2 LoRA logged eager's losses compiled in fp32 (15 steps, within 1e-6 relative); in bf16 "
+            "the compiled run stayed closer to fp32 than eager (3.0% against 9.4% above it on average). "
             "Liger's kernels are off under it unless --liger_kernel true (that pair not timed).",
             "choices": ["auto", "true", "false"],
         },
@@ -198,9 +198,10 @@ class FinQAArguments:
             "help": "torch.compile's mode for the layers' parts where compile_layers compiles them: "
             "reduce-overhead adds CUDA graphs (one per batch shape; the compiled micro-step is still bound "
             "by the CPU), max-autotune-no-cudagraphs tunes the fused kernels, max-autotune both; the same "
-            "loss function. Speed levers: reduce-overhead failed on an H200 for 1b LoRA under activation "
-            "checkpointing (the capture invalidated with cuDNN attention; with the flash kernel the "
-            "recomputation met other tensor metadata); the others not yet timed (results/speed-notes.md).",
+            "loss function. Speed levers: reduce-overhead failed on an H200 for 1b LoRA with the recipes' "
+            "activation checkpointing and token-budgeted passes (the capture invalidated with cuDNN "
+            "attention; with the flash kernel the recomputation met other tensor metadata); the others not "
+            "yet timed (results/speed-notes.md).",
             "choices": ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
         },
     )
@@ -211,16 +212,19 @@ class FinQAArguments:
             "gradient_accumulation_steps examples (per process) as one batch and run its forward + backward "
             "in the fewest micro-batches of at most this many padded tokens (rows x padded length), the "
             "gradients adding up before the one optimizer step. The same examples in each step (the "
-            "length-grouped sampler already draws them per step) and the same loss: TRL divides by the "
-            "trained tokens of the whole step either way. Short examples then share a micro-batch instead of "
-            "each group of per_device_train_batch_size paying the per-pass launch cost. auto (the recipes): "
+            "length-grouped sampler already draws them per step; under DDP an epoch's last step may repeat "
+            "other examples, as accelerate completes the processes' last batches) and the same loss: TRL "
+            "divides by the trained tokens of the whole step either way. Short examples then share a "
+            "micro-batch instead of each group of per_device_train_batch_size paying the per-pass launch "
+            "cost. auto (the recipes): "
             "where gradient_accumulation_steps > 1, a budget of per_device_train_batch_size x the longest "
             "training example (padded), so that no micro-batch holds more tokens than the fixed "
-            "micro-batches' worst (on one H200, 1.15-1.48x the tokens/s of fixed micro-batches for 1b "
-            "LoRA, QLoRA, DoRA, QDoRA, 3b LoRA and QLoRA, 0.02-0.04 GiB more at the worst step: "
-            "results/speed-notes.md); a positive integer: that budget; false: fixed micro-batches. Off under "
-            "FSDP and DeepSpeed (an integer is refused there: DeepSpeed counts micro-steps itself) and with "
-            "padding_free or packing (no rows to regroup)."
+            "micro-batches' worst (on one GPU, two H200 machines: 1.15-1.48x the tokens/s of fixed "
+            "micro-batches for 1b LoRA, QLoRA, DoRA, QDoRA, 3b LoRA and QLoRA, 0.03-0.04 GiB more at the "
+            "worst step, about what a since-fixed leak of those runs held: results/speed-notes.md; DDP "
+            "tested on the CPU only); a positive integer: that budget; false: fixed micro-batches. Off under "
+            "FSDP and DeepSpeed (an integer is refused there: DeepSpeed counts micro-steps itself), with "
+            "padding_free or packing (no rows to regroup) and with auto_find_batch_size."
         },
     )
     liger_kernel: str = field(
@@ -503,6 +507,8 @@ def micro_batch_tokens(script: FinQAArguments, training: Any) -> int | str | Non
     value = script.micro_batch_tokens
     if value == "false" or _fsdp_or_deepspeed(training) or training.padding_free or training.packing:
         return None
+    if training.auto_find_batch_size:  # it would halve the step's examples; passes already bound the memory
+        return None
     if value == "auto":
         return "auto" if training.gradient_accumulation_steps > 1 else None
     return int(value)
@@ -528,6 +534,11 @@ def _check_micro_batch_tokens(run: Run) -> None:
             "--micro_batch_tokens N regroups the padded rows of a batch: it does not apply with padding_free "
             "or packing"
         )
+    if training.auto_find_batch_size:
+        raise UsageError(
+            "--micro_batch_tokens N bounds each pass by tokens; auto_find_batch_size would halve the "
+            "examples of each step instead: use one of the two"
+        )
 
 
 def _round_up(length: int, multiple: int | None) -> int:
@@ -540,24 +551,33 @@ def plan_micro_batches(
     """The rows of one batch (indices into `lengths`, their unpadded lengths) in the fewest micro-batches
     whose rows x padded length (the longest row, rounded up to `multiple`) stays within `budget` tokens, or in
     `parts` micro-batches (at most one per row) where the processes of a DDP run must agree. Rows go longest
-    first into micro-batches of near-equal row counts, the smaller ones taking the longest rows. A row longer
-    than the budget gets a micro-batch of its own."""
+    first; where near-equal row counts fit (the smaller micro-batches taking the longest rows: length-grouped
+    batches, whose rows are alike), those, else each micro-batch filled in turn. A row longer than the budget
+    gets a micro-batch of its own."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
-    def split(n: int) -> list[list[int]]:
-        q, r = divmod(len(order), n)
-        sizes, out, start = [q] * (n - r) + [q + 1] * r, [], 0
-        for size in sizes:
-            out.append(order[start : start + size])
-            start += size
-        return out
+    def cost(group: list[int]) -> int:
+        return len(group) * _round_up(lengths[group[0]], multiple)  # group[0]: its longest row
 
-    def fits(group: list[int]) -> bool:
-        return len(group) * _round_up(max(lengths[i] for i in group), multiple) <= budget
-
-    if parts is None:
-        parts = next((n for n in range(1, len(order)) if all(map(fits, split(n)))), len(order))
-    return split(max(1, min(parts, len(order))))
+    filled: list[list[int]] = []  # the fewest: each micro-batch takes the next rows while they fit
+    for i in order:
+        if filled and cost([*filled[-1], i]) <= budget:
+            filled[-1].append(i)
+        else:
+            filled.append([i])
+    n = max(1, min(max(len(filled), parts or 1), len(order)))
+    q, r = divmod(len(order), n)
+    sizes, even, start = [q] * (n - r) + [q + 1] * r, [], 0
+    for size in sizes:
+        even.append(order[start : start + size])
+        start += size
+    if all(cost(group) <= budget for group in even):
+        return even
+    while len(filled) < n:  # more parts agreed on: halve the biggest (a part of a micro-batch fits too)
+        big = max(range(len(filled)), key=lambda k: len(filled[k]))
+        group = filled.pop(big)
+        filled[big:big] = [group[: len(group) // 2], group[len(group) // 2 :]]
+    return filled
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -850,7 +870,6 @@ def build_dataset(
     return Dataset.from_list(rows)
 
 
-@functools.cache
 def _rows(value: Any, index: Any, rows: int, width: int, keep: int) -> Any:
     """`value` (a batch entry) for the rows in `index`, cut to `keep` positions where it is per position."""
     import torch
@@ -861,6 +880,7 @@ def _rows(value: Any, index: Any, rows: int, width: int, keep: int) -> Any:
     return value[:, :keep] if value.dim() >= 2 and value.shape[1] == width else value
 
 
+@functools.cache
 def _trainer_class() -> type:
     """TRL's SFTTrainer, except that a run resumed in the middle of an epoch sees the batches the
     uninterrupted run saw. transformers' LengthGroupedSampler (the recipes' `group_by_length`) draws each
@@ -909,9 +929,9 @@ def _trainer_class() -> type:
             if parts == 1:
                 return super().training_step(model, inputs, num_items_in_batch)
             if num_items_in_batch is None:
-                # Each pass's loss must be its summed token losses over the trained tokens of the whole step
-                # (what the Trainer counts where the model takes loss kwargs, which PEFT's Llama does), not
-                # its own mean
+                # The Trainer counts the step's trained tokens only for a model that takes loss kwargs (PEFT's
+                # Llama does); without the count each pass would be its own mean. Counted here, the passes add
+                # up to the step's token mean (fixed micro-batches would average their means instead)
                 num_items_in_batch = (inputs["labels"][..., 1:] != -100).sum()
                 if self.args.average_tokens_across_devices and self.args.world_size > 1:
                     num_items_in_batch = self.accelerator.gather(num_items_in_batch).sum()

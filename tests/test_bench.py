@@ -224,23 +224,28 @@ def test_the_worst_step_is_the_same_longest_batch_on_equal_data(sample_dir, llam
     fixed = got["recipe:no_tokens"]
     assert got["trl:full_length"]["longest_batch_tokens"] == fixed["longest_batch_tokens"] > 4 * 1024
     assert fixed["micro_batch"] == 4 and fixed["micro_batch_tokens"] is None
-    regrouped, longest_four = got["recipe"], fixed["longest_batch_tokens"]
-    assert regrouped["micro_batch"] == 16 and regrouped["longest_batch_tokens"] > longest_four  # all 12
-    budget = regrouped["micro_batch_tokens"]  # 4 x the longest example, padded to a multiple of 64
-    assert budget % (4 * 64) == 0 and longest_four <= budget
+    regrouped, longest = got["recipe"], got["recipe"]["longest_example_tokens"]
+    assert (
+        regrouped["micro_batch"] == 16 and regrouped["longest_batch_tokens"] > fixed["longest_batch_tokens"]
+    )
+    assert longest == fixed["longest_example_tokens"] > 1024
+    assert regrouped["micro_batch_tokens"] == 4 * -(-longest // 64) * 64  # 4 x the longest, padded to 64
     assert got["trl"]["longest_batch_tokens"] <= 4 * 1024  # plain TRL's default truncation
 
 
 def test_a_profiled_training_variant_keeps_its_timing_and_names_its_batch(tmp_path):
     # The profile runs after the timed window, on the micro-batch of median-length examples; on the CPU there
     # are no kernels to count, so those fields stay empty rather than zero. (The smoke model: the tiny
-    # shape's 128k-vocabulary logits take ~17 s per micro-step on a CPU.)
+    # shape's 128k-vocabulary logits take ~17 s per micro-step on a CPU.) Fixed micro-batches of 4: with the
+    # recipes' token passes a batch is a step's 16 examples, more than the fixture's 12.
     from finqa_trl.data import FIXTURE_DIR
     from finqa_trl.modeling import SMOKE_MODEL, resolve_source
 
     model = resolve_source(SMOKE_MODEL).path
     prof = tmp_path / "bench-x-profile-tiny-lora-recipe.txt"
-    r = bench.bench_training("recipe", "lora", "tiny", model, FIXTURE_DIR, [], 4, 4, limit=8, profile=prof)
+    r = bench.bench_training(
+        "recipe:no_tokens", "lora", "tiny", model, FIXTURE_DIR, [], 4, 4, limit=8, profile=prof
+    )
     assert "error" not in r and r["tokens_per_s"] > 0, r
     assert r["profile"] == prof.name and r["profile_step_ms"] > 0 and r["profiled_step_ms"] > 0
     assert r["profile_gpu_kernel_ms"] is None and r["profile_kernels"] is None

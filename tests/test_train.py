@@ -279,6 +279,28 @@ def test_plan_micro_batches_fills_the_budget_with_the_fewest_passes() -> None:
     assert [len(g) for g in plan_micro_batches(lengths, 10**6, 64, parts=5)] == [1, 1, 2, 2, 2]
     assert len(plan_micro_batches(lengths, 10**6, 64, parts=20)) == 8  # at most one per row
     assert plan_micro_batches([5000, 10], 1000, 64) == [[0], [1]]  # a row over the budget goes alone
+    # mixed lengths (random order, an epoch's first step): the long row's micro-batch takes short rows along,
+    # and the other short rows share one; near-equal counts (4 x 4) would need twice the passes
+    assert plan_micro_batches([3000] + [100] * 15, 4 * 3008, 64) == [[0, 1, 2, 3], list(range(4, 16))]
+
+
+def test_a_micro_batch_keeps_no_reference_to_the_batch() -> None:
+    # The rows of a pass are views/copies made per step; nothing may hold on to them (a cache here once kept
+    # every step's batch alive on the GPU)
+    import gc
+    import weakref
+
+    import torch
+
+    from finqa_trl.train import _rows
+
+    batch = torch.arange(24).reshape(4, 6)
+    part = _rows(batch, torch.tensor([2, 0]), 4, 6, 3)
+    assert part.tolist() == [[12, 13, 14], [0, 1, 2]]
+    gone = weakref.ref(batch), weakref.ref(part)
+    del batch, part
+    gc.collect()
+    assert all(ref() is None for ref in gone)
 
 
 @pytest.mark.parametrize("sampling", ["group_by_length", "random"])
@@ -344,6 +366,9 @@ def test_micro_batch_tokens_settings(monkeypatch) -> None:
             setting("--micro_batch_tokens", bad)
     with pytest.raises(UsageError, match="does not apply with padding_free or packing"):
         setting("--micro_batch_tokens", "9000", "--padding_free", "true")
+    assert setting("--auto_find_batch_size", "true") is None  # it would halve each step's examples instead
+    with pytest.raises(UsageError, match="auto_find_batch_size would halve the examples of each step"):
+        setting("--micro_batch_tokens", "9000", "--auto_find_batch_size", "true")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with an FSDP config sets it
     assert setting(*auto) is None  # FSDP keeps its fixed micro-batches
     with pytest.raises(UsageError, match="--micro_batch_tokens N is for one GPU or DDP"):
