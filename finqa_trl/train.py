@@ -907,8 +907,9 @@ def _trainer_class() -> type:
 
     class FinQATrainer(SFTTrainer):
         # set by prepare where --micro_batch_tokens applies: each step's batch runs in micro-batches of at
-        # most this many padded tokens
+        # most this many padded tokens; the forward + backward passes this process ran, counted
         micro_batch_tokens: int | None = None
+        passes: int = 0
 
         def training_step(
             self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -926,6 +927,7 @@ def _trainer_class() -> type:
                 agreed = torch.tensor(parts, device=mask.device)
                 torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
                 parts = int(agreed)
+            self.passes += parts
             if parts == 1:
                 return super().training_step(model, inputs, num_items_in_batch)
             if num_items_in_batch is None:
@@ -1314,6 +1316,10 @@ def train(run: Run) -> int:
     metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
     metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches
+    if trainer.micro_batch_tokens:  # each process's passes (a collective): how much the steps were regrouped
+        from accelerate.utils import gather_object
+
+        metrics["micro_batch_passes"] = gather_object([trainer.passes])
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     logger.info("adapter, tokenizer, %s and the training log saved in %s", RECIPE_FILE, output_dir)

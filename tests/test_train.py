@@ -338,6 +338,7 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
     assert auto[3].micro_batch_tokens == 2 * 768  # 2 x the fixture's longest example, padded to 768
     # 12 examples an epoch: steps of 8, 4 (the epoch's rest) and 8 examples, in passes of 2 rows or in one
     assert len(fixed[2]) == 4 + 2 + 4 and len(whole[2]) == 3
+    assert (whole[3].passes, auto[3].passes, small[3].passes) == (3, 10, len(small[2]))  # as counted
     assert all(rows * width <= 1000 for rows, width in small[2]) and 3 < len(small[2])
     for budget in (auto, small, whole):
         assert len(budget[0]) == 3 and budget[0] == pytest.approx(fixed[0], rel=1e-5)
@@ -946,6 +947,9 @@ def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Pa
     assert results["train_runtime"] > 0 and results["liger_kernel"] is False  # what ran (no GPU here)
     assert results["compile_layers"] is ("--compile_layers" in extra)
     assert results["micro_batch_tokens"] == (1408 if "--micro_batch_tokens" in extra else None)
+    if "--micro_batch_tokens" in extra:  # the processes ran as many passes (they must: see below), > 1 a step
+        passes = results["micro_batch_passes"]
+        assert len(passes) == 2 and passes[0] == passes[1] > 2
 
 
 def test_micro_batch_tokens_on_two_processes_trains_as_fixed_micro_batches(tmp_path: Path) -> None:
@@ -968,6 +972,8 @@ def test_micro_batch_tokens_on_two_processes_trains_as_fixed_micro_batches(tmp_p
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         adapters[budget] = load_file(out / "adapter_model.safetensors")
+    # 3 passes on both: process 1's 2 raised to process 0's (without the agreement the run hangs)
+    assert json.loads((out / "train_results.json").read_text())["micro_batch_passes"] == [3, 3]
     fixed, budgeted = adapters["false"], adapters["1408"]
     assert max((budgeted[k] - fixed[k]).abs().max().item() for k in fixed) < 1e-4
 
