@@ -284,6 +284,39 @@ def test_plan_micro_batches_fills_the_budget_with_the_fewest_passes() -> None:
     assert plan_micro_batches([3000] + [100] * 15, 4 * 3008, 64) == [[0, 1, 2, 3], list(range(4, 16))]
 
 
+def test_plan_micro_batches_is_never_beaten_by_any_grouping() -> None:
+    # Against every way of grouping up to 6 rows: no grouping within the budget has fewer micro-batches, each
+    # planned one fits (or is a single row), and an agreed larger count splits without leaving the budget.
+    import random
+
+    from finqa_trl.train import plan_micro_batches
+
+    def groupings(rows: list[int]):
+        if not rows:
+            yield []
+            return
+        for rest in groupings(rows[1:]):
+            for k in range(len(rest)):
+                yield [*rest[:k], [rows[0], *rest[k]], *rest[k + 1 :]]
+            yield [[rows[0]], *rest]
+
+    def fits(group: list[int], lengths: list[int], budget: int) -> bool:
+        return len(group) == 1 or len(group) * -(-max(lengths[i] for i in group) // 64) * 64 <= budget
+
+    rng = random.Random(0)
+    for _ in range(300):
+        lengths = [rng.randint(1, 3000) for _ in range(rng.randint(1, 6))]
+        budget = rng.randint(64, 9000)
+        plan = plan_micro_batches(lengths, budget, 64)
+        best = min(
+            len(g) for g in groupings(list(range(len(lengths)))) if all(fits(x, lengths, budget) for x in g)
+        )
+        assert len(plan) == best and all(fits(g, lengths, budget) for g in plan)
+        agreed = plan_micro_batches(lengths, budget, 64, parts=best + 2)
+        assert len(agreed) == min(best + 2, len(lengths)) and all(fits(g, lengths, budget) for g in agreed)
+        assert sorted(i for g in agreed for i in g) == list(range(len(lengths)))
+
+
 def test_a_micro_batch_keeps_no_reference_to_the_batch() -> None:
     # The rows of a pass are views/copies made per step; nothing may hold on to them (a cache here once kept
     # every step's batch alive on the GPU)
