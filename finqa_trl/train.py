@@ -499,15 +499,35 @@ def compiles_layers(script: FinQAArguments, training: Any, model: Any) -> bool:
     return script.compile_layers == "auto" and on_gpu and not sharded and modeling.triton_gpu_ready()
 
 
+def _fixed_micro_batches_only(training: Any) -> str | None:
+    """Why this launch keeps fixed micro-batches whatever --micro_batch_tokens says (None: it need not); the
+    line an explicit budget is refused with."""
+    if _fsdp_or_deepspeed(training):
+        # DeepSpeed's engine counts micro-steps itself (it would step the optimizer after each micro-batch),
+        # and FSDP would hold unsharded gradients between them
+        return (
+            "--micro_batch_tokens N is for one GPU or DDP: under FSDP and DeepSpeed the micro-batches stay "
+            "fixed (auto leaves them so)"
+        )
+    if training.padding_free or training.packing:
+        return (
+            "--micro_batch_tokens N regroups the padded rows of a batch: it does not apply with padding_free "
+            "or packing"
+        )
+    if training.auto_find_batch_size:  # it would halve the step's examples; passes already bound the memory
+        return (
+            "--micro_batch_tokens N bounds each pass by tokens; auto_find_batch_size would halve the "
+            "examples of each step instead: use one of the two"
+        )
+    return None
+
+
 def micro_batch_tokens(script: FinQAArguments, training: Any) -> int | str | None:
     """What --micro_batch_tokens asks of this run: None (fixed micro-batches), "auto" (a budget that prepare
-    derives from the data) or a token budget. Off where it cannot apply: FSDP and DeepSpeed (an integer is
-    refused there, in _validate), padding-free or packed batches, and auto without accumulation (nothing to
-    regroup)."""
+    derives from the data) or a token budget. Off where it cannot apply (_fixed_micro_batches_only; an
+    integer is refused there, in _validate) and for auto without accumulation (nothing to regroup)."""
     value = script.micro_batch_tokens
-    if value == "false" or _fsdp_or_deepspeed(training) or training.padding_free or training.packing:
-        return None
-    if training.auto_find_batch_size:  # it would halve the step's examples; passes already bound the memory
+    if value == "false" or _fixed_micro_batches_only(training):
         return None
     if value == "auto":
         return "auto" if training.gradient_accumulation_steps > 1 else None
@@ -515,30 +535,16 @@ def micro_batch_tokens(script: FinQAArguments, training: Any) -> int | str | Non
 
 
 def _check_micro_batch_tokens(run: Run) -> None:
-    value, training = run.script.micro_batch_tokens, run.training
+    value = run.script.micro_batch_tokens
     if value in ("auto", "false"):
         return
     if not value.isdigit() or int(value) <= 0:
         raise UsageError(
             f"micro_batch_tokens must be auto, false or a positive number of tokens, got {value!r}"
         )
-    if _fsdp_or_deepspeed(training):
-        # DeepSpeed's engine counts micro-steps itself (it would step the optimizer after each micro-batch),
-        # and FSDP would hold unsharded gradients between them
-        raise UsageError(
-            "--micro_batch_tokens N is for one GPU or DDP: under FSDP and DeepSpeed the micro-batches stay "
-            "fixed (auto leaves them so)"
-        )
-    if training.padding_free or training.packing:
-        raise UsageError(
-            "--micro_batch_tokens N regroups the padded rows of a batch: it does not apply with padding_free "
-            "or packing"
-        )
-    if training.auto_find_batch_size:
-        raise UsageError(
-            "--micro_batch_tokens N bounds each pass by tokens; auto_find_batch_size would halve the "
-            "examples of each step instead: use one of the two"
-        )
+    why = _fixed_micro_batches_only(run.training)
+    if why:
+        raise UsageError(why)
 
 
 def _round_up(length: int, multiple: int | None) -> int:
@@ -920,13 +926,16 @@ def _trainer_class() -> type:
             rows, width = mask.shape
             multiple = self.args.pad_to_multiple_of
             lengths = mask.sum(1).tolist()  # right-padded (TRL's collator): each row's tokens come first
-            parts = len(plan_micro_batches(lengths, self.micro_batch_tokens, multiple))
+            groups = plan_micro_batches(lengths, self.micro_batch_tokens, multiple)
+            parts = len(groups)
             if self.accelerator.num_processes > 1:
                 # every process runs as many passes: TRL gathers its metrics in each, and DDP reduces the
                 # gradients in the last one
                 agreed = torch.tensor(parts, device=mask.device)
                 torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-                parts = int(agreed)
+                if int(agreed) != parts:
+                    parts = int(agreed)
+                    groups = plan_micro_batches(lengths, self.micro_batch_tokens, multiple, parts)
             self.passes += parts
             if parts == 1:
                 return super().training_step(model, inputs, num_items_in_batch)
@@ -938,7 +947,6 @@ def _trainer_class() -> type:
                 if self.args.average_tokens_across_devices and self.args.world_size > 1:
                     num_items_in_batch = self.accelerator.gather(num_items_in_batch).sum()
             total = None
-            groups = plan_micro_batches(lengths, self.micro_batch_tokens, multiple, parts)
             for i, group in enumerate(groups):
                 keep = min(width, _round_up(max(lengths[r] for r in group), multiple))
                 index = torch.tensor(group, device=mask.device)

@@ -200,6 +200,12 @@ def test_a_resume_launched_with_another_global_batch_is_refused(tmp_path: Path, 
     assert "launch.json is unreadable: resuming without checking" in capsys.readouterr().err
 
 
+def adapter_gap(a: dict, b: dict) -> float:
+    """The largest difference between two adapters' tensors (safetensors dicts with the same keys)."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
 def straight_and_resumed(
     tmp_path: Path, run: Callable[[Path, list[str]], None], every: int, resume_at: int, steps: int
 ) -> tuple[dict, dict, float]:
@@ -221,8 +227,7 @@ def straight_and_resumed(
         history = json.loads((d / "trainer_state.json").read_text())["log_history"]
         losses.append({h["step"]: h["loss"] for h in history if "loss" in h})
     wa, wb = (load_file(d / "adapter_model.safetensors") for d in (a, b))
-    assert wa.keys() == wb.keys()
-    return losses[0], losses[1], max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    return losses[0], losses[1], adapter_gap(wa, wb)
 
 
 def test_a_resume_inside_an_epoch_trains_what_the_straight_run_trained(tmp_path: Path, capsys) -> None:
@@ -375,7 +380,7 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
     assert all(rows * width <= 1000 for rows, width in small[2]) and 3 < len(small[2])
     for budget in (auto, small, whole):
         assert len(budget[0]) == 3 and budget[0] == pytest.approx(fixed[0], rel=1e-5)
-        assert max((budget[1][k] - fixed[1][k]).abs().max().item() for k in fixed[1]) < 1e-4
+        assert adapter_gap(budget[1], fixed[1]) < 1e-4
     if sampling == "group_by_length":
         assert all(torch.equal(auto[1][k], fixed[1][k]) for k in fixed[1])
 
@@ -1008,7 +1013,7 @@ def test_micro_batch_tokens_on_two_processes_trains_as_fixed_micro_batches(tmp_p
     # 3 passes on both: process 1's 2 raised to process 0's (without the agreement the run hangs)
     assert json.loads((out / "train_results.json").read_text())["micro_batch_passes"] == [3, 3]
     fixed, budgeted = adapters["false"], adapters["1408"]
-    assert max((budgeted[k] - fixed[k]).abs().max().item() for k in fixed) < 1e-4
+    assert adapter_gap(budgeted, fixed) < 1e-4
 
 
 def test_a_run_failing_while_loading_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, capsys):
