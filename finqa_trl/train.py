@@ -26,6 +26,7 @@ import contextlib
 import difflib
 import enum
 import functools
+import gc
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ from .modeling import (
     default_dtype,
     end_of_turn_token,
     fsdp_safe_adapter_keys,
+    import_before_process_group,
     load_model,
     load_tokenizer,
     materialize_gguf,
@@ -1357,6 +1359,7 @@ def train(run: Run) -> int:
     state.wait_for_everyone()
     if hasattr(trainer, "end"):  # transformers >= 5.18: close trackers, destroy the process group
         trainer.end()
+    state.destroy_process_group()  # older transformers; a no-op where end() did it
     if failed:
         print(f"error: {one_line(failed)}", file=sys.stderr)
         return 1
@@ -1385,12 +1388,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         _parser().parse_args(["--help"])  # prints every FinQAArguments / SFTConfig / ModelConfig field
+    import_before_process_group()  # before parse(): SFTConfig starts a launched run's process group
     try:
         run = parse(argv)
         return train(run)
     except (UsageError, RecipeError, DataError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        # The trainer's DDP/FSDP wrappers hold the destroyed process group in reference cycles: collected now,
+        # its gloo threads are joined while the interpreter is alive (import_before_process_group says why)
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ elsewhere, so the suite still runs anywhere on the bundled fixture alone.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,39 @@ def _locate(env: str, rel: str) -> Path | None:
         return p if p.is_dir() else None
     p = ROOT.parent / "shared" / rel
     return p if p.is_dir() else None
+
+
+# main() of a finqa_trl module, then whether the process group it started is gone: freed, so its gloo threads
+# were joined while the interpreter was alive (finqa_trl.modeling.import_before_process_group says why)
+_MAIN_THEN_GROUP_FREED = """
+import sys, weakref
+import torch.distributed as dist
+from finqa_trl.{module} import main
+
+groups = []
+init = dist.init_process_group
+
+
+def init_and_watch(*args, **kwargs):
+    init(*args, **kwargs)
+    groups.append(weakref.ref(dist.group.WORLD))
+
+
+dist.init_process_group = init_and_watch
+rc = main(sys.argv[1:])
+if rc == 0 and [group() for group in groups] != [None]:
+    print("error: the process group outlived main()", groups, file=sys.stderr)
+    rc = 3
+sys.exit(rc)
+"""
+
+
+def torchrun_main(module: str, *options: str) -> list[str]:
+    """What follows `python` to run `finqa_trl.<module>` on two CPU processes (torchrun with `options`, gloo),
+    failing (exit 3) where the process group outlived main(): kept past destroy_process_group, it made some
+    runs abort at exit (SIGABRT) after everything was saved."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *options]
+    return [*torchrun, "--no-python", sys.executable, "-c", _MAIN_THEN_GROUP_FREED.format(module=module)]
 
 
 SAMPLE_DIR = _locate("FINQA_SAMPLE_DIR", "data/finqa-sample")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import torchrun_main
 
 from finqa_trl import predict
 from finqa_trl.data import FIXTURE_DIR, load_split
@@ -33,11 +34,10 @@ def read(path: Path):
 
 
 def launch(out: Path, *extra: str, logs: Path | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 -m finqa_trl.predict`; with `logs`, each rank writes its output there."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    if logs is not None:
-        cmd += ["--log-dir", str(logs), "--redirects", "3"]
-    cmd += ["-m", "finqa_trl.predict", *ARGS, "--output_dir", str(out), *extra]
+    """`torchrun --nproc_per_node 2 -m finqa_trl.predict`, failing where the process group outlived main();
+    with `logs`, each rank writes its output there."""
+    options = [] if logs is None else ["--log-dir", str(logs), "--redirects", "3"]
+    cmd = [sys.executable, *torchrun_main("predict", *options), *ARGS, "--output_dir", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets anyway, minus its banner about it
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import torchrun_main
 
 from finqa_trl import modeling
 from finqa_trl.data import FIXTURE_DIR
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 # A few steps on a tiny model: the pipeline, not the accuracy.
 FAST = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1"]
+# two CPU processes under torchrun, failing where the process group outlived main()
+TORCHRUN = torchrun_main("train")
 LLAMA3_PAD, LLAMA3_EOT = 128004, 128009
 
 
@@ -250,10 +253,9 @@ def test_a_resume_inside_an_epoch_on_two_processes(tmp_path: Path) -> None:
     epoch on to the sampler: resumed and straight adapters were 0.01 apart before the sampler read the epoch
     from the trainer's state."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
     def run(out: Path, args: list[str]) -> None:
-        cmd = [sys.executable, *torchrun, "-m", "finqa_trl.train", *smoke_args(out, *args)]
+        cmd = [sys.executable, *TORCHRUN, *smoke_args(out, *args)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -945,15 +947,15 @@ def test_missing_config(capsys) -> None:
 # ------------------------------------------------------------------------------------------ distributed
 
 
-TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# what `make train ACCELERATE_CONFIG=cpu_ddp NUM_GPUS=2` runs
+ACCELERATE = ["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml"]
 
 
 @pytest.mark.parametrize(
     "launcher, extra",
     [
         (TORCHRUN, []),
-        # what `make train ACCELERATE_CONFIG=cpu_ddp NUM_GPUS=2` runs
-        (["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml"], []),
+        ([*ACCELERATE, "--num_processes", "2", "-m", "finqa_trl.train"], []),
         # DDP around compiled layer parts: what compile_layers auto does on several GPUs
         (TORCHRUN, ["--compile_layers", "true"]),
         # each step's 2 x 2 examples per process in token-budgeted passes, as many on both processes
@@ -962,12 +964,11 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "
     ids=["torchrun", "accelerate-cpu_ddp", "torchrun-compiled", "torchrun-micro-batch-tokens"],
 )
 def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Path) -> None:
-    """Two CPU processes (gloo): one process group of 2, the data sharded, one adapter saved."""
+    """Two CPU processes (gloo): one process group of 2, the data sharded, one adapter saved; under torchrun
+    the group freed by the time main() returns."""
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    if "accelerate.commands.launch" in launcher:
-        launcher = [*launcher, "--num_processes", "2"]
-    cmd = [sys.executable, *launcher, "-m", "finqa_trl.train", *smoke_args(out, *extra)]
+    cmd = [sys.executable, *launcher, *smoke_args(out, *extra)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr
@@ -1006,7 +1007,7 @@ def test_micro_batch_tokens_on_two_processes_trains_as_fixed_micro_batches(tmp_p
         out = tmp_path / budget
         args = ["--max_steps", "1", "--gradient_accumulation_steps", "2", "--lora_dropout", "0"]
         args += ["--micro_batch_tokens", budget]
-        cmd = [sys.executable, *TORCHRUN, "-m", "finqa_trl.train", *smoke_args(out, *args)]
+        cmd = [sys.executable, *TORCHRUN, *smoke_args(out, *args)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         adapters[budget] = load_file(out / "adapter_model.safetensors")
