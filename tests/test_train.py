@@ -960,8 +960,10 @@ ACCELERATE = ["-m", "accelerate.commands.launch", "--config_file", "accelerate_c
         (TORCHRUN, ["--compile_layers", "true"]),
         # each step's 2 x 2 examples per process in token-budgeted passes, as many on both processes
         (TORCHRUN, ["--gradient_accumulation_steps", "2", "--micro_batch_tokens", "1408"]),
+        # QLoRA: DDP around a 4-bit (NF4) base, whose frozen quantized weights it must leave alone
+        (TORCHRUN, ["--load_in_4bit", "true"]),
     ],
-    ids=["torchrun", "accelerate-cpu_ddp", "torchrun-compiled", "torchrun-micro-batch-tokens"],
+    ids=["torchrun", "accelerate-cpu_ddp", "torchrun-compiled", "torchrun-micro-batch-tokens", "qlora"],
 )
 def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Path) -> None:
     """Two CPU processes (gloo): one process group of 2, the data sharded, one adapter saved; under torchrun
@@ -972,6 +974,8 @@ def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Pa
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr
+    if "--load_in_4bit" in extra:  # what the run loaded (rank 0 logs it)
+        assert "QLoRA of" in proc.stderr and "(4-bit nf4 linear layers" in proc.stderr
     assert proc.stderr.count("adapter, tokenizer, recipe.yaml and the training log saved") == 1  # rank 0 only
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     # 2 steps x 2 examples x 2 processes = 8 of the 12 fixture examples: the data is sharded, not repeated
