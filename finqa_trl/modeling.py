@@ -535,8 +535,9 @@ def import_before_process_group(deepspeed: bool = True) -> None:
     """Import, before torch.distributed's default group exists, the modules that would keep it alive.
 
     They read the group into a default argument when first imported (`group=GroupMember.WORLD`): the
-    collectives of torch.distributed.nn.functional (torch.distributed.fsdp imports them, and transformers
-    imports that) and, with `deepspeed` where it is installed, DeepSpeed's torch backend (its barriers).
+    collectives of torch.distributed.nn.functional (torch.distributed.fsdp imports them, by way of its sharded
+    tensors, and transformers imports that inside the functions a run calls) and, with `deepspeed` where it is
+    installed, DeepSpeed's torch backend (its barriers).
     Imported during a run, after init_process_group, they held the group past destroy_process_group until the
     interpreter's teardown. Gloo's worker threads could then still be releasing the last collective's tensors,
     and a thread that needs the GIL while the interpreter finalizes aborts the process ("terminate called
@@ -547,6 +548,10 @@ def import_before_process_group(deepspeed: bool = True) -> None:
     import importlib
     import importlib.util
 
+    import torch.distributed
+
+    if not torch.distributed.is_available():  # a torch built without it starts no group
+        return
     importlib.import_module("torch.distributed.nn")
     if not deepspeed or importlib.util.find_spec("deepspeed") is None:
         return

@@ -1096,7 +1096,8 @@ def process_group(ranks: Ranks) -> Iterator[None]:
     # Only barriers and a few small objects cross processes, which gloo does on GPU machines too (no NCCL
     # communicator or watchdog). Ranks wait for the slowest one, hence the long timeout; a rank that fails
     # does not leave the others hanging: the launcher ends them.
-    # else the group outlives destroy_process_group (see there); not DeepSpeed, which predict never loads
+    # else the group outlives destroy_process_group (import_before_process_group says why); not DeepSpeed,
+    # which predict never loads
     import_before_process_group(deepspeed=False)
     dist.init_process_group("gloo", timeout=timedelta(hours=6))
     try:
@@ -1104,8 +1105,8 @@ def process_group(ranks: Ranks) -> Iterator[None]:
     except BaseException:
         dist.destroy_process_group()  # no barrier: the other ranks may never reach it
         raise
-    # Every rank is done with the group before any tears it down. (The aborts at exit seen before this
-    # barrier, 1 CPU run in ~17, most likely came from the group outliving destroy_process_group: see
+    # Every rank is done with the group before any tears it down. (The aborts at exit seen before this barrier
+    # was added, 1 CPU run in ~17, most likely came from the group outliving destroy_process_group: see
     # import_before_process_group.)
     dist.barrier()
     dist.destroy_process_group()

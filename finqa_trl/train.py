@@ -1359,7 +1359,7 @@ def train(run: Run) -> int:
     state.wait_for_everyone()
     if hasattr(trainer, "end"):  # transformers >= 5.18: close trackers, destroy the process group
         trainer.end()
-    state.destroy_process_group()  # older transformers; a no-op where end() did it
+    state.destroy_process_group()  # transformers < 5.18 (the GPU image's 5.17); a no-op where end() did it
     if failed:
         print(f"error: {one_line(failed)}", file=sys.stderr)
         return 1
@@ -1388,7 +1388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         _parser().parse_args(["--help"])  # prints every FinQAArguments / SFTConfig / ModelConfig field
-    import_before_process_group()  # before parse(): SFTConfig starts a launched run's process group
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched: parse()'s SFTConfig starts the process group
+        import_before_process_group()
     try:
         run = parse(argv)
         return train(run)
@@ -1396,8 +1397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        # The trainer's DDP/FSDP wrappers hold the destroyed process group in reference cycles: collected now,
-        # its gloo threads are joined while the interpreter is alive (import_before_process_group says why)
+        # The trainer's DDP wrapper holds the destroyed process group in reference cycles: collected now, its
+        # gloo threads are joined while the interpreter is alive (import_before_process_group says why). FSDP
+        # (v1) keeps its modules, and so the group, alive regardless (tests/fsdp_worker.py); it runs on GPUs.
         gc.collect()
 
 

@@ -42,7 +42,7 @@ def init_and_watch(*args, **kwargs):
 
 dist.init_process_group = init_and_watch
 rc = main(sys.argv[1:])
-if rc == 0 and [group() for group in groups] != [None]:
+if rc == 0 and (not groups or any(group() is not None for group in groups)):
     print("error: the process group outlived main()", groups, file=sys.stderr)
     rc = 3
 sys.exit(rc)
@@ -54,7 +54,9 @@ def torchrun_main(module: str, *options: str) -> list[str]:
     failing (exit 3) where the process group outlived main(): kept past destroy_process_group, it made some
     runs abort at exit (SIGABRT) after everything was saved."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *options]
-    return [*torchrun, "--no-python", sys.executable, "-c", _MAIN_THEN_GROUP_FREED.format(module=module)]
+    code = _MAIN_THEN_GROUP_FREED.format(module=module)
+    # -u: unbuffered, as torchrun starts a script itself (a rank it ends keeps what it printed)
+    return [*torchrun, "--no-python", sys.executable, "-u", "-c", code]
 
 
 SAMPLE_DIR = _locate("FINQA_SAMPLE_DIR", "data/finqa-sample")

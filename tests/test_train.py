@@ -947,7 +947,6 @@ def test_missing_config(capsys) -> None:
 # ------------------------------------------------------------------------------------------ distributed
 
 
-# what `make train ACCELERATE_CONFIG=cpu_ddp NUM_GPUS=2` runs
 ACCELERATE = ["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml"]
 
 
@@ -955,6 +954,7 @@ ACCELERATE = ["-m", "accelerate.commands.launch", "--config_file", "accelerate_c
     "launcher, extra",
     [
         (TORCHRUN, []),
+        # what `make train ACCELERATE_CONFIG=cpu_ddp NUM_GPUS=2` runs
         ([*ACCELERATE, "--num_processes", "2", "-m", "finqa_trl.train"], []),
         # DDP around compiled layer parts: what compile_layers auto does on several GPUs
         (TORCHRUN, ["--compile_layers", "true"]),
@@ -963,7 +963,13 @@ ACCELERATE = ["-m", "accelerate.commands.launch", "--config_file", "accelerate_c
         # QLoRA: DDP around a 4-bit (NF4) base, whose frozen quantized weights it must leave alone
         (TORCHRUN, ["--load_in_4bit", "true"]),
     ],
-    ids=["torchrun", "accelerate-cpu_ddp", "torchrun-compiled", "torchrun-micro-batch-tokens", "qlora"],
+    ids=[
+        "torchrun",
+        "accelerate-cpu_ddp",
+        "torchrun-compiled",
+        "torchrun-micro-batch-tokens",
+        "torchrun-qlora",
+    ],
 )
 def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Path) -> None:
     """Two CPU processes (gloo): one process group of 2, the data sharded, one adapter saved; under torchrun
