@@ -1093,12 +1093,12 @@ def process_group(ranks: Ranks) -> Iterator[None]:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(ranks.local_rank)  # load_model puts the model on the current device
+    # first, or the group outlives destroy_process_group (import_before_process_group says why); DeepSpeed
+    # is left out: predict never loads it
+    import_before_process_group(deepspeed=False)
     # Only barriers and a few small objects cross processes, which gloo does on GPU machines too (no NCCL
     # communicator or watchdog). Ranks wait for the slowest one, hence the long timeout; a rank that fails
     # does not leave the others hanging: the launcher ends them.
-    # else the group outlives destroy_process_group (import_before_process_group says why); not DeepSpeed,
-    # which predict never loads
-    import_before_process_group(deepspeed=False)
     dist.init_process_group("gloo", timeout=timedelta(hours=6))
     try:
         yield
