@@ -541,10 +541,10 @@ def import_before_process_group(deepspeed: bool = True) -> None:
     Imported during a run, after init_process_group, they held the group past destroy_process_group until the
     interpreter's teardown. Gloo's worker threads could then still be releasing the last collective's tensors,
     and a thread that needs the GIL while the interpreter finalizes aborts the process ("terminate called
-    without an active exception", SIGABRT) after a run that saved everything: here 5 of 20 runs of a
-    two-process script that kept a reference to the group, 2 of 70 of the FSDP test worker. Imported first,
-    their default is None (the default group, for both), and the group is freed, its threads joined, where the
-    program lets go of it."""
+    without an active exception", SIGABRT) after a run that saved everything: on a 2-core CPU machine, 5 of 20
+    runs of a two-process script that kept a reference to the group, 2 of 70 of the FSDP test worker.
+    Imported first, their default is None (the default group, for both), and the group is freed, its threads
+    joined, where the program lets go of it."""
     import importlib
     import importlib.util
 

@@ -1388,7 +1388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         _parser().parse_args(["--help"])  # prints every FinQAArguments / SFTConfig / ModelConfig field
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched: parse()'s SFTConfig starts the process group
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # parse()'s SFTConfig then starts a process group
+    if launched:
         import_before_process_group()
     try:
         run = parse(argv)
@@ -1400,7 +1401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The trainer's DDP wrapper holds the destroyed process group in reference cycles: collected now, its
         # gloo threads are joined while the interpreter is alive (import_before_process_group says why). FSDP
         # (v1) keeps its modules, and so the group, alive regardless (tests/fsdp_worker.py); it runs on GPUs.
-        gc.collect()
+        if launched:
+            gc.collect()
 
 
 if __name__ == "__main__":
