@@ -220,11 +220,12 @@ class FinQAArguments:
             "micro-batch instead of each group of per_device_train_batch_size paying the per-pass launch "
             "cost. auto (the recipes): "
             "where gradient_accumulation_steps > 1, a budget of per_device_train_batch_size x the longest "
-            "training example (padded), so that no micro-batch holds more tokens than the fixed "
-            "micro-batches' worst (on one GPU, two H200 machines: 1.15-1.48x the tokens/s of fixed "
-            "micro-batches for 1b LoRA, QLoRA, DoRA, QDoRA, 3b LoRA and QLoRA, 0.03-0.04 GiB more at the "
-            "worst step, about what a since-fixed leak of those runs held: results/speed-notes.md; DDP "
-            "tested on the CPU only); a positive integer: that budget; false: fixed micro-batches. Off under "
+            "training example (unpadded), so that no micro-batch holds more tokens, padding included, than "
+            "plain TRL's worst batch (the longest example and as many rows padded to it). With the budget "
+            "padded to 64 instead (the default until 2026-11-27), two H200 machines measured 1.15-1.48x "
+            "the tokens/s of fixed micro-batches for 1b LoRA, QLoRA, DoRA, QDoRA, 3b LoRA and QLoRA "
+            "(results/speed-notes.md; DDP tested on the CPU only); a positive integer: that budget; false: "
+            "fixed micro-batches. Off under "
             "FSDP and DeepSpeed (an integer is refused there: DeepSpeed counts micro-steps itself), with "
             "padding_free or packing (no rows to regroup) and with auto_find_batch_size."
         },
@@ -1184,9 +1185,11 @@ def prepare(run: Run) -> Prepared:
         training.gradient_accumulation_steps = 1
     trainer = build_trainer(run, model, tokenizer, train_ds, eval_ds, callbacks)
     if budget is not None:
-        if budget == "auto":  # the worst fixed micro-batch: `fixed` copies of the longest example, padded
-            longest = max(len(ids) for ids in trainer.train_dataset["input_ids"])
-            budget = fixed * _round_up(longest, training.pad_to_multiple_of)
+        if budget == "auto":
+            # Plain TRL's worst batch: the longest example and fixed - 1 rows padded to it. Unpadded, so that
+            # padding to a multiple never makes a pass bigger than that batch: the pass of the longest
+            # example then holds a row fewer where the padding lengthens it.
+            budget = fixed * max(len(ids) for ids in trainer.train_dataset["input_ids"])
         trainer.micro_batch_tokens = budget
         logger.info(
             "%d examples per step and process, in micro-batches of at most %d padded tokens",

@@ -20,7 +20,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     }
     levers = {"no_upcast", "upcast", "bf16_adapters", "no_input_cast", "input_cast", "liger", "no_liger"}
     levers |= {"no_cudnn", "pad64", "no_pad64", "compile", "no_compile", "cudagraphs", "autotune"}
-    levers |= {"tokens", "no_tokens"}
+    levers |= {"tokens", "no_tokens", "no_nan_filter"}
     assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
@@ -45,6 +45,11 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     assert train.parse(lora).script.micro_batch_tokens == "auto"  # the default, which no_tokens undoes
     assert train.parse([*lora, *bench.lever_args("recipe:no_tokens")]).script.micro_batch_tokens == "false"
     assert train.parse([*lora, *bench.lever_args("recipe:no_pad64")]).training.pad_to_multiple_of is None
+    assert train.parse([*lora, *bench.lever_args("recipe:tokens12544")]).script.micro_batch_tokens == "12544"
+    with pytest.raises(SystemExit, match="unknown lever 'tokens0'"):
+        bench.lever_args("recipe:tokens0")
+    assert train.parse(lora).training.logging_nan_inf_filter  # on by default, which no_nan_filter undoes
+    assert not train.parse([*lora, *bench.lever_args("recipe:no_nan_filter")]).training.logging_nan_inf_filter
     assert train.parse(lora).script.cudnn_attention
     assert not train.parse([*lora, *bench.lever_args("recipe:no_cudnn")]).script.cudnn_attention
     assert train.parse(lora).script.compile_layers == "auto"  # compiled on one GPU or DDP
@@ -229,7 +234,7 @@ def test_the_worst_step_is_the_same_longest_batch_on_equal_data(sample_dir, llam
         regrouped["micro_batch"] == 16 and regrouped["longest_batch_tokens"] > fixed["longest_batch_tokens"]
     )
     assert longest == fixed["longest_example_tokens"] > 1024
-    assert regrouped["micro_batch_tokens"] == 4 * -(-longest // 64) * 64  # 4 x the longest, padded to 64
+    assert regrouped["micro_batch_tokens"] == 4 * longest  # plain TRL's worst batch: 4 x the longest
     assert got["trl"]["longest_batch_tokens"] <= 4 * 1024  # plain TRL's default truncation
 
 

@@ -349,15 +349,17 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
 ) -> None:
     # Each step's 2 x 4 examples load as one batch and run in passes of at most N padded tokens: the same
     # examples per step and the same loss (TRL divides by the trained tokens of the whole step), so without
-    # dropout the losses and the adapter match fixed micro-batches to float rounding. auto's budget (2 x the
-    # longest example, padded) regroups these 8 rows into the fixed run's pairs: bit for bit.
+    # dropout the losses and the adapter match fixed micro-batches to float rounding. 1536 (2 x the fixture's
+    # longest example padded to 64: auto's budget until 2026-11-27) regroups these 8 rows into the fixed run's
+    # pairs: bit for bit. auto's budget is plain TRL's worst batch (2 x the longest example, unpadded), so the
+    # padded longest example cannot share its pass.
     import torch
     from safetensors.torch import load_file
 
     from finqa_trl.train import prepare
 
     runs = {}
-    for budget in ("false", "auto", "1000", "100000"):
+    for budget in ("false", "auto", "1536", "1000", "100000"):
         out = tmp_path / budget
         args = ["--max_steps", "3", "--gradient_accumulation_steps", "4", "--lora_dropout", "0"]
         run = parse(
@@ -372,19 +374,24 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
         trainer.save_model(str(out))
         history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         runs[budget] = history, load_file(out / "adapter_model.safetensors"), passes, trainer
-    fixed, auto, small, whole = (runs[b] for b in ("false", "auto", "1000", "100000"))
+    fixed, auto, pairs, small, whole = (runs[b] for b in ("false", "auto", "1536", "1000", "100000"))
     assert fixed[3].micro_batch_tokens is None and (fixed[3].args.per_device_train_batch_size, 4) == (2, 4)
     assert whole[3].args.per_device_train_batch_size == 8 and whole[3].args.gradient_accumulation_steps == 1
-    assert auto[3].micro_batch_tokens == 2 * 768  # 2 x the fixture's longest example, padded to 768
+    longest = max(len(ids) for ids in auto[3].train_dataset["input_ids"])
+    assert 704 < longest < 768  # padded to 768: the padding lengthens it
+    assert auto[3].micro_batch_tokens == 2 * longest
+    assert all(rows * width <= 2 * longest for rows, width in auto[2])
+    assert {rows for rows, width in auto[2] if width == 768} == {1}  # the longest example's pass
     # 12 examples an epoch: steps of 8, 4 (the epoch's rest) and 8 examples, in passes of 2 rows or in one
     assert len(fixed[2]) == 4 + 2 + 4 and len(whole[2]) == 3
-    assert (whole[3].passes, auto[3].passes, small[3].passes) == (3, 10, len(small[2]))  # as counted
+    assert (whole[3].passes, pairs[3].passes, small[3].passes) == (3, 10, len(small[2]))  # as counted
+    assert auto[3].passes == len(auto[2]) > pairs[3].passes
     assert all(rows * width <= 1000 for rows, width in small[2]) and 3 < len(small[2])
-    for budget in (auto, small, whole):
+    for budget in (auto, pairs, small, whole):
         assert len(budget[0]) == 3 and budget[0] == pytest.approx(fixed[0], rel=1e-5)
         assert adapter_gap(budget[1], fixed[1]) < 1e-4
     if sampling == "group_by_length":
-        assert all(torch.equal(auto[1][k], fixed[1][k]) for k in fixed[1])
+        assert all(torch.equal(pairs[1][k], fixed[1][k]) for k in fixed[1])
 
 
 def test_micro_batch_tokens_settings(monkeypatch) -> None:
