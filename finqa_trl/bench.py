@@ -113,6 +113,11 @@ LEVERS: dict[str, list[str]] = {
     # the fixed micro-batches they had before
     "tokens": ["--micro_batch_tokens", "auto"],
     "no_tokens": ["--micro_batch_tokens", "false"],
+    # (`tokens<N>`, e.g. `tokens12544`: a budget of N tokens; lever_args reads the number.)
+    # The Trainer's check of each training_step's loss for NaN/inf (once a step with the recipes' token
+    # passes), which only decides what the logged loss shows (the last good one instead), reads the loss on
+    # the host after the backward: a wait for the GPU
+    "no_nan_filter": ["--logging_nan_inf_filter", "false"],
     # torch.compile modes for the compiled parts: CUDA graphs per batch shape (failed on an H200 with the
     # recipes' checkpointing and token passes, 2026-11-27: results/speed-notes.md), tuned kernels (not timed)
     "cudagraphs": ["--compile_mode", "reduce-overhead"],
@@ -190,8 +195,12 @@ def lever_args(variant: str) -> list[str]:
     _, _, levers = variant.partition(":")
     out: list[str] = []
     for name in filter(None, levers.split("+")):
+        budget = name.removeprefix("tokens")
+        if budget.isdigit() and int(budget) > 0:
+            out += ["--micro_batch_tokens", budget]
+            continue
         if name not in LEVERS:
-            raise SystemExit(f"error: unknown lever {name!r}; known: {', '.join(LEVERS)}")
+            raise SystemExit(f"error: unknown lever {name!r}; known: {', '.join(LEVERS)}, tokens<N>")
         out += LEVERS[name]
     return out
 
@@ -690,8 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--variants",
         nargs="*",
         default=["trl", "recipe"],
-        help=f"trl, trl:full_length, recipe, or recipe:LEVER[+LEVER] with LEVER in {', '.join(LEVERS)}; "
-        "none: eval only",
+        help="trl, trl:full_length, recipe, or recipe:LEVER[+LEVER] with LEVER in "
+        f"{', '.join(LEVERS)}, tokens<N> (a budget of N tokens); none: eval only",
     )
     ap.add_argument("--examples", type=int, default=192, help="timed training examples per variant")
     ap.add_argument("--warmup_examples", type=int, default=48, help="untimed training examples first")
