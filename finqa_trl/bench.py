@@ -36,6 +36,7 @@ import datetime as dt
 import gc
 import json
 import lzma
+import re
 import shutil
 import sys
 import tempfile
@@ -107,10 +108,10 @@ LEVERS: dict[str, list[str]] = {
     # QDoRA (eager: slower compiled); `no_compile` times eager, `compile` QDoRA compiled.
     "compile": ["--compile_layers", "true"],
     "no_compile": ["--compile_layers", "false"],
-    # each step's 16 examples in passes of at most the worst fixed micro-batch's padded tokens (4 x the
-    # longest example), instead of 4 passes of 4: fewer, larger passes where examples are short. The
-    # recipes' default on one GPU or DDP since 2026-11-27 (`micro_batch_tokens: auto`); `no_tokens` times
-    # the fixed micro-batches they had before
+    # each step's 16 examples in passes of at most 4 x the longest example's unpadded length (each pass
+    # counted with its padding: plain TRL's worst batch on the same data), instead of 4 passes of 4: fewer,
+    # larger passes where examples are short. The recipes' default on one GPU or DDP since 2026-11-27
+    # (`micro_batch_tokens: auto`; padded to 64 until machine W); `no_tokens` times the fixed micro-batches
     "tokens": ["--micro_batch_tokens", "auto"],
     "no_tokens": ["--micro_batch_tokens", "false"],
     # (`tokens<N>`, e.g. `tokens12544`: a budget of N tokens; lever_args reads the number.)
@@ -195,9 +196,9 @@ def lever_args(variant: str) -> list[str]:
     _, _, levers = variant.partition(":")
     out: list[str] = []
     for name in filter(None, levers.split("+")):
-        budget = name.removeprefix("tokens")
-        if budget.isdigit() and int(budget) > 0:
-            out += ["--micro_batch_tokens", budget]
+        budget = re.fullmatch(r"tokens([1-9][0-9]*)", name)
+        if budget:
+            out += ["--micro_batch_tokens", budget[1]]
             continue
         if name not in LEVERS:
             raise SystemExit(f"error: unknown lever {name!r}; known: {', '.join(LEVERS)}, tokens<N>")

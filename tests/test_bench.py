@@ -46,8 +46,9 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     assert train.parse([*lora, *bench.lever_args("recipe:no_tokens")]).script.micro_batch_tokens == "false"
     assert train.parse([*lora, *bench.lever_args("recipe:no_pad64")]).training.pad_to_multiple_of is None
     assert train.parse([*lora, *bench.lever_args("recipe:tokens12544")]).script.micro_batch_tokens == "12544"
-    with pytest.raises(SystemExit, match="unknown lever 'tokens0'"):
-        bench.lever_args("recipe:tokens0")
+    for bad in ("tokens0", "tokens012", "tokens²", "tokens-5"):
+        with pytest.raises(SystemExit, match=f"unknown lever '{bad}'"):
+            bench.lever_args(f"recipe:{bad}")
     assert train.parse(lora).training.logging_nan_inf_filter  # on by default, which no_nan_filter undoes
     assert not train.parse([*lora, *bench.lever_args("recipe:no_nan_filter")]).training.logging_nan_inf_filter
     assert train.parse(lora).script.cudnn_attention
@@ -209,7 +210,8 @@ def test_the_worst_step_is_the_same_longest_batch_on_equal_data(sample_dir, llam
     # The memory condition compares each variant's worst step: plain TRL at full length and the recipe with
     # fixed micro-batches train on the same examples at the same micro-batch, so their longest micro-batches
     # hold the same tokens. The recipe itself loads a step's 16 examples as one batch (here all 12), run in
-    # passes of at most 4 x the longest example (padded to 64): no pass holds more than that micro-batch.
+    # passes of at most 4 x the longest example (unpadded): no pass, padding included, holds more than plain
+    # TRL's micro-batch of the longest example and three rows padded to it.
     from finqa_trl.modeling import load_tokenizer, resolve_source
     from finqa_trl.prompts import format_split
 
@@ -235,6 +237,7 @@ def test_the_worst_step_is_the_same_longest_batch_on_equal_data(sample_dir, llam
     )
     assert longest == fixed["longest_example_tokens"] > 1024
     assert regrouped["micro_batch_tokens"] == 4 * longest  # plain TRL's worst batch: 4 x the longest
+    assert longest == got["trl:full_length"]["longest_example_tokens"]
     assert got["trl"]["longest_batch_tokens"] <= 4 * 1024  # plain TRL's default truncation
 
 
