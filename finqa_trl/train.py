@@ -221,13 +221,15 @@ class FinQAArguments:
             "cost. auto (the recipes): "
             "where gradient_accumulation_steps > 1, a budget of per_device_train_batch_size x the longest "
             "training example (unpadded), so that no micro-batch holds more tokens, padding included, than "
-            "plain TRL's worst batch (the longest example and as many rows padded to it). With the budget "
-            "padded to 64 instead (the default until 2026-11-27), two H200 machines measured 1.15-1.48x "
-            "the tokens/s of fixed micro-batches for 1b LoRA, QLoRA, DoRA, QDoRA, 3b LoRA and QLoRA; "
-            "unpadded (machine W), the worst step was 0.24-0.51 GiB lower, below plain TRL's on the same "
-            "data for every row timed, at 0.94-1.01x the padded budget's tokens/s (results/speed-notes.md; "
-            "DDP tested on the CPU only); a positive integer: that budget; false: fixed micro-batches. Off "
-            "under FSDP and DeepSpeed (an integer is refused there: DeepSpeed counts micro-steps itself), "
+            "plain TRL's worst batch on the same data (the longest example and as many rows padded to it; "
+            "but a single row padded beyond the budget, which gets a micro-batch of its own). With the "
+            "budget padded to 64 instead (the default until 2026-11-27), two H200 machines measured "
+            "1.15-1.48x the tokens/s of fixed micro-batches for 1b LoRA, QLoRA, DoRA, QDoRA, 3b LoRA and "
+            "QLoRA; unpadded (machine W), the worst step was 0.24-0.51 GiB lower, below plain TRL's on the "
+            "same data for every row timed, at 0.94-1.01x the padded budget's tokens/s (results/speed-"
+            "notes.md; DDP tested on the CPU only); a positive integer: that budget; false: fixed micro-"
+            "batches. Off under FSDP and DeepSpeed (an integer is refused there: DeepSpeed counts micro-"
+            "steps itself), "
             "with padding_free or packing (no rows to regroup) and with auto_find_batch_size."
         },
     )
@@ -1187,7 +1189,8 @@ def prepare(run: Run) -> Prepared:
     trainer = build_trainer(run, model, tokenizer, train_ds, eval_ds, callbacks)
     if budget is not None:
         if budget == "auto":
-            # Plain TRL's worst batch: the longest example and fixed - 1 rows padded to it. Unpadded, so that
+            # Plain TRL's worst batch on the same data: the longest example and fixed - 1 rows padded to it
+            # (TRL pads to the longest row only). Unpadded, so that
             # padding to a multiple never makes a pass bigger than that batch: the pass of the longest
             # example then holds a row fewer where the padding lengthens it.
             budget = fixed * max(len(ids) for ids in trainer.train_dataset["input_ids"])
