@@ -391,26 +391,44 @@ def _recipe_trainer(
     return train.prepare(run).trainer, warmup
 
 
-def longest_batch_peak(trainer: Any) -> dict[str, Any]:
-    """One more forward + backward, on the micro-batch of the variant's longest examples: the peak memory
-    of its worst step in an epoch (every batch holding the longest example is padded to the same shape).
-    Where micro_batch_tokens regroups a step's examples into one batch, that batch is the step's longest
-    examples, run in its passes of at most the budget's tokens (the first holding the longest).
-    The timed window's peak depends on which batches it happened to meet (length grouping puts the longest
-    batch first, random batches meet it somewhere in the epoch), so only this number compares the memory
-    of two variants. Run after training (optimizer state allocated), through the module training ran
-    (`model_wrapped`: compiled under --torch_compile)."""
+def biggest_pass(trainer: Any) -> list[int] | None:
+    """With token passes (`trainer.micro_batch_tokens`): the rows of the pass that holds the most padded
+    tokens (then the most rows: more programs, more logits) among the passes the planner makes of the first
+    epoch's steps, as the trainer's sampler draws them; None with fixed micro-batches. The step of the longest
+    examples need not hold it: under an unpadded budget its first pass loses a row to the padding, while
+    steps of shorter examples fill the budget (machine W: passes of 8 x 1,536 and 16 x 768 padded tokens
+    beside the longest step's 5 x 2,304)."""
+    from .train import _round_up, plan_micro_batches
+
+    budget = getattr(trainer, "micro_batch_tokens", None)
+    if not budget:
+        return None
+    data = trainer.train_dataset
+    lengths = [len(ids) for ids in data["input_ids"]]
+    size, multiple = trainer.args.per_device_train_batch_size, trainer.args.pad_to_multiple_of
+    order = list(iter(trainer._get_train_sampler(data)))
+    best, most = None, (0, 0)
+    for start in range(0, len(order), size):
+        step = order[start : start + size]
+        for group in plan_micro_batches([lengths[i] for i in step], budget, multiple):
+            rows = [step[j] for j in group]
+            padded = len(rows) * _round_up(max(lengths[i] for i in rows), multiple)
+            if (padded, len(rows)) > most:
+                best, most = rows, (padded, len(rows))
+    return best
+
+
+def _peak_of_step(trainer: Any, rows: list[int]) -> float | None:
+    """Peak GPU memory of one forward + backward over `rows` as one batch, in the trainer's own passes
+    (None without CUDA)."""
     import torch
 
     from .modeling import peak_gpu_memory_gib
 
     data = trainer.train_dataset
-    size = trainer.args.per_device_train_batch_size
-    lengths = [len(ids) for ids in data["input_ids"]]
-    longest = sorted(range(len(lengths)), key=lengths.__getitem__)[-size:]
     # Only the columns the trainer feeds the model (TRL keeps e.g. the prompt text beside the token ids).
-    rows = trainer._remove_unused_columns(data.select(longest), description="longest batch")
-    batch = trainer._prepare_inputs(trainer.data_collator([rows[i] for i in range(len(rows))]))
+    picked = trainer._remove_unused_columns(data.select(rows), description="worst step")
+    batch = trainer._prepare_inputs(trainer.data_collator([picked[i] for i in range(len(picked))]))
     model = trainer.model_wrapped
     model.train()
     _sync()
@@ -419,12 +437,41 @@ def longest_batch_peak(trainer: Any) -> dict[str, Any]:
     trainer.training_step(model, batch)
     _sync()
     trainer.model.zero_grad(set_to_none=True)
-    tokens = sum(lengths[i] for i in longest)
-    return {
-        "longest_batch_tokens": tokens,
+    return peak_gpu_memory_gib()
+
+
+def longest_batch_peak(trainer: Any) -> dict[str, Any]:
+    """The peak memory of the variant's worst step in an epoch: one more forward + backward on the micro-batch
+    of its longest examples (every batch holding the longest example is padded to the same shape). Where
+    micro_batch_tokens regroups a step's examples into one batch, that batch is the step's longest examples,
+    run in its passes of at most the budget's tokens, and also the biggest pass of the epoch (biggest_pass)
+    on its own: the worst step is the higher of the two peaks.
+    The timed window's peak depends on which batches it happened to meet (length grouping puts the longest
+    batch first, random batches meet it somewhere in the epoch), so only this number compares the memory
+    of two variants. Run after training (optimizer state allocated), through the module training ran
+    (`model_wrapped`: compiled under --torch_compile)."""
+    data = trainer.train_dataset
+    size = trainer.args.per_device_train_batch_size
+    lengths = [len(ids) for ids in data["input_ids"]]
+    longest = sorted(range(len(lengths)), key=lengths.__getitem__)[-size:]
+    peak = _peak_of_step(trainer, longest)
+    out: dict[str, Any] = {
+        "longest_batch_tokens": sum(lengths[i] for i in longest),
         "longest_example_tokens": max(lengths),  # what micro_batch_tokens auto's budget derives from
-        "longest_batch_peak_gib": peak_gpu_memory_gib(),
+        "longest_batch_peak_gib": peak,
     }
+    rows = biggest_pass(trainer)
+    if rows is not None:
+        from .train import _round_up
+
+        width = _round_up(max(lengths[i] for i in rows), trainer.args.pad_to_multiple_of)
+        biggest = _peak_of_step(trainer, rows)
+        out["longest_step_peak_gib"] = peak
+        out["biggest_pass"] = [len(rows), width]  # rows x padded length
+        out["biggest_pass_peak_gib"] = biggest
+        if peak is not None and biggest is not None:  # None: no CUDA
+            out["longest_batch_peak_gib"] = max(peak, biggest)
+    return out
 
 
 PROFILE_STEPS = 3  # profiled micro-steps per training variant, after 2 unprofiled ones on the same batch

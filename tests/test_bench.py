@@ -205,6 +205,28 @@ def test_every_eval_variant_passes_predicts_checks(tmp_path, monkeypatch):
         assert predict.resolve_settings(args) is not None, name
 
 
+def test_the_worst_step_of_token_passes_takes_the_epochs_biggest_pass() -> None:
+    # Under the unpadded budget (4 x 3,076 = 12,304) the longest step's passes lose a row to the padding,
+    # while steps of shorter examples fill the budget: machine W's run peaks sat above the longest step's.
+    # The bench finds the pass of the most padded tokens over the epoch's steps, then of the most rows.
+    from types import SimpleNamespace
+
+    lengths = [3076, *[2456] * 7] + [*[3070] * 4, *[50] * 4] + [1530] * 8
+    trainer = SimpleNamespace(
+        micro_batch_tokens=4 * 3076,
+        train_dataset={"input_ids": [[0] * n for n in lengths]},
+        args=SimpleNamespace(per_device_train_batch_size=8, pad_to_multiple_of=64),
+        _get_train_sampler=lambda data: range(len(lengths)),
+    )
+    # the longest step: passes of 3 x 3,136 at most; the second step: 4 x 3,072 = 12,288 padded tokens;
+    # the third: 8 x 1,536 = 12,288 as well, in more rows
+    assert bench.biggest_pass(trainer) == list(range(16, 24))
+    trainer._get_train_sampler = lambda data: [*range(8, 16), *range(8), *range(16, 24)][::-1]
+    assert sorted(bench.biggest_pass(trainer)) == list(range(16, 24))  # wherever the sampler puts it
+    trainer.micro_batch_tokens = None  # fixed micro-batches: the longest batch is the worst
+    assert bench.biggest_pass(trainer) is None
+
+
 @pytest.mark.slow
 def test_the_worst_step_is_the_same_longest_batch_on_equal_data(sample_dir, llama3_tokenizer_dir, tmp_path):
     # The memory condition compares each variant's worst step: plain TRL at full length and the recipe with
@@ -238,6 +260,9 @@ def test_the_worst_step_is_the_same_longest_batch_on_equal_data(sample_dir, llam
     assert longest == fixed["longest_example_tokens"] > 1024
     assert regrouped["micro_batch_tokens"] == 4 * longest  # plain TRL's worst batch: 4 x the longest
     assert longest == got["trl:full_length"]["longest_example_tokens"]
+    rows, width = regrouped["biggest_pass"]  # the epoch's biggest pass, run on its own as well
+    assert rows * width <= regrouped["micro_batch_tokens"] and width % 64 == 0
+    assert "biggest_pass" not in fixed and "biggest_pass" not in got["trl:full_length"]
     assert got["trl"]["longest_batch_tokens"] <= 4 * 1024  # plain TRL's default truncation
 
 
