@@ -225,11 +225,11 @@ class FinQAArguments:
             "but a single row padded beyond the budget, which gets a micro-batch of its own). With the "
             "budget padded to 64 instead (the default until 2026-11-27), two H200 machines measured "
             "1.15-1.48x the tokens/s of fixed micro-batches for 1b LoRA, QLoRA, DoRA, QDoRA, 3b LoRA and "
-            "QLoRA; unpadded (machine W), the worst step was 0.24-0.51 GiB lower, below plain TRL's on the "
-            "same data for every row timed, at 0.94-1.01x the padded budget's tokens/s (results/speed-"
-            "notes.md; DDP tested on the CPU only); a positive integer: that budget; false: fixed micro-"
-            "batches. Off under FSDP and DeepSpeed (an integer is refused there: DeepSpeed counts micro-"
-            "steps itself), "
+            "QLoRA; unpadded (machine W), the timed window's peak was 0.04-0.10 GiB lower (1b QLoRA and DoRA"
+            " still above plain TRL's on the same data), at 0.94-1.01x the padded budget's tokens/s "
+            "(results/speed-notes.md; DDP tested on the CPU only); a positive integer: that budget; false: "
+            "fixed micro-batches. Off under FSDP and DeepSpeed (an integer is refused there: DeepSpeed "
+            "counts micro-steps itself), "
             "with padding_free or packing (no rows to regroup) and with auto_find_batch_size."
         },
     )
