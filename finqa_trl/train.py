@@ -1190,9 +1190,9 @@ def prepare(run: Run) -> Prepared:
     if budget is not None:
         if budget == "auto":
             # Plain TRL's worst batch on the same data: the longest example and fixed - 1 rows padded to it
-            # (TRL pads to the longest row only). Unpadded, so that
-            # padding to a multiple never makes a pass bigger than that batch: the pass of the longest
-            # example then holds a row fewer where the padding lengthens it.
+            # (TRL pads to the longest row only). Unpadded, so that padding to a multiple never makes a pass
+            # bigger than that batch: the pass of the longest example then holds a row fewer where the
+            # padding lengthens it.
             budget = fixed * max(len(ids) for ids in trainer.train_dataset["input_ids"])
         trainer.micro_batch_tokens = budget
         logger.info(
