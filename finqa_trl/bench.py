@@ -123,6 +123,8 @@ LEVERS: dict[str, list[str]] = {
     # recipes' checkpointing and token passes, 2026-11-27: results/speed-notes.md), tuned kernels (not timed)
     "cudagraphs": ["--compile_mode", "reduce-overhead"],
     "autotune": ["--compile_mode", "max-autotune-no-cudagraphs"],
+    # inductor's C++ wrapper: the compiled parts launch their kernels from C++, not Python (not timed)
+    "cpp_wrapper": ["--compile_mode", "cpp-wrapper"],
     # the Trainer's torch_compile: the whole model as one graph (was `compile` until 2026-11-26; machine D was
     # cut off while it compiled)
     "compile_model": ["--torch_compile", "true"],

@@ -680,13 +680,20 @@ def compile_decoder_layers(model: Any, mode: str = "default") -> int:
     parts the checkpoint stays eager and recomputes by calling them again. Layers run one code object per
     part with their parameters as graph inputs, so all layers share its graphs (CPU: 6 graphs for LoRA's
     attention, MLP and norm at a first and a dynamic length). DoRA's forward breaks into smaller graphs.
-    `mode` is torch.compile's (reduce-overhead: CUDA graphs)."""
+    `mode` is torch.compile's (reduce-overhead: CUDA graphs), or cpp-wrapper (inductor's C++ wrapper)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    # cpp-wrapper is an inductor option, not a torch.compile mode (torch.compile takes one or the other): the
+    # generated wrapper that launches the kernels is C++ instead of Python
+    how = (
+        {"options": {"cpp_wrapper": True}}
+        if mode == "cpp-wrapper"
+        else {"mode": None if mode == "default" else mode}
+    )
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
         for part in layer.children():
-            part.compile(mode=None if mode == "default" else mode)
+            part.compile(**how)
     # 0 for a model whose layers are not transformers' checkpointing layers: nothing compiled
     return len(layers)
 

@@ -199,12 +199,21 @@ class FinQAArguments:
         metadata={
             "help": "torch.compile's mode for the layers' parts where compile_layers compiles them: "
             "reduce-overhead adds CUDA graphs (one per batch shape; the compiled micro-step is still bound "
-            "by the CPU), max-autotune-no-cudagraphs tunes the fused kernels, max-autotune both; the same "
-            "loss function. Speed levers: reduce-overhead failed on an H200 for 1b LoRA with the recipes' "
+            "by the CPU), max-autotune-no-cudagraphs tunes the fused kernels, max-autotune both, "
+            "cpp-wrapper has inductor launch the kernels from generated C++ instead of Python (its "
+            "cpp_wrapper option; fewer host microseconds per kernel where the pass waits on the host); "
+            "the same loss function. Speed levers: reduce-overhead failed on an H200 for 1b LoRA with the "
+            "recipes' "
             "activation checkpointing and token-budgeted passes (the capture invalidated with cuDNN "
             "attention; with the flash kernel the recomputation met other tensor metadata); the others not "
             "yet timed (results/speed-notes.md).",
-            "choices": ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+            "choices": [
+                "default",
+                "reduce-overhead",
+                "max-autotune-no-cudagraphs",
+                "max-autotune",
+                "cpp-wrapper",
+            ],
         },
     )
     micro_batch_tokens: str = field(

@@ -19,7 +19,16 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "compile_model": ("torch_compile", True),
     }
     levers = {"no_upcast", "upcast", "bf16_adapters", "no_input_cast", "input_cast", "liger", "no_liger"}
-    levers |= {"no_cudnn", "pad64", "no_pad64", "compile", "no_compile", "cudagraphs", "autotune"}
+    levers |= {
+        "no_cudnn",
+        "pad64",
+        "no_pad64",
+        "compile",
+        "no_compile",
+        "cudagraphs",
+        "autotune",
+        "cpp_wrapper",
+    }
     levers |= {"tokens", "no_tokens", "no_nan_filter"}
     assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
@@ -63,6 +72,8 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     )
     tuned = train.parse([*lora, *bench.lever_args("recipe:autotune")]).script.compile_mode
     assert tuned == "max-autotune-no-cudagraphs"
+    cpp = train.parse([*lora, *bench.lever_args("recipe:cpp_wrapper")]).script.compile_mode
+    assert cpp == "cpp-wrapper"
     # Liger's kernels: a recipe default where installed on a GPU (faked here) and the layers run eager (they
     # are off under the compiled layers of one GPU), which no_liger turns off
     monkeypatch.setattr("finqa_trl.modeling.cuda_available", lambda: True)

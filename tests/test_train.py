@@ -1285,12 +1285,16 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
     from torch._dynamo.utils import counters
 
     graphs, runs = {}, {}
-    for compiled in ("false", "true"):
+    # LoRA also with inductor's C++ wrapper (the kernels launched from C++): the same losses
+    for compiled in ("false", "true", *(["cpp-wrapper"] if not method else [])):
         torch._dynamo.reset()
         counters.clear()
         out = tmp_path / compiled
         args = ["--lora_dropout", "0", "--pad_to_multiple_of", "none", "--max_steps", "4", *method]
-        assert main(smoke_args(out, *args, "--compile_layers", compiled)) == 0
+        how = ["--compile_layers", compiled]
+        if compiled == "cpp-wrapper":
+            how = ["--compile_layers", "true", "--compile_mode", compiled]
+        assert main(smoke_args(out, *args, *how)) == 0
         graphs[compiled] = counters["stats"]["unique_graphs"]
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         runs[compiled] = [h["loss"] for h in history if "loss" in h], adapter_keys(out)
@@ -1302,6 +1306,10 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
     assert len(eager) == len(fused) == 4
     assert fused == pytest.approx(eager, rel=1e-4)
     assert fused_keys == eager_keys
+    if "cpp-wrapper" in runs:
+        assert results["cpp-wrapper"]["compile_mode"] == "cpp-wrapper" and graphs["cpp-wrapper"] >= 3
+        assert runs["cpp-wrapper"][0] == pytest.approx(eager, rel=1e-4)
+        assert runs["cpp-wrapper"][1] == eager_keys
 
 
 def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_fsdp(monkeypatch) -> None:
@@ -1353,10 +1361,13 @@ def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatc
     model = LlamaForCausalLM(cfg)
     seen: list[tuple[str, str | None]] = []
     monkeypatch.setattr(
-        torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw["mode"]))
+        torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, repr(kw)))
     )
     assert compile_decoder_layers(model, "reduce-overhead") == 2
     parts = ["LlamaAttention", "LlamaMLP", "LlamaRMSNorm", "LlamaRMSNorm"]
-    assert sorted(seen) == sorted([(p, "reduce-overhead") for p in parts] * 2)
+    assert sorted(seen) == sorted([(p, "{'mode': 'reduce-overhead'}") for p in parts] * 2)
     seen.clear()
-    assert compile_decoder_layers(model) == 2 and {mode for _, mode in seen} == {None}
+    assert compile_decoder_layers(model) == 2 and {kw for _, kw in seen} == {"{'mode': None}"}
+    seen.clear()  # an inductor option, which torch.compile takes instead of a mode
+    assert compile_decoder_layers(model, "cpp-wrapper") == 2
+    assert {kw for _, kw in seen} == {"{'options': {'cpp_wrapper': True}}"}
