@@ -395,12 +395,13 @@ def _recipe_trainer(
 
 def biggest_pass(trainer: Any) -> list[int] | None:
     """With token passes (`trainer.micro_batch_tokens`): the rows of the pass that holds the most padded
-    tokens (then the most rows: more programs, more logits) among the passes the planner makes of the first
-    epoch's steps, as the trainer's sampler draws them; None with fixed micro-batches. The step of the longest
-    examples need not hold it: under an unpadded budget its first pass loses a row to the padding, while
-    steps of shorter examples fill the budget (the sample's lengths, planned on the CPU: passes of 8 x 1,536
-    and 16 x 768 padded tokens beside the longest step's 5 x 2,304; on machine W the timed windows peaked
-    0.17-0.44 GiB above the longest step)."""
+    tokens (then the most rows: more programs, more logits) among the passes the planner makes of an epoch's
+    steps in the order the trainer's sampler draws now (its seeded length grouping: the current epoch's; a
+    random sampler draws an order of its own); None with fixed micro-batches or without a sampler. The step of
+    the longest examples need not hold it: under an unpadded budget its first pass loses a row to the
+    padding, while steps of shorter examples fill the budget (the sample's lengths, planned on the CPU:
+    passes of 8 x 1,536 and 16 x 768 padded tokens beside the longest step's 5 x 2,304; on machines W and X
+    the timed windows peaked 0.17-0.44 GiB above the longest step)."""
     from .train import _round_up, plan_micro_batches
 
     budget = getattr(trainer, "micro_batch_tokens", None)
@@ -409,7 +410,10 @@ def biggest_pass(trainer: Any) -> list[int] | None:
     data = trainer.train_dataset
     lengths = [len(ids) for ids in data["input_ids"]]
     size, multiple = trainer.args.per_device_train_batch_size, trainer.args.pad_to_multiple_of
-    order = list(iter(trainer._get_train_sampler(data)))
+    sampler = trainer._get_train_sampler(data)
+    if sampler is None:  # an iterable dataset: no order to plan ahead
+        return None
+    order = list(iter(sampler))
     best, most = None, (0, 0)
     for start in range(0, len(order), size):
         step = order[start : start + size]
@@ -430,8 +434,9 @@ def _batch_of(trainer: Any, rows: list[int], description: str) -> dict[str, Any]
 
 
 def _peak_of_step(trainer: Any, rows: list[int]) -> float | None:
-    """Peak GPU memory of one forward + backward over `rows` as one batch, in the trainer's own passes
-    (None without CUDA)."""
+    """Peak GPU memory of one forward + backward over `rows` as one batch, in the trainer's own passes, with
+    the trainable parameters' gradients already held, as every pass after a step's first holds them (None
+    without CUDA)."""
     import torch
 
     from .modeling import peak_gpu_memory_gib
@@ -439,6 +444,9 @@ def _peak_of_step(trainer: Any, rows: list[int]) -> float | None:
     batch = _batch_of(trainer, rows, "worst step")
     model = trainer.model_wrapped
     model.train()
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
     _sync()
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
@@ -454,10 +462,12 @@ def longest_batch_peak(trainer: Any) -> dict[str, Any]:
     micro_batch_tokens regroups a step's examples into one batch, that batch is the step's longest examples,
     run in its passes of at most the budget's tokens, and also the biggest pass of the epoch (biggest_pass)
     on its own: the worst step is the higher of the two peaks.
-    The timed window's peak depends on which batches it happened to meet (length grouping puts the longest
-    batch first, random batches meet it somewhere in the epoch), so only this number compares the memory
-    of two variants. Run after training (optimizer state allocated), through the module training ran
-    (`model_wrapped`: compiled under --torch_compile)."""
+    Each extra step runs with the gradients already held (since 2026-11-27; earlier runs' extra steps started
+    without them and read low by about their size: plain TRL's timed windows peaked 0.03-0.05 GiB above its
+    extra steps on machines W and X). The timed window's peak depends on which batches it happened to meet
+    (length grouping puts the longest batch first, random batches meet it somewhere in the epoch), so only
+    this number compares the memory of two variants. Run after training (optimizer state allocated), through
+    the module training ran (`model_wrapped`: compiled under --torch_compile)."""
     data = trainer.train_dataset
     size = trainer.args.per_device_train_batch_size
     lengths = [len(ids) for ids in data["input_ids"]]
@@ -473,11 +483,14 @@ def longest_batch_peak(trainer: Any) -> dict[str, Any]:
         from .train import _round_up
 
         width = _round_up(max(lengths[i] for i in rows), trainer.args.pad_to_multiple_of)
-        biggest = _peak_of_step(trainer, rows)
+        try:  # the longest step's peak stands if this one fails (e.g. out of memory)
+            biggest: float | str | None = _peak_of_step(trainer, rows)
+        except Exception as err:
+            biggest = _error_text(err)
         out["longest_step_peak_gib"] = peak
         out["biggest_pass"] = [len(rows), width]  # rows x padded length
         out["biggest_pass_peak_gib"] = biggest
-        if peak is not None and biggest is not None:  # None: no CUDA
+        if isinstance(peak, float) and isinstance(biggest, float):  # None: no CUDA
             out["longest_batch_peak_gib"] = max(peak, biggest)
     return out
 

@@ -235,7 +235,7 @@ class FinQAArguments:
             "budget padded to 64 instead (the default until 2026-11-27), two H200 machines measured "
             "1.15-1.48x the tokens/s of fixed micro-batches for 1b LoRA, QLoRA, DoRA, QDoRA, 3b LoRA and "
             "QLoRA; unpadded (machine W), the timed window's peak was 0.04-0.10 GiB lower (1b QLoRA and DoRA"
-            " still above plain TRL's on the same data), at 0.94-1.01x the padded budget's tokens/s "
+            " within 0.05 GiB of plain TRL's on the same data), at 0.94-1.01x the padded budget's tokens/s "
             "(results/speed-notes.md; DDP tested on the CPU only); a positive integer: that budget; false: "
             "fixed micro-batches. Off under FSDP and DeepSpeed (an integer is refused there: DeepSpeed "
             "counts micro-steps itself), "

@@ -234,8 +234,33 @@ def test_the_worst_step_of_token_passes_takes_the_epochs_biggest_pass() -> None:
     assert bench.biggest_pass(trainer) == list(range(16, 24))
     trainer._get_train_sampler = lambda data: [*range(8, 16), *range(8), *range(16, 24)][::-1]
     assert sorted(bench.biggest_pass(trainer)) == list(range(16, 24))  # wherever the sampler puts it
+    trainer._get_train_sampler = lambda data: None  # an iterable dataset: no order to plan
+    assert bench.biggest_pass(trainer) is None
     trainer.micro_batch_tokens = None  # fixed micro-batches: the longest batch is the worst
     assert bench.biggest_pass(trainer) is None
+
+
+def test_the_worst_steps_pass_runs_with_the_gradients_held(monkeypatch) -> None:
+    # Every pass after a step's first runs with the adapter's gradients already allocated, so the extra step
+    # measures with them held (earlier runs' extra steps started without and read low by about their size),
+    # and leaves none behind.
+    from types import SimpleNamespace
+
+    import torch
+
+    layer = torch.nn.Linear(2, 2)
+    layer.bias.requires_grad_(False)
+    held: list[bool] = []
+    trainer = SimpleNamespace(
+        model=layer,
+        model_wrapped=layer,
+        training_step=lambda model, batch: held.append(
+            layer.weight.grad is not None and layer.bias.grad is None
+        ),
+    )
+    monkeypatch.setattr(bench, "_batch_of", lambda trainer, rows, description: {})
+    assert bench._peak_of_step(trainer, [0]) is None  # no CUDA here
+    assert held == [True] and layer.weight.grad is None
 
 
 @pytest.mark.slow
