@@ -402,7 +402,7 @@ def biggest_pass(trainer: Any) -> list[int] | None:
     padding, while steps of shorter examples fill the budget (the sample's lengths, planned on the CPU:
     passes of 8 x 1,536 and 16 x 768 padded tokens beside the longest step's 5 x 2,304; on machines W and X
     the timed windows peaked 0.17-0.44 GiB above the longest step)."""
-    from .train import _round_up, plan_micro_batches
+    from .train import padded_width, plan_micro_batches
 
     budget = getattr(trainer, "micro_batch_tokens", None)
     if not budget:
@@ -419,7 +419,7 @@ def biggest_pass(trainer: Any) -> list[int] | None:
         step = order[start : start + size]
         for group in plan_micro_batches([lengths[i] for i in step], budget, multiple):
             rows = [step[j] for j in group]
-            padded = len(rows) * _round_up(max(lengths[i] for i in rows), multiple)
+            padded = len(rows) * padded_width(lengths, rows, multiple)
             if (padded, len(rows)) > most:
                 best, most = rows, (padded, len(rows))
     return best
@@ -480,9 +480,9 @@ def longest_batch_peak(trainer: Any) -> dict[str, Any]:
     }
     rows = biggest_pass(trainer)
     if rows is not None:
-        from .train import _round_up
+        from .train import padded_width
 
-        width = _round_up(max(lengths[i] for i in rows), trainer.args.pad_to_multiple_of)
+        width = padded_width(lengths, rows, trainer.args.pad_to_multiple_of)
         try:  # the longest step's peak stands if this one fails (e.g. out of memory)
             biggest: float | str | None = _peak_of_step(trainer, rows)
         except Exception as err:
@@ -490,7 +490,7 @@ def longest_batch_peak(trainer: Any) -> dict[str, Any]:
         out["longest_step_peak_gib"] = peak
         out["biggest_pass"] = [len(rows), width]  # rows x padded length
         out["biggest_pass_peak_gib"] = biggest
-        if isinstance(peak, float) and isinstance(biggest, float):  # None: no CUDA
+        if isinstance(peak, float) and isinstance(biggest, float):  # else no CUDA, or the pass failed
             out["longest_batch_peak_gib"] = max(peak, biggest)
     return out
 

@@ -203,10 +203,9 @@ class FinQAArguments:
             "cpp-wrapper has inductor launch the kernels from generated C++ instead of Python (its "
             "cpp_wrapper option; fewer host microseconds per kernel where the pass waits on the host); "
             "the same loss function. Speed levers: reduce-overhead failed on an H200 for 1b LoRA with the "
-            "recipes' "
-            "activation checkpointing and token-budgeted passes (the capture invalidated with cuDNN "
-            "attention; with the flash kernel the recomputation met other tensor metadata); the others not "
-            "yet timed (results/speed-notes.md).",
+            "recipes' activation checkpointing and token-budgeted passes (the capture invalidated with "
+            "cuDNN attention; with the flash kernel the recomputation met other tensor metadata); the others "
+            "not yet timed (results/speed-notes.md).",
             "choices": [
                 "default",
                 "reduce-overhead",
@@ -234,12 +233,12 @@ class FinQAArguments:
             "but a single row padded beyond the budget, which gets a micro-batch of its own). With the "
             "budget padded to 64 instead (the default until 2026-11-27), two H200 machines measured "
             "1.15-1.48x the tokens/s of fixed micro-batches for 1b LoRA, QLoRA, DoRA, QDoRA, 3b LoRA and "
-            "QLoRA; unpadded (machine W), the timed window's peak was 0.04-0.10 GiB lower (1b QLoRA and DoRA"
-            " within 0.05 GiB of plain TRL's on the same data), at 0.94-1.01x the padded budget's tokens/s "
-            "(results/speed-notes.md; DDP tested on the CPU only); a positive integer: that budget; false: "
-            "fixed micro-batches. Off under FSDP and DeepSpeed (an integer is refused there: DeepSpeed "
-            "counts micro-steps itself), "
-            "with padding_free or packing (no rows to regroup) and with auto_find_batch_size."
+            "QLoRA; unpadded (machine W), the timed window's peak was 0.04-0.10 GiB lower (1b QLoRA and "
+            "DoRA within 0.05 GiB of plain TRL's on the same data), at 0.94-1.01x the padded budget's "
+            "tokens/s (results/speed-notes.md; DDP tested on the CPU only); a positive integer: that "
+            "budget; false: fixed micro-batches. Off under FSDP and DeepSpeed (an integer is refused there: "
+            "DeepSpeed counts micro-steps itself), with padding_free or packing (no rows to regroup) and "
+            "with auto_find_batch_size."
         },
     )
     liger_kernel: str = field(
@@ -566,6 +565,12 @@ def _round_up(length: int, multiple: int | None) -> int:
     return length if not multiple else -(-length // multiple) * multiple
 
 
+def padded_width(lengths: Sequence[int], rows: Sequence[int], multiple: int | None) -> int:
+    """The padded length of a micro-batch of `rows` (indices into `lengths`): its longest row, rounded up to
+    `multiple` as the collator pads it."""
+    return _round_up(max(lengths[r] for r in rows), multiple)
+
+
 def plan_micro_batches(
     lengths: Sequence[int], budget: int, multiple: int | None = None, parts: int | None = None
 ) -> list[list[int]]:
@@ -578,7 +583,7 @@ def plan_micro_batches(
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
     def cost(group: list[int]) -> int:
-        return len(group) * _round_up(lengths[group[0]], multiple)  # group[0]: its longest row
+        return len(group) * padded_width(lengths, group, multiple)
 
     filled: list[list[int]] = []  # the fewest: each micro-batch takes the next rows while they fit
     for i in order:
@@ -963,7 +968,7 @@ def _trainer_class() -> type:
                     num_items_in_batch = self.accelerator.gather(num_items_in_batch).sum()
             total = None
             for i, group in enumerate(groups):
-                keep = min(width, _round_up(max(lengths[r] for r in group), multiple))
+                keep = min(width, padded_width(lengths, group, multiple))
                 index = torch.tensor(group, device=mask.device)
                 part = {key: _rows(value, index, rows, width, keep) for key, value in inputs.items()}
                 last = i == len(groups) - 1  # DDP reduces the summed gradients once, after the last pass
