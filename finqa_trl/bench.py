@@ -125,6 +125,9 @@ LEVERS: dict[str, list[str]] = {
     "autotune": ["--compile_mode", "max-autotune-no-cudagraphs"],
     # inductor's C++ wrapper: the compiled parts launch their kernels from C++, not Python (not timed)
     "cpp_wrapper": ["--compile_mode", "cpp-wrapper"],
+    # each whole decoder layer compiled with its activation checkpoint inside the graph: the recomputation
+    # runs in the compiled backward instead of calling the compiled parts again from Python (not timed)
+    "whole_layer": ["--compile_scope", "layer"],
     # the Trainer's torch_compile: the whole model as one graph (was `compile` until 2026-11-26; machine D was
     # cut off while it compiled)
     "compile_model": ["--torch_compile", "true"],

@@ -671,7 +671,7 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def compile_decoder_layers(model: Any, mode: str = "default") -> int:
+def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "parts") -> int:
     """torch.compile the parts of every decoder layer (attention, MLP, norms: its child modules) in place;
     returns how many layers. In place (`Module.compile`), not `torch.compile(module)`: parameter names, and so
     saved adapters and checkpoints, stay the same. The parts, not the layer: transformers 5 checkpoints
@@ -680,7 +680,9 @@ def compile_decoder_layers(model: Any, mode: str = "default") -> int:
     parts the checkpoint stays eager and recomputes by calling them again. Layers run one code object per
     part with their parameters as graph inputs, so all layers share its graphs (CPU: 6 graphs for LoRA's
     attention, MLP and norm at a first and a dynamic length). DoRA's forward breaks into smaller graphs.
-    `mode` is torch.compile's (reduce-overhead: CUDA graphs), or cpp-wrapper (inductor's C++ wrapper)."""
+    `mode` is torch.compile's (reduce-overhead: CUDA graphs), or cpp-wrapper (inductor's C++ wrapper).
+    `scope` layer compiles each whole layer instead, its checkpoint inside the graph (torch 2.13 on the CPU
+    partitions it, recomputing inside the compiled backward with the dropout masks replayed)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     # cpp-wrapper is an inductor option, not a torch.compile mode (torch.compile takes one or the other): the
@@ -691,9 +693,8 @@ def compile_decoder_layers(model: Any, mode: str = "default") -> int:
         else {"mode": None if mode == "default" else mode}
     )
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for layer in layers:
-        for part in layer.children():
-            part.compile(**how)
+    for target in layers if scope == "layer" else [part for layer in layers for part in layer.children()]:
+        target.compile(**how)
     # 0 for a model whose layers are not transformers' checkpointing layers: nothing compiled
     return len(layers)
 

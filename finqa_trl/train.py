@@ -215,6 +215,22 @@ class FinQAArguments:
             ],
         },
     )
+    compile_scope: str = field(
+        default="parts",
+        metadata={
+            "help": "What compile_layers compiles: parts (each decoder layer's attention, MLP and norms; "
+            "the activation checkpoint stays eager around them and recomputes by calling them again) or "
+            "layer (the whole decoder layer with its activation checkpoint inside the graph: the compiler "
+            "recomputes the layer inside the compiled backward, replaying its dropout masks, and fuses "
+            "across the parts and the residual adds; fewer calls from Python per layer). Same objective: on "
+            "the CPU it gives the gradients of the layer compiled without recomputation, and keeps what the "
+            "eager checkpoint keeps. Not for DoRA: PEFT's DoRA forward writes to a dict outside the layer, "
+            "which dynamo cannot replay inside a checkpoint, so the whole layer would run eager. A speed "
+            "lever (results/speed-notes.md); torch 2.11 failed to partition it once on an H100 (1b LoRA, "
+            "bf16, machine Q).",
+            "choices": ["parts", "layer"],
+        },
+    )
     micro_batch_tokens: str = field(
         default="false",
         metadata={
@@ -651,6 +667,18 @@ def _validate(run: Run) -> None:
             f"--compile_mode {s.compile_mode} applies where the layers are compiled (--compile_layers true, "
             "or auto on a CUDA GPU for one process or DDP)"
         )
+    if s.compile_scope != "parts":
+        if not compiles_layers(s, run.training, run.model):
+            raise UsageError(
+                f"--compile_scope {s.compile_scope} applies where the layers are compiled (--compile_layers "
+                "true, or auto on a CUDA GPU for one process or DDP)"
+            )
+        if run.model.use_dora:
+            raise UsageError(
+                "--compile_scope layer is not for DoRA: PEFT's DoRA forward writes to a dict outside the "
+                "layer, which dynamo cannot replay inside the layer's checkpoint, so the layer would run "
+                "eager (--compile_scope parts compiles DoRA's parts)"
+            )
     _check_micro_batch_tokens(run)
     if run.training.push_to_hub and not run.training.hub_model_id:
         raise UsageError("push_to_hub needs --hub_model_id USER/NAME")
@@ -1234,9 +1262,10 @@ def prepare(run: Run) -> Prepared:
         torch.backends.cuda.enable_cudnn_sdp(False)
     compiled = 0
     if compiles_layers(script, training, margs):
-        compiled = compile_decoder_layers(trainer.model, script.compile_mode)
+        compiled = compile_decoder_layers(trainer.model, script.compile_mode, script.compile_scope)
         if compiled:
-            logger.info("compiling the parts of %d decoder layers (torch.compile, in place)", compiled)
+            what = "the parts of" if script.compile_scope == "parts" else "whole"
+            logger.info("compiling %s %d decoder layers (torch.compile, in place)", what, compiled)
         else:
             logger.warning(
                 "compile_layers: no transformers decoder layers found in this model: it runs eager"
@@ -1346,6 +1375,7 @@ def train(run: Run) -> int:
     metrics["adapter_input_cast"] = not skips_input_cast(run) if _input_cast_skippable(run) else None
     metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
+    metrics["compile_scope"] = run.script.compile_scope if prepared.compiled_layers else None
     metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches
     if trainer.micro_batch_tokens:  # each process's passes (a collective): how much the steps were regrouped
         from accelerate.utils import gather_object

@@ -28,6 +28,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "cudagraphs",
         "autotune",
         "cpp_wrapper",
+        "whole_layer",
     }
     levers |= {"tokens", "no_tokens", "no_nan_filter"}
     assert set(expected) | levers == set(bench.LEVERS)
@@ -74,6 +75,8 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     assert tuned == "max-autotune-no-cudagraphs"
     cpp = train.parse([*lora, *bench.lever_args("recipe:cpp_wrapper")]).script.compile_mode
     assert cpp == "cpp-wrapper"
+    assert train.parse(lora).script.compile_scope == "parts"
+    assert train.parse([*lora, *bench.lever_args("recipe:whole_layer")]).script.compile_scope == "layer"
     # Liger's kernels: a recipe default where installed on a GPU (faked here) and the layers run eager (they
     # are off under the compiled layers of one GPU), which no_liger turns off
     monkeypatch.setattr("finqa_trl.modeling.cuda_available", lambda: True)

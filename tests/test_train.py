@@ -1285,8 +1285,9 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
     from torch._dynamo.utils import counters
 
     graphs, runs = {}, {}
-    # LoRA also with inductor's C++ wrapper (the kernels launched from C++): the same losses
-    for compiled in ("false", "true", *(["cpp-wrapper"] if not method else [])):
+    # LoRA also with inductor's C++ wrapper (the kernels launched from C++) and compiled as whole layers
+    # (their checkpoint inside the graph): the same losses
+    for compiled in ("false", "true", *(["cpp-wrapper", "layer"] if not method else [])):
         torch._dynamo.reset()
         counters.clear()
         out = tmp_path / compiled
@@ -1294,6 +1295,8 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
         how = ["--compile_layers", compiled]
         if compiled == "cpp-wrapper":
             how = ["--compile_layers", "true", "--compile_mode", compiled]
+        if compiled == "layer":
+            how = ["--compile_layers", "true", "--compile_scope", compiled]
         assert main(smoke_args(out, *args, *how)) == 0
         graphs[compiled] = counters["stats"]["unique_graphs"]
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -1306,6 +1309,12 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
     assert len(eager) == len(fused) == 4
     assert fused == pytest.approx(eager, rel=1e-4)
     assert fused_keys == eager_keys
+    assert results["true"]["compile_scope"] == "parts" and results["false"]["compile_scope"] is None
+    if "layer" in runs:
+        # one graph per layer call at a first length, then the length dynamic (the parts: 3 of each)
+        assert results["layer"]["compile_scope"] == "layer" and 1 <= graphs["layer"] <= 3
+        assert runs["layer"][0] == pytest.approx(eager, rel=1e-4)
+        assert runs["layer"][1] == eager_keys
     if "cpp-wrapper" in runs:
         assert results["cpp-wrapper"]["compile_mode"] == "cpp-wrapper" and graphs["cpp-wrapper"] >= 3
         assert runs["cpp-wrapper"][0] == pytest.approx(eager, rel=1e-4)
@@ -1347,6 +1356,85 @@ def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_f
         _validate(parse(["--config", "recipes/lora-1b.yaml", "--compile_layers", "true"]))
 
 
+def test_whole_layer_compile_recomputes_with_the_same_dropout_masks_and_keeps_what_the_checkpoint_keeps() -> (
+    None
+):
+    # --compile_scope layer: the activation checkpoint goes inside the compiled layer, so the compiler, not
+    # Python, recomputes the layer in the backward. With LoRA dropout on, the recomputation must draw the
+    # forward's masks again: the gradients equal those of the same layers compiled without recomputation
+    # (which keep the masks). And it keeps for the backward what the eager checkpoint keeps (each layer's
+    # inputs), not the layer's activations.
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finqa_trl.modeling import compile_decoder_layers
+
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, use_cache=False,
+    )  # fmt: skip
+    ids = torch.randint(0, 128, (2, 96), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 70:] = 0  # a padded row: sdpa gets a mask
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def step(checkpoint: bool, scope: str | None) -> tuple[float, dict[str, torch.Tensor], int, list]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules="all-linear")
+        model = get_peft_model(LlamaForCausalLM(cfg), lora)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero, which would hide A's gradients and the masks
+                torch.nn.init.normal_(p, std=0.05)
+        if checkpoint:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        if scope:
+            assert compile_decoder_layers(model, scope=scope) == 2
+        model.train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept: dict[int, torch.Tensor] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:  # what autograd keeps for the backward, weights aside
+            if t.untyped_storage().data_ptr() not in params:
+                kept[t.untyped_storage().data_ptr()] = t
+            return t
+
+        for _ in range(2):  # the second step: the compiled graphs for these inputs exist
+            model.zero_grad()
+            kept.clear()
+            torch.manual_seed(5)  # the same dropout masks in every model's forward
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        # activations: floating tensors of at least a hidden state's size (the rest: the rotary tables, the
+        # padding mask, the generator state the compiled backward replays the masks from)
+        big = [t for t in kept.values() if t.is_floating_point() and t.numel() >= ids.numel() * 64]
+        return loss.item(), grads, sum(t.untyped_storage().nbytes() for t in kept.values()), big
+
+    kept_loss, kept_grads, kept_bytes, _ = step(checkpoint=False, scope="layer")
+    loss, grads, nbytes, big = step(checkpoint=True, scope="layer")
+    _, _, _, eager_big = step(checkpoint=True, scope=None)
+    assert loss == kept_loss and grads.keys() == kept_grads.keys() and len(grads) == 2 * 7 * 2
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, kept_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert sorted(t.shape for t in big) == sorted(t.shape for t in eager_big)  # the inputs, head and logits
+    assert nbytes < kept_bytes / 2  # not the layers' activations
+
+
+def test_compile_scope_layer_is_refused_where_it_would_do_nothing() -> None:
+    from finqa_trl.train import UsageError, _validate
+
+    lora = ["--config", "recipes/lora-1b.yaml", "--compile_scope", "layer"]
+    with pytest.raises(UsageError, match="--compile_scope layer applies where the layers are compiled"):
+        _validate(parse(lora))  # no GPU here: auto compiles nothing
+    _validate(parse([*lora, "--compile_layers", "true"]))
+    # a DoRA layer would run eager whole (dynamo cannot replay its dict write inside the checkpoint)
+    with pytest.raises(UsageError, match="--compile_scope layer is not for DoRA"):
+        _validate(parse([*lora, "--compile_layers", "true", "--use_dora", "true"]))
+
+
 def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatch) -> None:
     # --compile_mode reaches torch.compile for each part of each layer (CUDA graphs exist only on a GPU, so
     # the mode itself is timed there, by the bench's cudagraphs lever); `default` leaves torch's own default
@@ -1371,3 +1459,6 @@ def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatc
     seen.clear()  # an inductor option, which torch.compile takes instead of a mode
     assert compile_decoder_layers(model, "cpp-wrapper") == 2
     assert {kw for _, kw in seen} == {"{'options': {'cpp_wrapper': True}}"}
+    seen.clear()  # whole layers: each layer compiled once, its parts not separately
+    assert compile_decoder_layers(model, scope="layer") == 2
+    assert seen == [("LlamaDecoderLayer", "{'mode': None}")] * 2
