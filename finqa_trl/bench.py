@@ -128,6 +128,11 @@ LEVERS: dict[str, list[str]] = {
     # each whole decoder layer compiled with its activation checkpoint inside the graph: the recomputation
     # runs in the compiled backward instead of calling the compiled parts again from Python (not timed)
     "whole_layer": ["--compile_scope", "layer"],
+    # host waits for the GPU inside each pass: transformers' check of the padding mask before the forward
+    # (causal_attention: right-padded rows need only the causal mask), TRL's metric reads between the forward
+    # and the backward (defer_metrics: read once per log); not timed
+    "causal_attention": ["--causal_attention", "true"],
+    "defer_metrics": ["--defer_metrics", "true"],
     # the Trainer's torch_compile: the whole model as one graph (was `compile` until 2026-11-26; machine D was
     # cut off while it compiled)
     "compile_model": ["--torch_compile", "true"],

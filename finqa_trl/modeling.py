@@ -699,6 +699,25 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
     return len(layers)
 
 
+# sdpa under another name, which transformers' mask builder does not know: it returns no mask for it
+CAUSAL_SDPA = "finqa_causal_sdpa"
+
+
+def use_causal_attention(model: Any) -> None:
+    """Attention with the causal mask only, for right-padded training batches: sdpa's causal kernel
+    (is_causal) instead of a mask of each row's padding. Padding comes after every real token, which causal
+    attention never lets see it, so every real token's output, the loss and the gradients are the same; the
+    padding positions (label -100) see other padding, which nothing reads. transformers builds no mask for an
+    attention implementation outside its mask registry, so it also skips its check of the padding mask (a
+    host wait for the GPU in every pass) and the mask's memory. Never for left padding (generation) or packed
+    rows."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    model.set_attn_implementation(CAUSAL_SDPA)
+
+
 def liger_unavailable(on_gpu: bool) -> str | None:
     """Why `--liger_kernel true` cannot run here (None: it can); train and predict refuse with this line."""
     if not liger_installed():

@@ -60,6 +60,7 @@ from .modeling import (
     resolve_source,
     saved_adapter_tensors,
     sync_special_tokens,
+    use_causal_attention,
 )
 from .recipes import RUN_RECIPE, Recipe, RecipeError, available, check_keys, method_name, resolve
 from .score import write_atomic
@@ -173,6 +174,29 @@ class FinQAArguments:
             "cuDNN builds a plan for each new sequence length the first time it meets it, a CPU cost that "
             "length-grouped batches meet at almost every step of a first epoch. Not a default: the recipes "
             "pad batches to multiples of 64 instead (1.62x against 1.53x for this, 1b LoRA, one H100)."
+        },
+    )
+    causal_attention: bool = field(
+        default=False,
+        metadata={
+            "help": "Training with sdpa: attention with the causal mask only (sdpa's causal kernel), not "
+            "each row's padding mask. TRL's collator pads on the right, after every real token, and causal "
+            "attention never lets a real token see what comes after it: the same loss and gradients (a CPU "
+            "test). Skips transformers' check of the padding mask, a host wait for the GPU before every "
+            "pass, and lets the kernel skip the masked half. Refused with packing or padding_free (rows "
+            "side by side in one sequence) and other attention implementations. A speed lever, not yet "
+            "timed on a GPU (results/speed-notes.md).",
+        },
+    )
+    defer_metrics: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep TRL's per-pass training metrics (entropy, mean_token_accuracy, num_tokens) on the "
+            "GPU until they are logged, instead of reading each pass's on the host right after its "
+            "forward, a wait for the GPU before the backward can be queued. The same values logged; the "
+            "loss is TRL's own (its fused LM head, summed over the trained tokens). Only for TRL's default "
+            "loss (nll, no compute_loss_func, label smoothing, aux loss or sequence parallelism), else "
+            "TRL computes it. A speed lever, not yet timed on a GPU (results/speed-notes.md).",
         },
     )
     compile_layers: str = field(
@@ -679,6 +703,17 @@ def _validate(run: Run) -> None:
                 "layer, which dynamo cannot replay inside the layer's checkpoint, so the layer would run "
                 "eager (--compile_scope parts compiles DoRA's parts)"
             )
+    if s.causal_attention:
+        if run.model.attn_implementation != "sdpa":
+            raise UsageError(
+                f"--causal_attention true runs sdpa's causal kernel: it needs --attn_implementation sdpa, "
+                f"got {run.model.attn_implementation}"
+            )
+        if run.training.packing or run.training.padding_free:
+            raise UsageError(
+                "--causal_attention true is for padded rows: with packing or padding_free several examples "
+                "share one sequence, and a causal mask alone would let each see the ones before it"
+            )
     _check_micro_batch_tokens(run)
     if run.training.push_to_hub and not run.training.hub_model_id:
         raise UsageError("push_to_hub needs --hub_model_id USER/NAME")
@@ -964,6 +999,61 @@ def _trainer_class() -> type:
         # most this many padded tokens; the forward + backward passes this process ran, counted
         micro_batch_tokens: int | None = None
         passes: int = 0
+        # set by prepare (--defer_metrics): each training pass's metric sums, read once per log
+        defer_metrics: bool = False
+        pending_metrics: list[torch.Tensor] | None = None
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            parallel = getattr(self.accelerator, "parallelism_config", None)
+            if not (
+                self.defer_metrics
+                and model.training
+                and not return_outputs
+                and self.compute_loss_func is None
+                and self.label_smoother is None
+                and self.args.loss_type == "nll"
+                and not self.aux_loss_enabled
+                and not (parallel is not None and parallel.sp_enabled)
+            ):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # TRL 1.16's loss as its compute_loss computes it in this case (its fused LM head: the summed
+            # log-likelihood of the trained tokens over the step's count); only its metrics differ, kept as
+            # GPU tensors here where TRL reads each pass's on the host (`.item()`, `num_valid > 0`)
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            sums = (
+                outputs.label_mask.sum(),
+                outputs.entropy.detach().sum(),
+                outputs.is_top1.sum(),
+                inputs["attention_mask"].sum(),
+            )
+            gathered = [self.accelerator.gather_for_metrics(t).sum().double() for t in sums]
+            self.pending_metrics = [*(self.pending_metrics or []), torch.stack(gathered)]
+            return loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if (
+                self.pending_metrics
+            ):  # one read of every pass since the last log, as TRL would have logged them
+                for valid, entropy, correct, tokens in torch.stack(self.pending_metrics).tolist():
+                    self._metrics["train"]["entropy"].append(entropy / valid if valid > 0 else 0.0)
+                    self._metrics["train"]["mean_token_accuracy"].append(
+                        correct / valid if valid > 0 else 0.0
+                    )
+                    self._total_train_tokens += int(tokens) // self._tp_size
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+                self.pending_metrics = None
+            super().log(logs, start_time)
 
         def training_step(
             self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -1257,6 +1347,11 @@ def prepare(run: Run) -> Prepared:
         for module in trainer.model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
+    if (
+        script.causal_attention
+    ):  # on the training model only: predict loads its own, left-padded for generation
+        use_causal_attention(model)
+    trainer.defer_metrics = script.defer_metrics
     if not script.cudnn_attention:
         # process-wide, as torch keeps it: the flash (or memory-efficient) kernel, which builds no plans
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -1376,6 +1471,8 @@ def train(run: Run) -> int:
     metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
     metrics["compile_scope"] = run.script.compile_scope if prepared.compiled_layers else None
+    metrics["causal_attention"] = run.script.causal_attention
+    metrics["defer_metrics"] = run.script.defer_metrics
     metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches
     if trainer.micro_batch_tokens:  # each process's passes (a collective): how much the steps were regrouped
         from accelerate.utils import gather_object
