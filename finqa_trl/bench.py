@@ -123,16 +123,22 @@ LEVERS: dict[str, list[str]] = {
     # recipes' checkpointing and token passes, 2026-11-27: results/speed-notes.md), tuned kernels (not timed)
     "cudagraphs": ["--compile_mode", "reduce-overhead"],
     "autotune": ["--compile_mode", "max-autotune-no-cudagraphs"],
-    # inductor's C++ wrapper: the compiled parts launch their kernels from C++, not Python (not timed)
+    # inductor's C++ wrapper: the compiled parts launch their kernels from C++, not Python (failed in torch
+    # 2.11's inductor on an H200, session 17)
     "cpp_wrapper": ["--compile_mode", "cpp-wrapper"],
     # each whole decoder layer compiled with its activation checkpoint inside the graph: the recomputation
-    # runs in the compiled backward instead of calling the compiled parts again from Python (not timed)
+    # runs in the compiled backward instead of calling the compiled parts again from Python (torch 2.11 fails
+    # to partition it once the lengths are dynamic: speed-notes Next 9)
     "whole_layer": ["--compile_scope", "layer"],
     # host waits for the GPU inside each pass: transformers' check of the padding mask before the forward
     # (causal_attention: right-padded rows need only the causal mask), TRL's metric reads between the forward
-    # and the backward (defer_metrics: read once per log); not timed
+    # and the backward (defer_metrics: read once per log). The recipes' defaults since machine AA (session 17:
+    # 1.04-1.12x with both, results/speed-notes.md), which ran them as the positive levers; the no_ ones time
+    # without
     "causal_attention": ["--causal_attention", "true"],
     "defer_metrics": ["--defer_metrics", "true"],
+    "no_causal_attention": ["--causal_attention", "false"],
+    "no_defer_metrics": ["--defer_metrics", "false"],
     # the Trainer's torch_compile: the whole model as one graph (was `compile` until 2026-11-26; machine D was
     # cut off while it compiled)
     "compile_model": ["--torch_compile", "true"],

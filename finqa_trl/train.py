@@ -176,16 +176,18 @@ class FinQAArguments:
             "pad batches to multiples of 64 instead (1.62x against 1.53x for this, 1b LoRA, one H100)."
         },
     )
-    causal_attention: bool = field(
-        default=False,
+    causal_attention: str = field(
+        default="false",
         metadata={
             "help": "Training with sdpa: attention with the causal mask only (sdpa's causal kernel), not "
             "each row's padding mask. TRL's collator pads on the right, after every real token, and causal "
             "attention never lets a real token see what comes after it: the same loss and gradients (a CPU "
             "test). Skips transformers' check of the padding mask, a host wait for the GPU before every "
-            "pass, and lets the kernel skip the masked half. Refused with packing or padding_free (rows "
-            "side by side in one sequence) and other attention implementations. A speed lever, not yet "
-            "timed on a GPU (results/speed-notes.md).",
+            "pass, and the mask itself. auto (the recipes): on with sdpa and neither packing nor "
+            "padding_free (rows side by side in one sequence, which a causal mask alone would let see each "
+            "other); true refuses those. One H200, 1b LoRA, with defer_metrics: 1.09x the tokens/s in both "
+            "orders, 0.14 GiB less at the worst step; alone 1.03x (results/speed-notes.md).",
+            "choices": ["auto", "true", "false"],
         },
     )
     defer_metrics: bool = field(
@@ -196,7 +198,8 @@ class FinQAArguments:
             "forward, a wait for the GPU before the backward can be queued. The same values logged; the "
             "loss is TRL's own (its fused LM head, summed over the trained tokens). Only for TRL's default "
             "loss (nll, no compute_loss_func, label smoothing, aux loss or sequence parallelism), else "
-            "TRL computes it. A speed lever, not yet timed on a GPU (results/speed-notes.md).",
+            "TRL computes it. One H200, 1b LoRA: 1.00x alone, 1.09x with causal_attention (each wait left "
+            "holds the host back; results/speed-notes.md).",
         },
     )
     compile_layers: str = field(
@@ -228,8 +231,9 @@ class FinQAArguments:
             "cpp_wrapper option; fewer host microseconds per kernel where the pass waits on the host); "
             "the same loss function. Speed levers: reduce-overhead failed on an H200 for 1b LoRA with the "
             "recipes' activation checkpointing and token-budgeted passes (the capture invalidated with "
-            "cuDNN attention; with the flash kernel the recomputation met other tensor metadata); the others "
-            "not yet timed (results/speed-notes.md).",
+            "cuDNN attention; with the flash kernel the recomputation met other tensor metadata), and "
+            "cpp-wrapper failed in torch 2.11's inductor on an H200 (CudaKernelParamCache not populated); "
+            "the autotune modes not yet timed (results/speed-notes.md).",
             "choices": [
                 "default",
                 "reduce-overhead",
@@ -250,8 +254,9 @@ class FinQAArguments:
             "the CPU it gives the gradients of the layer compiled without recomputation, and keeps what the "
             "eager checkpoint keeps. Not for DoRA: PEFT's DoRA forward writes to a dict outside the layer, "
             "which dynamo cannot replay inside a checkpoint, so the whole layer would run eager. A speed "
-            "lever (results/speed-notes.md); torch 2.11 failed to partition it once on an H100 (1b LoRA, "
-            "bf16, machine Q).",
+            "lever that torch 2.11 (the GPU image's) fails to partition on a GPU once dynamo makes the "
+            "lengths dynamic (an H100 and two H200s, 1b LoRA; the one shape that ran: 1.08x the parts at "
+            "1.2 GiB more; results/speed-notes.md).",
             "choices": ["parts", "layer"],
         },
     )
@@ -488,6 +493,7 @@ def parse(argv: Sequence[str]) -> Run:
     if remaining:
         raise UsageError(f"unexpected argument(s): {' '.join(remaining)}")
     _auto_true_false(script, "compile_layers")
+    _auto_true_false(script, "causal_attention")
     _resolve_liger(script, training, model)
     # a YAML false/integer arrives as a bool/int: one spelling in the record and in the checks
     script.micro_batch_tokens = str(script.micro_batch_tokens).strip().lower()
@@ -531,6 +537,16 @@ def _resolve_liger(script: FinQAArguments, training: Any, model: Any) -> None:
     auto = script.liger_kernel == "auto" and not why_not and not compiles_layers(script, training, model)
     if script.liger_kernel == "true" or auto:
         training.use_liger_kernel = True
+
+
+def causal_attention(script: FinQAArguments, training: Any, model: Any) -> bool:
+    """Whether this run's training attention uses the causal mask only: `true`, or `auto` with sdpa and rows
+    that each hold one example (no packing, no padding_free); `_validate` refuses `true` otherwise."""
+    if script.causal_attention == "false":
+        return False
+    return script.causal_attention == "true" or (
+        model.attn_implementation == "sdpa" and not training.packing and not training.padding_free
+    )
 
 
 def compiles_layers(script: FinQAArguments, training: Any, model: Any) -> bool:
@@ -703,7 +719,7 @@ def _validate(run: Run) -> None:
                 "layer, which dynamo cannot replay inside the layer's checkpoint, so the layer would run "
                 "eager (--compile_scope parts compiles DoRA's parts)"
             )
-    if s.causal_attention:
+    if s.causal_attention == "true":
         if run.model.attn_implementation != "sdpa":
             raise UsageError(
                 f"--causal_attention true runs sdpa's causal kernel: it needs --attn_implementation sdpa, "
@@ -1347,9 +1363,7 @@ def prepare(run: Run) -> Prepared:
         for module in trainer.model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
-    if (
-        script.causal_attention
-    ):  # on the training model only: predict loads its own, left-padded for generation
+    if causal_attention(script, training, margs):  # the training model only: predict loads its own
         use_causal_attention(model)
     trainer.defer_metrics = script.defer_metrics
     if not script.cudnn_attention:
@@ -1471,7 +1485,7 @@ def train(run: Run) -> int:
     metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
     metrics["compile_scope"] = run.script.compile_scope if prepared.compiled_layers else None
-    metrics["causal_attention"] = run.script.causal_attention
+    metrics["causal_attention"] = causal_attention(run.script, run.training, run.model)
     metrics["defer_metrics"] = run.script.defer_metrics
     metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches
     if trainer.micro_batch_tokens:  # each process's passes (a collective): how much the steps were regrouped

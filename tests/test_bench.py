@@ -29,6 +29,10 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "autotune",
         "cpp_wrapper",
         "whole_layer",
+        "causal_attention",
+        "defer_metrics",
+        "no_causal_attention",
+        "no_defer_metrics",
     }
     levers |= {"tokens", "no_tokens", "no_nan_filter"}
     assert set(expected) | levers == set(bench.LEVERS)
@@ -75,6 +79,9 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     assert tuned == "max-autotune-no-cudagraphs"
     cpp = train.parse([*lora, *bench.lever_args("recipe:cpp_wrapper")]).script.compile_mode
     assert cpp == "cpp-wrapper"
+    assert train.parse(lora).script.causal_attention == "auto" and train.parse(lora).script.defer_metrics
+    waits = train.parse([*lora, *bench.lever_args("recipe:no_causal_attention+no_defer_metrics")]).script
+    assert waits.causal_attention == "false" and not waits.defer_metrics
     assert train.parse(lora).script.compile_scope == "parts"
     assert train.parse([*lora, *bench.lever_args("recipe:whole_layer")]).script.compile_scope == "layer"
     # Liger's kernels: a recipe default where installed on a GPU (faked here) and the layers run eager (they

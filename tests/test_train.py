@@ -1423,6 +1423,93 @@ def test_whole_layer_compile_recomputes_with_the_same_dropout_masks_and_keeps_wh
     assert nbytes < kept_bytes / 2  # not the layers' activations
 
 
+def test_causal_attention_reads_nothing_on_the_host_and_gives_the_padding_masks_loss() -> None:
+    # Right-padded rows under the causal mask alone: the padding sits after every real token, so the loss is
+    # the one with the padding mask; and transformers, which builds no mask for this implementation, does not
+    # read the padding mask on the host (a wait for the GPU in every pass)
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finqa_trl.modeling import CAUSAL_SDPA, use_causal_attention
+
+    class HostReads(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if getattr(func, "__name__", "") in ("item", "tolist", "__bool__", "all", "any"):
+                HostReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, attn_implementation="sdpa", use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 100, (3, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    mask[2, 12:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    with HostReads():
+        padded = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert HostReads.count > 0  # sdpa with the padding mask checks it on the host
+    padded.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    use_causal_attention(model)
+    assert model.config._attn_implementation == CAUSAL_SDPA
+    HostReads.count = 0
+    with HostReads():
+        causal = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert HostReads.count == 0
+    causal.loss.backward()
+    torch.testing.assert_close(causal.loss, padded.loss)
+    real = mask.bool()  # the padding positions' logits differ (they see padding), nothing reads them
+    torch.testing.assert_close(causal.logits[real], padded.logits[real])
+    for grad, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, grad)
+
+
+def test_causal_attention_and_defer_metrics_train_and_log_as_trl_does(tmp_path) -> None:
+    # The recipes' defaults against TRL's own path (both off): the same logged loss, entropy, token accuracy
+    # and token count at every log, the deferred metrics read once per log; auto resolves on for sdpa
+    def history(out: Path, *how: str) -> list[dict[str, float]]:
+        assert main(smoke_args(out, "--lora_dropout", "0", "--max_steps", "4", *how)) == 0
+        logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [h for h in logs if "loss" in h]
+
+    off = history(tmp_path / "off", "--causal_attention", "false", "--defer_metrics", "false")
+    on = history(tmp_path / "on")  # the recipe: auto, true
+    assert len(on) == len(off) == 4
+    for a, b in zip(on, off, strict=True):
+        for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    results = json.loads((tmp_path / "on" / "train_results.json").read_text())
+    assert results["causal_attention"] is True and results["defer_metrics"] is True
+    assert json.loads((tmp_path / "off" / "train_results.json").read_text())["causal_attention"] is False
+
+
+def test_causal_attention_is_refused_where_rows_share_a_sequence_or_attention_is_not_sdpa() -> None:
+    from finqa_trl.train import UsageError, _validate, causal_attention
+
+    def resolved(*extra: str) -> bool:
+        run = parse(["--config", "recipes/lora-1b.yaml", *extra])
+        return causal_attention(run.script, run.training, run.model)
+
+    assert parse(["--config", "recipes/lora-1b.yaml"]).resolved["causal_attention"] == "auto"
+    assert resolved() and not resolved("--causal_attention", "false")
+    assert not resolved("--attn_implementation", "eager") and not resolved("--packing", "true")
+    assert not resolved("--padding_free", "true")
+    with pytest.raises(UsageError, match="--causal_attention true runs sdpa's causal kernel"):
+        _validate(parse(["--config", "recipes/lora-1b.yaml", "--causal_attention", "true",
+                         "--attn_implementation", "eager"]))  # fmt: skip
+    for rows in (["--packing", "true"], ["--padding_free", "true"]):
+        with pytest.raises(UsageError, match="--causal_attention true is for padded rows"):
+            _validate(parse(["--config", "recipes/lora-1b.yaml", "--causal_attention", "true", *rows]))
+
+
 def test_compile_scope_layer_is_refused_where_it_would_do_nothing() -> None:
     from finqa_trl.train import UsageError, _validate
 
