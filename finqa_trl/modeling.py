@@ -703,19 +703,29 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
 CAUSAL_SDPA = "finqa_causal_sdpa"
 
 
-def use_causal_attention(model: Any) -> None:
+def use_causal_attention(model: Any) -> str | None:
     """Attention with the causal mask only, for right-padded training batches: sdpa's causal kernel
     (is_causal) instead of a mask of each row's padding. Padding comes after every real token, which causal
     attention never lets see it, so every real token's output, the loss and the gradients are the same; the
     padding positions (label -100) see other padding, which nothing reads. transformers builds no mask for an
     attention implementation outside its mask registry, so it also skips its check of the padding mask (a
     host wait for the GPU in every pass) and the mask's memory. Never for left padding (generation) or packed
-    rows."""
+    rows. Returns why not (and changes nothing) for a model with sliding-window layers, whose masks it would
+    drop too."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    config = model.config
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    # Mistral sets sliding_window alone; Qwen2 keeps one with use_sliding_window false
+    sliding = (
+        getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", None) is not False
+    )
+    if sliding or layer_types != {"full_attention"}:
+        return f"{type(model).__name__} has sliding-window attention, which the causal mask alone would widen"
     AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
     model.set_attn_implementation(CAUSAL_SDPA)
+    return None
 
 
 def liger_unavailable(on_gpu: bool) -> str | None:

@@ -44,6 +44,7 @@ import yaml
 from . import OneLineError, one_line
 from .data import DataError, load_split, resolve_data_dir
 from .modeling import (
+    CAUSAL_SDPA,
     ModelError,
     bf16_supported,
     check_4bit_supported,
@@ -186,7 +187,7 @@ class FinQAArguments:
             "pass, and the mask itself. auto (the recipes): on with sdpa and neither packing nor "
             "padding_free (rows side by side in one sequence, which a causal mask alone would let see each "
             "other); true refuses those. One H200, 1b LoRA, with defer_metrics: 1.09x the tokens/s in both "
-            "orders, 0.14 GiB less at the worst step; alone 1.03x (results/speed-notes.md).",
+            "orders, 0.10 GiB less at the worst step; alone 1.03x (results/speed-notes.md).",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -195,7 +196,8 @@ class FinQAArguments:
         metadata={
             "help": "Keep TRL's per-pass training metrics (entropy, mean_token_accuracy, num_tokens) on the "
             "GPU until they are logged, instead of reading each pass's on the host right after its "
-            "forward, a wait for the GPU before the backward can be queued. The same values logged; the "
+            "forward, a wait for the GPU before the backward can be queued. The same values logged (to float "
+            "rounding); the "
             "loss is TRL's own (its fused LM head, summed over the trained tokens). Only for TRL's default "
             "loss (nll, no compute_loss_func, label smoothing, aux loss or sequence parallelism), else "
             "TRL computes it. One H200, 1b LoRA: 1.00x alone, 1.09x with causal_attention (each wait left "
@@ -707,6 +709,8 @@ def _validate(run: Run) -> None:
             f"--compile_mode {s.compile_mode} applies where the layers are compiled (--compile_layers true, "
             "or auto on a CUDA GPU for one process or DDP)"
         )
+    if s.compile_scope not in ("parts", "layer"):  # a YAML value skips the parser's choices
+        raise UsageError(f"compile_scope must be parts or layer, got {s.compile_scope!r}")
     if s.compile_scope != "parts":
         if not compiles_layers(s, run.training, run.model):
             raise UsageError(
@@ -1036,6 +1040,7 @@ def _trainer_class() -> type:
                 and self.args.loss_type == "nll"
                 and not self.aux_loss_enabled
                 and not (parallel is not None and parallel.sp_enabled)
+                and "attention_mask" in inputs  # padding_free rows (packing) count tokens otherwise: TRL's
             ):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             # TRL 1.16's loss as its compute_loss computes it in this case (its fused LM head: the summed
@@ -1053,23 +1058,29 @@ def _trainer_class() -> type:
                 outputs.is_top1.sum(),
                 inputs["attention_mask"].sum(),
             )
-            gathered = [self.accelerator.gather_for_metrics(t).sum().double() for t in sums]
+            # float32: exact for these counts (a pass's tokens), and MPS has no float64
+            gathered = [self.accelerator.gather_for_metrics(t).sum().float() for t in sums]
             self.pending_metrics = [*(self.pending_metrics or []), torch.stack(gathered)]
             return loss
 
+        def read_pending_metrics(self) -> None:
+            """One read of every pass's metrics since the last, appended as TRL appends each pass's."""
+            if not self.pending_metrics:
+                return
+            for valid, entropy, correct, tokens in torch.stack(self.pending_metrics).tolist():
+                self._metrics["train"]["entropy"].append(entropy / valid if valid > 0 else 0.0)
+                self._metrics["train"]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
+                self._total_train_tokens += int(tokens) // self._tp_size
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            self.pending_metrics = None
+
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if (
-                self.pending_metrics
-            ):  # one read of every pass since the last log, as TRL would have logged them
-                for valid, entropy, correct, tokens in torch.stack(self.pending_metrics).tolist():
-                    self._metrics["train"]["entropy"].append(entropy / valid if valid > 0 else 0.0)
-                    self._metrics["train"]["mean_token_accuracy"].append(
-                        correct / valid if valid > 0 else 0.0
-                    )
-                    self._total_train_tokens += int(tokens) // self._tp_size
-                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
-                self.pending_metrics = None
+            self.read_pending_metrics()
             super().log(logs, start_time)
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            self.read_pending_metrics()  # TRL's eval logs the training token count so far
+            return super().evaluate(*args, **kwargs)
 
         def training_step(
             self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -1364,7 +1375,11 @@ def prepare(run: Run) -> Prepared:
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
     if causal_attention(script, training, margs):  # the training model only: predict loads its own
-        use_causal_attention(model)
+        why_not = use_causal_attention(model)
+        if why_not and script.causal_attention == "true":
+            raise UsageError(f"--causal_attention true: {why_not}")
+        if why_not:
+            logger.info("causal_attention auto: %s; attention keeps the padding mask", why_not)
     trainer.defer_metrics = script.defer_metrics
     if not script.cudnn_attention:
         # process-wide, as torch keeps it: the flash (or memory-efficient) kernel, which builds no plans
@@ -1485,7 +1500,7 @@ def train(run: Run) -> int:
     metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
     metrics["compile_scope"] = run.script.compile_scope if prepared.compiled_layers else None
-    metrics["causal_attention"] = causal_attention(run.script, run.training, run.model)
+    metrics["causal_attention"] = getattr(trainer.model.config, "_attn_implementation", None) == CAUSAL_SDPA
     metrics["defer_metrics"] = run.script.defer_metrics
     metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches
     if trainer.micro_batch_tokens:  # each process's passes (a collective): how much the steps were regrouped
