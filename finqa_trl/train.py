@@ -723,6 +723,11 @@ def _validate(run: Run) -> None:
                 "layer, which dynamo cannot replay inside the layer's checkpoint, so the layer would run "
                 "eager (--compile_scope parts compiles DoRA's parts)"
             )
+    if run.training.packing and run.training.max_length is None:  # else TRL raises a bare ValueError
+        raise UsageError(
+            "--packing true needs --max_length N: TRL packs examples into rows of that many tokens (the "
+            "recipes leave max_length null)"
+        )
     if s.causal_attention == "true":
         if run.model.attn_implementation != "sdpa":
             raise UsageError(

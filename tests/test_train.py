@@ -1553,7 +1553,9 @@ def test_causal_attention_is_refused_where_rows_share_a_sequence_or_attention_is
     with pytest.raises(UsageError, match="--causal_attention true runs sdpa's causal kernel"):
         _validate(parse(["--config", "recipes/lora-1b.yaml", "--causal_attention", "true",
                          "--attn_implementation", "eager"]))  # fmt: skip
-    for rows in (["--packing", "true"], ["--padding_free", "true"]):
+    with pytest.raises(UsageError, match="--packing true needs --max_length N"):
+        _validate(parse(["--config", "recipes/lora-1b.yaml", "--packing", "true"]))
+    for rows in (["--packing", "true", "--max_length", "4096"], ["--padding_free", "true"]):
         with pytest.raises(UsageError, match="--causal_attention true is for padded rows"):
             _validate(parse(["--config", "recipes/lora-1b.yaml", "--causal_attention", "true", *rows]))
 
