@@ -196,12 +196,11 @@ class FinQAArguments:
         metadata={
             "help": "Keep TRL's per-pass training metrics (entropy, mean_token_accuracy, num_tokens) on the "
             "GPU until they are logged, instead of reading each pass's on the host right after its "
-            "forward, a wait for the GPU before the backward can be queued. The same values logged (to float "
-            "rounding); the "
-            "loss is TRL's own (its fused LM head, summed over the trained tokens). Only for TRL's default "
-            "loss (nll, no compute_loss_func, label smoothing, aux loss or sequence parallelism), else "
-            "TRL computes it. One H200, 1b LoRA: 1.00x alone, 1.09x with causal_attention (each wait left "
-            "holds the host back; results/speed-notes.md).",
+            "forward, a wait for the GPU before the backward can be queued. The same values logged (to "
+            "float rounding); the loss is TRL's own (its fused LM head, summed over the trained tokens). "
+            "Only for TRL's default loss (nll, no compute_loss_func, label smoothing, aux loss or sequence "
+            "parallelism) on padded rows, else TRL computes it. The recipes: true. One H200, 1b LoRA: 1.00x "
+            "alone, 1.09x with causal_attention (results/speed-notes.md).",
         },
     )
     compile_layers: str = field(
