@@ -1293,9 +1293,8 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
         out = tmp_path / compiled
         args = ["--lora_dropout", "0", "--pad_to_multiple_of", "none", "--max_steps", "4", *method]
         how = ["--compile_layers", compiled]
-        if (
-            compiled == "true"
-        ):  # the compiled parts with sdpa's padding mask too (the recipes run causal only)
+        # the compiled parts with sdpa's padding mask too (the recipes run causal only)
+        if compiled == "true":
             how += ["--causal_attention", "false"]
         if compiled == "cpp-wrapper":
             how = ["--compile_layers", "true", "--compile_mode", compiled]
