@@ -540,14 +540,27 @@ def _resolve_liger(script: FinQAArguments, training: Any, model: Any) -> None:
         training.use_liger_kernel = True
 
 
+def _causal_attention_blocker(training: Any, model: Any) -> str | None:
+    """Why the causal mask alone would not do for this run (None: it does), worded after
+    `--causal_attention true`: it needs sdpa, and rows that each hold one example."""
+    if model.attn_implementation != "sdpa":
+        return (
+            f"runs sdpa's causal kernel: it needs --attn_implementation sdpa, got {model.attn_implementation}"
+        )
+    if training.packing or training.padding_free:
+        return (
+            "is for padded rows: with packing or padding_free several examples share one sequence, and a "
+            "causal mask alone would let each see the ones before it"
+        )
+    return None
+
+
 def causal_attention(script: FinQAArguments, training: Any, model: Any) -> bool:
-    """Whether this run's training attention uses the causal mask only: `true`, or `auto` with sdpa and rows
-    that each hold one example (no packing, no padding_free); `_validate` refuses `true` otherwise."""
+    """Whether this run's training attention uses the causal mask only: `true`, or `auto` where nothing
+    blocks it (`_validate` refuses `true` where something does)."""
     if script.causal_attention == "false":
         return False
-    return script.causal_attention == "true" or (
-        model.attn_implementation == "sdpa" and not training.packing and not training.padding_free
-    )
+    return script.causal_attention == "true" or _causal_attention_blocker(training, model) is None
 
 
 def compiles_layers(script: FinQAArguments, training: Any, model: Any) -> bool:
@@ -727,17 +740,9 @@ def _validate(run: Run) -> None:
             "--packing true needs --max_length N: TRL packs examples into rows of that many tokens (the "
             "recipes leave max_length null)"
         )
-    if s.causal_attention == "true":
-        if run.model.attn_implementation != "sdpa":
-            raise UsageError(
-                f"--causal_attention true runs sdpa's causal kernel: it needs --attn_implementation sdpa, "
-                f"got {run.model.attn_implementation}"
-            )
-        if run.training.packing or run.training.padding_free:
-            raise UsageError(
-                "--causal_attention true is for padded rows: with packing or padding_free several examples "
-                "share one sequence, and a causal mask alone would let each see the ones before it"
-            )
+    blocker = _causal_attention_blocker(run.training, run.model)
+    if s.causal_attention == "true" and blocker:
+        raise UsageError(f"--causal_attention true {blocker}")
     _check_micro_batch_tokens(run)
     if run.training.push_to_hub and not run.training.hub_model_id:
         raise UsageError("push_to_hub needs --hub_model_id USER/NAME")
