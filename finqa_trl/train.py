@@ -214,8 +214,9 @@ class FinQAArguments:
             "Activation checkpointing stays eager around the parts. Same objective: the losses match eager "
             "to float rounding (a CPU test); dropout masks come from another generator. auto (the recipes): "
             "on with a CUDA GPU that Triton compiles for, one process or DDP; true: also on the CPU; refused "
-            "under FSDP and DeepSpeed (their hooks would be compiled with the parts); auto leaves DoRA on a "
-            "4-bit base eager (compiled, 1b QDoRA split into 59 graphs and ran 0.72x, one H200). On a GPU, "
+            "under FSDP and DeepSpeed (their hooks would be compiled with the parts). DoRA compiles without "
+            "graph breaks, on a 4-bit base too (its base weight read traceably): one H200, 1b and 3b QDoRA "
+            "1.73x eager with the QDoRA recipes' budget (micro_batch_tokens auto:0.92). On a GPU, "
             "SmolLM2 LoRA logged eager's losses compiled in fp32 (15 steps, within 1e-6 relative); in bf16 "
             "the compiled run stayed closer to fp32 than eager (3.0% against 9.4% above it on average). "
             "Liger's kernels are off under it unless --liger_kernel true (that pair not timed).",
@@ -281,10 +282,11 @@ class FinQAArguments:
             "1.15-1.48x the tokens/s of fixed micro-batches for 1b LoRA, QLoRA, DoRA, QDoRA, 3b LoRA and "
             "QLoRA; unpadded (machine W), the timed window's peak was 0.04-0.10 GiB lower (1b QLoRA and "
             "DoRA within 0.05 GiB of plain TRL's on the same data), at 0.94-1.01x the padded budget's "
-            "tokens/s (results/speed-notes.md; DDP tested on the CPU only); a positive integer: that "
-            "budget; false: fixed micro-batches. Off under FSDP and DeepSpeed (an integer is refused there: "
-            "DeepSpeed counts micro-steps itself), with padding_free or packing (no rows to regroup) and "
-            "with auto_find_batch_size."
+            "tokens/s (results/speed-notes.md; DDP tested on the CPU only); auto:F: F (0 < F <= 1) times "
+            "auto's budget, off where auto is (the QDoRA recipes: auto:0.92, for their compiled layers); a "
+            "positive integer: that budget; false: fixed micro-batches. Off under FSDP and DeepSpeed (an "
+            "integer is refused there: DeepSpeed counts micro-steps itself), with padding_free or packing "
+            "(no rows to regroup) and with auto_find_batch_size."
         },
     )
     liger_kernel: str = field(
@@ -565,19 +567,14 @@ def causal_attention(script: FinQAArguments, training: Any, model: Any) -> bool:
 
 def compiles_layers(script: FinQAArguments, training: Any, model: Any) -> bool:
     """Whether this run compiles the decoder layers' parts: `true`, or `auto` on a CUDA GPU for one process or
-    DDP, but for DoRA on a 4-bit base (`true` under FSDP or DeepSpeed is refused in _validate: their module
-    hooks would be traced with the parts)."""
+    DDP (`true` under FSDP or DeepSpeed is refused in _validate: their module hooks would be traced with the
+    parts)."""
     from . import modeling
 
     if training.torch_compile:  # the Trainer compiles the whole model (the bench's compile_model): not twice
         return False
     if script.compile_layers == "true":
         return True
-    # QDoRA: DoRA's weight norm dequantizes each 4-bit weight inside the layer, where dynamo breaks the graph
-    # (bitsandbytes' Params4bit attribute access, a `.data` write): 1b QDoRA came to 59 graphs and ran 0.72x
-    # eager on one H200 (results/compile-2026-11-26-h200)
-    if model.use_dora and model.load_in_4bit:
-        return False
     on_gpu = modeling.cuda_available() and not training.use_cpu
     sharded = _fsdp_or_deepspeed(training)
     return script.compile_layers == "auto" and on_gpu and not sharded and modeling.triton_gpu_ready()
@@ -606,25 +603,40 @@ def _fixed_micro_batches_only(training: Any) -> str | None:
     return None
 
 
+def auto_fraction(value: str) -> float | None:
+    """The fraction of the auto budget that `auto` (1) or `auto:F` asks for; None for any other value, or
+    an F outside (0, 1]."""
+    if value == "auto":
+        return 1.0
+    head, _, tail = value.partition(":")
+    try:
+        fraction = float(tail) if head == "auto" and tail else 0.0
+    except ValueError:
+        return None
+    return fraction if 0 < fraction <= 1 else None
+
+
 def micro_batch_tokens(script: FinQAArguments, training: Any) -> int | str | None:
-    """What --micro_batch_tokens asks of this run: None (fixed micro-batches), "auto" (a budget that prepare
-    derives from the data) or a token budget. Off where it cannot apply (_fixed_micro_batches_only; an
-    integer is refused there, in _validate) and for auto without accumulation (nothing to regroup)."""
+    """What --micro_batch_tokens asks of this run: None (fixed micro-batches), "auto" or "auto:F" (a budget
+    that prepare derives from the data) or a token budget. Off where it cannot apply
+    (_fixed_micro_batches_only; an integer is refused there, in _validate) and for auto without
+    accumulation (nothing to regroup)."""
     value = script.micro_batch_tokens
     if value == "false" or _fixed_micro_batches_only(training):
         return None
-    if value == "auto":
-        return "auto" if training.gradient_accumulation_steps > 1 else None
+    if auto_fraction(value) is not None:
+        return value if training.gradient_accumulation_steps > 1 else None
     return int(value)
 
 
 def _check_micro_batch_tokens(run: Run) -> None:
     value = run.script.micro_batch_tokens
-    if value in ("auto", "false"):
+    if value == "false" or auto_fraction(value) is not None:
         return
     if not value.isdigit() or int(value) <= 0:
         raise UsageError(
-            f"micro_batch_tokens must be auto, false or a positive number of tokens, got {value!r}"
+            "micro_batch_tokens must be auto, auto:F (0 < F <= 1), false or a positive number of tokens, "
+            f"got {value!r}"
         )
     why = _fixed_micro_batches_only(run.training)
     if why:
@@ -1356,12 +1368,13 @@ def prepare(run: Run) -> Prepared:
         training.gradient_accumulation_steps = 1
     trainer = build_trainer(run, model, tokenizer, train_ds, eval_ds, callbacks)
     if budget is not None:
-        if budget == "auto":
+        if isinstance(budget, str):
             # Plain TRL's worst batch on the same data: the longest example and fixed - 1 rows padded to it
             # (TRL pads to the longest row only). Unpadded, so that padding to a multiple never makes a pass
             # bigger than that batch: the pass of the longest example then holds a row fewer where the
-            # padding lengthens it.
-            budget = fixed * max(len(ids) for ids in trainer.train_dataset["input_ids"])
+            # padding lengthens it. auto:F takes a fraction of it (a method that keeps more per token).
+            longest = max(len(ids) for ids in trainer.train_dataset["input_ids"])
+            budget = int(auto_fraction(budget) * fixed * longest)
         trainer.micro_batch_tokens = budget
         logger.info(
             "%d examples per step and process, in micro-batches of at most %d padded tokens",

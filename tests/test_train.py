@@ -359,7 +359,7 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
     from finqa_trl.train import prepare
 
     runs = {}
-    for budget in ("false", "auto", "1536", "1000", "100000"):
+    for budget in ("false", "auto", "auto:0.7", "1536", "1000", "100000"):
         out = tmp_path / budget
         args = ["--max_steps", "3", "--gradient_accumulation_steps", "4", "--lora_dropout", "0"]
         run = parse(
@@ -382,6 +382,12 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
     assert auto[3].micro_batch_tokens == 2 * longest
     assert all(rows * width <= 2 * longest for rows, width in auto[2])
     assert {rows for rows, width in auto[2] if width == 768} == {1}  # the longest example's pass
+    # auto:F: a fraction of auto's budget (here below two rows of 704, so every pass holds one row)
+    part = runs["auto:0.7"]
+    assert part[3].micro_batch_tokens == int(0.7 * 2 * longest) < 2 * 704
+    assert all(rows * width <= int(0.7 * 2 * longest) for rows, width in part[2])
+    assert part[3].passes == len(part[2]) > auto[3].passes
+    assert len(part[0]) == 3 and part[0] == pytest.approx(fixed[0], rel=1e-5)
     # 12 examples an epoch: steps of 8, 4 (the epoch's rest) and 8 examples, in passes of 2 rows or in one
     assert len(fixed[2]) == 4 + 2 + 4 and len(whole[2]) == 3
     assert (whole[3].passes, pairs[3].passes, small[3].passes) == (3, 10, len(small[2]))  # as counted
@@ -404,13 +410,17 @@ def test_micro_batch_tokens_settings(monkeypatch) -> None:
 
     auto = ("--micro_batch_tokens", "auto")
     assert parse(["--config", "recipes/lora-1b.yaml"]).resolved["micro_batch_tokens"] == "auto"  # recipes
-    assert setting() == "auto" and setting(recipe="qdora-3b") == "auto" and setting(*auto) == "auto"
+    assert setting() == "auto" and setting(*auto) == "auto"
+    # the QDoRA recipes: a fraction of auto's budget (their compiled layers keep more per token)
+    assert setting(recipe="qdora-3b") == "auto:0.92" and setting("--micro_batch_tokens", "auto:1") == "auto:1"
     assert setting(recipe="smoke") is None  # no accumulation there: nothing to regroup
     assert setting("--micro_batch_tokens", "false") is None
     assert setting("--micro_batch_tokens", "9000") == 9000
     assert setting(*auto, "--gradient_accumulation_steps", "1") is None  # nothing to regroup
-    for bad in ("0", "-5", "lots"):
-        with pytest.raises(UsageError, match="micro_batch_tokens must be auto, false or a positive number"):
+    for bad in ("0", "-5", "lots", "auto:0", "auto:1.5", "auto:", "auto:half", "auto:nan"):
+        with pytest.raises(
+            UsageError, match=r"micro_batch_tokens must be auto, auto:F \(0 < F <= 1\), false"
+        ):
             setting("--micro_batch_tokens", bad)
     with pytest.raises(UsageError, match="does not apply with padding_free or packing"):
         setting("--micro_batch_tokens", "9000", "--padding_free", "true")
@@ -418,7 +428,7 @@ def test_micro_batch_tokens_settings(monkeypatch) -> None:
     with pytest.raises(UsageError, match="auto_find_batch_size would halve the examples of each step"):
         setting("--micro_batch_tokens", "9000", "--auto_find_batch_size", "true")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with an FSDP config sets it
-    assert setting(*auto) is None  # FSDP keeps its fixed micro-batches
+    assert setting(*auto) is None and setting("--micro_batch_tokens", "auto:0.5") is None  # FSDP: fixed
     with pytest.raises(UsageError, match="--micro_batch_tokens N is for one GPU or DDP"):
         setting("--micro_batch_tokens", "9000")
 
@@ -1381,10 +1391,8 @@ def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_f
     monkeypatch.setattr(m, "triton_gpu_ready", lambda: True)
     assert compiles() and not compiles("--compile_layers", "false") and not compiles("--use_cpu", "true")
     assert compiles(recipe="dora-3b") and compiles(recipe="qlora-1b") and compiles(recipe="smollm2-135m-dora")
-    # QDoRA: graph breaks at the 4-bit dequantization in DoRA's weight norm; 0.72x eager on an H200
-    assert not any(compiles(recipe=r) for r in ("qdora-1b", "qdora-3b", "smollm2-135m-qdora"))
-    assert not compiles("--use_dora", "true", recipe="qlora-1b")  # DoRA on a 4-bit base, whatever the recipe
-    assert compiles("--compile_layers", "true", recipe="qdora-1b")
+    # QDoRA too, since its base weights are read traceably (1.73x eager on an H200)
+    assert all(compiles(recipe=r) for r in ("qdora-1b", "qdora-3b", "smollm2-135m-qdora"))
     assert not compiles("--torch_compile", "true")  # the Trainer compiles the whole model instead: not twice
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with an FSDP config sets it
     assert not compiles()  # FSDP's hooks would be traced with the parts: auto stays eager
