@@ -979,6 +979,12 @@ ACCELERATE = ["-m", "accelerate.commands.launch", "--config_file", "accelerate_c
         (TORCHRUN, ["--gradient_accumulation_steps", "2", "--micro_batch_tokens", "1408"]),
         # QLoRA: DDP around a 4-bit (NF4) base, whose frozen quantized weights it must leave alone
         (TORCHRUN, ["--load_in_4bit", "true"]),
+        # what the QDoRA recipes run on several GPUs: compiled parts, passes of 0.92 x auto's budget
+        (
+            TORCHRUN,
+            ["--load_in_4bit", "true", "--use_dora", "true", "--compile_layers", "true"]
+            + ["--gradient_accumulation_steps", "2", "--micro_batch_tokens", "auto:0.92"],
+        ),
     ],
     ids=[
         "torchrun",
@@ -986,6 +992,7 @@ ACCELERATE = ["-m", "accelerate.commands.launch", "--config_file", "accelerate_c
         "torchrun-compiled",
         "torchrun-micro-batch-tokens",
         "torchrun-qlora",
+        "torchrun-qdora-compiled",
     ],
 )
 def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Path) -> None:
@@ -998,7 +1005,10 @@ def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr
     if "--load_in_4bit" in extra:  # what the run loaded (rank 0 logs it)
-        assert "QLoRA of" in proc.stderr and "(4-bit nf4 linear layers" in proc.stderr
+        method = "QDoRA" if "--use_dora" in extra else "QLoRA"
+        assert f"{method} of" in proc.stderr and "(4-bit nf4 linear layers" in proc.stderr
+    if "auto:0.92" in extra:
+        assert "compiling the parts of 2 decoder layers" in proc.stderr
     assert proc.stderr.count("adapter, tokenizer, recipe.yaml and the training log saved") == 1  # rank 0 only
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     # 2 steps x 2 examples x 2 processes = 8 of the 12 fixture examples: the data is sharded, not repeated
@@ -1012,7 +1022,9 @@ def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Pa
     results = json.loads((out / "train_results.json").read_text())
     assert results["train_runtime"] > 0 and results["liger_kernel"] is False  # what ran (no GPU here)
     assert results["compile_layers"] is ("--compile_layers" in extra)
-    assert results["micro_batch_tokens"] == (1408 if "--micro_batch_tokens" in extra else None)
+    # auto:0.92: 0.92 x 2 rows x the fixture's longest example (711 tokens)
+    budget = {"1408": 1408, "auto:0.92": 1308}
+    assert results["micro_batch_tokens"] == next((budget[a] for a in extra if a in budget), None)
     if "--micro_batch_tokens" in extra:  # the processes ran as many passes (they must: see below), > 1 a step
         passes = results["micro_batch_passes"]
         assert len(passes) == 2 and passes[0] == passes[1] > 2
