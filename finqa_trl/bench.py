@@ -104,8 +104,8 @@ LEVERS: dict[str, list[str]] = {
     "no_liger": ["--liger_kernel", "false"],
     # torch.compile of each decoder layer's parts in place (regional: the layers share the graphs); the
     # micro-step is bound by launching kernels (1b LoRA: ~5,000 launches, 146 ms of kernels in ~320 ms per
-    # pass). The recipes' default on one GPU or DDP since 2026-11-26 (`compile_layers: auto`), but not for
-    # QDoRA (eager: slower compiled); `no_compile` times eager, `compile` QDoRA compiled.
+    # pass). The recipes' default on one GPU or DDP since 2026-11-26 (`compile_layers: auto`), for QDoRA too
+    # since machine BB (2026-11-27, with 0.92 of auto's token budget); `no_compile` times eager.
     "compile": ["--compile_layers", "true"],
     "no_compile": ["--compile_layers", "false"],
     # each step's 16 examples in passes of at most 4 x the longest example's unpadded length (each pass

@@ -1374,7 +1374,8 @@ def prepare(run: Run) -> Prepared:
             # bigger than that batch: the pass of the longest example then holds a row fewer where the
             # padding lengthens it. auto:F takes a fraction of it (a method that keeps more per token).
             longest = max(len(ids) for ids in trainer.train_dataset["input_ids"])
-            budget = int(auto_fraction(budget) * fixed * longest)
+            # at least 1: a budget of 0 would read as no budget (one pass per step), not the smallest one
+            budget = max(1, int(auto_fraction(budget) * fixed * longest))
         trainer.micro_batch_tokens = budget
         logger.info(
             "%d examples per step and process, in micro-batches of at most %d padded tokens",

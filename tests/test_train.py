@@ -359,7 +359,7 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
     from finqa_trl.train import prepare
 
     runs = {}
-    for budget in ("false", "auto", "auto:0.7", "1536", "1000", "100000"):
+    for budget in ("false", "auto", "auto:0.7", "auto:1e-9", "1536", "1000", "100000"):
         out = tmp_path / budget
         args = ["--max_steps", "3", "--gradient_accumulation_steps", "4", "--lora_dropout", "0"]
         run = parse(
@@ -388,6 +388,9 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
     assert all(rows * width <= int(0.7 * 2 * longest) for rows, width in part[2])
     assert part[3].passes == len(part[2]) > auto[3].passes
     assert len(part[0]) == 3 and part[0] == pytest.approx(fixed[0], rel=1e-5)
+    # a fraction that rounds to 0 tokens: the smallest budget (a pass per row), not none (one pass per step)
+    tiny = runs["auto:1e-9"]
+    assert tiny[3].micro_batch_tokens == 1 and {rows for rows, width in tiny[2]} == {1}
     # 12 examples an epoch: steps of 8, 4 (the epoch's rest) and 8 examples, in passes of 2 rows or in one
     assert len(fixed[2]) == 4 + 2 + 4 and len(whole[2]) == 3
     assert (whole[3].passes, pairs[3].passes, small[3].passes) == (3, 10, len(small[2]))  # as counted
@@ -1344,6 +1347,54 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
         assert results["cpp-wrapper"]["compile_mode"] == "cpp-wrapper" and graphs["cpp-wrapper"] >= 3
         assert runs["cpp-wrapper"][0] == pytest.approx(eager, rel=1e-4)
         assert runs["cpp-wrapper"][1] == eager_keys
+
+
+@pytest.mark.parametrize("base", ["plain", "nf4", "nf4-nested", "fp4-nested"], ids=lambda b: b)
+def test_dora_base_weight_is_peft_own_weight_bit_for_bit_and_traces_without_breaks(base: str) -> None:
+    # The function PEFT's DoRA is pointed at returns exactly what PEFT's dequantize_module_weight returns,
+    # for a 16-bit base and 4-bit ones (the recipes quantize nested NF4); marking twice changes nothing
+    # (PEFT's own function stays the fallback: no recursion); an unmarked layer goes to PEFT's function; and
+    # a DoRA layer then traces with no graph break and gives eager's output.
+    import bitsandbytes as bnb
+    import peft.tuners.lora.dora as peft_dora
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.integrations import dequantize_module_weight as peft_weight
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64, bias=False)
+    if base != "plain":
+        quant, nested = base.split("-")[0], base.endswith("nested")
+        four = bnb.nn.Linear4bit(
+            128, 64, bias=False, compute_dtype=torch.float32, compress_statistics=nested, quant_type=quant
+        )
+        weight = bnb.nn.Params4bit(
+            linear.weight.data.clone(), requires_grad=False, compress_statistics=nested, quant_type=quant
+        )
+        four.weight = weight._quantize("cpu")
+        linear = four
+    model = get_peft_model(
+        torch.nn.Sequential(linear),
+        LoraConfig(r=4, target_modules=["0"], use_dora=True, init_lora_weights=False),
+    )
+    layer = model.base_model.model[0]
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        eager = layer(x).clone()
+    assert modeling.traceable_dora_weights(model) == modeling.traceable_dora_weights(model) == 1
+    assert peft_dora.dequantize_module_weight is modeling._dora_base_weight
+    assert modeling._PEFT_DORA_WEIGHT is peft_weight  # the fallback is PEFT's own, after marking twice
+    marked = layer.get_base_layer()
+    assert getattr(marked, modeling._DORA_BASE) == ("weight" if base == "plain" else "4bit")
+    assert torch.equal(modeling._dora_base_weight(marked), peft_weight(marked))
+    unmarked = torch.nn.Linear(8, 4)
+    assert modeling._dora_base_weight(unmarked) is peft_weight(unmarked) is unmarked.weight
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer, backend="eager")(x), eager)
+    assert sum(counters["graph_break"].values()) == 0
 
 
 def test_compiled_dora_on_a_4bit_base_traces_whole_and_computes_what_eager_computes(tmp_path) -> None:
