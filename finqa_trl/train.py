@@ -497,7 +497,7 @@ def parse(argv: Sequence[str]) -> Run:
         raise UsageError(f"unexpected argument(s): {' '.join(remaining)}")
     _auto_true_false(script, "compile_layers")
     _auto_true_false(script, "causal_attention")
-    _resolve_liger(script, training, model)
+    _resolve_liger(script, training)
     # a YAML false/integer arrives as a bool/int: one spelling in the record and in the checks
     script.micro_batch_tokens = str(script.micro_batch_tokens).strip().lower()
 
@@ -526,7 +526,7 @@ def _auto_true_false(script: FinQAArguments, key: str) -> str:
     return value
 
 
-def _resolve_liger(script: FinQAArguments, training: Any, model: Any) -> None:
+def _resolve_liger(script: FinQAArguments, training: Any) -> None:
     """--liger_kernel decides TRL's use_liger_kernel; the recorded recipe keeps `auto` (per machine). TRL's
     own --use_liger_kernel true still turns them on (false only means: not automatically)."""
     from . import modeling
@@ -537,7 +537,7 @@ def _resolve_liger(script: FinQAArguments, training: Any, model: Any) -> None:
         raise UsageError(why_not)
     # Under --compile_layers inductor fuses what Liger's kernels fuse, and Liger's Triton functions inside a
     # compiled layer are more for dynamo to trace (the H100 run with both traced nothing: eager speed)
-    auto = script.liger_kernel == "auto" and not why_not and not compiles_layers(script, training, model)
+    auto = script.liger_kernel == "auto" and not why_not and not compiles_layers(script, training)
     if script.liger_kernel == "true" or auto:
         training.use_liger_kernel = True
 
@@ -565,7 +565,7 @@ def causal_attention(script: FinQAArguments, training: Any, model: Any) -> bool:
     return script.causal_attention == "true" or _causal_attention_blocker(training, model) is None
 
 
-def compiles_layers(script: FinQAArguments, training: Any, model: Any) -> bool:
+def compiles_layers(script: FinQAArguments, training: Any) -> bool:
     """Whether this run compiles the decoder layers' parts: `true`, or `auto` on a CUDA GPU for one process or
     DDP (`true` under FSDP or DeepSpeed is refused in _validate: their module hooks would be traced with the
     parts)."""
@@ -728,7 +728,7 @@ def _validate(run: Run) -> None:
             "--compile_layers true is for one GPU or DDP: FSDP's and DeepSpeed's hooks on each layer would "
             "be compiled with its parts (auto leaves such runs eager)"
         )
-    if s.compile_mode != "default" and not compiles_layers(s, run.training, run.model):
+    if s.compile_mode != "default" and not compiles_layers(s, run.training):
         raise UsageError(
             f"--compile_mode {s.compile_mode} applies where the layers are compiled (--compile_layers true, "
             "or auto on a CUDA GPU for one process or DDP)"
@@ -736,7 +736,7 @@ def _validate(run: Run) -> None:
     if s.compile_scope not in ("parts", "layer"):  # a YAML value skips the parser's choices
         raise UsageError(f"compile_scope must be parts or layer, got {s.compile_scope!r}")
     if s.compile_scope != "parts":
-        if not compiles_layers(s, run.training, run.model):
+        if not compiles_layers(s, run.training):
             raise UsageError(
                 f"--compile_scope {s.compile_scope} applies where the layers are compiled (--compile_layers "
                 "true, or auto on a CUDA GPU for one process or DDP)"
@@ -1408,7 +1408,7 @@ def prepare(run: Run) -> Prepared:
         # process-wide, as torch keeps it: the flash (or memory-efficient) kernel, which builds no plans
         torch.backends.cuda.enable_cudnn_sdp(False)
     compiled = 0
-    if compiles_layers(script, training, margs):
+    if compiles_layers(script, training):
         compiled = compile_decoder_layers(trainer.model, script.compile_mode, script.compile_scope)
         if compiled:
             what = "the parts of" if script.compile_scope == "parts" else "whole"

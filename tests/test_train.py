@@ -1436,7 +1436,7 @@ def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_f
 
     def compiles(*extra: str, recipe: str = "lora-1b") -> bool:
         run = parse(["--config", f"recipes/{recipe}.yaml", *extra])
-        return compiles_layers(run.script, run.training, run.model)
+        return compiles_layers(run.script, run.training)
 
     assert parse(["--config", "recipes/lora-1b.yaml"]).resolved["compile_layers"] == "auto"
     assert not compiles()  # no GPU here (CI): eager, as make demo runs
