@@ -158,6 +158,9 @@ LEVERS: dict[str, list[str]] = {
     "pad64": ["--pad_to_multiple_of", "64"],
     "no_pad64": ["--pad_to_multiple_of", "none"],  # the recipes pad to multiples of 64 since 2026-11-26
     "no_cudnn": ["--cudnn_attention", "false"],  # sdpa's flash kernel: no plans to build
+    # compiled layers' dropout: four random numbers per Philox call (torch 2.13 does it itself; backported to
+    # older torch)
+    "rand4x": ["--rand4x", "true"],
 }
 
 
@@ -576,7 +579,7 @@ def bench_training(
     import transformers.models.llama.modeling_llama  # noqa: F401 - loaded, so stock_modeling_code watches it
     from torch._dynamo.utils import counters
 
-    from .modeling import stock_modeling_code
+    from .modeling import RAND4X_SITES, stock_modeling_code
 
     counters.clear()  # process-wide: the graphs of this variant only (--same_process runs several)
     cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()  # --cudnn_attention false turns it off process-wide
@@ -618,6 +621,10 @@ def bench_training(
             # compiled layers (a GPU's recipe): more than 6 graphs means recompilation
             if counters["stats"]["unique_graphs"]:
                 res["compiled_graphs"] = counters["stats"]["unique_graphs"]
+            if RAND4X_SITES[
+                "count"
+            ]:  # random draws the backported codegen emitted as rand4x (variant rand4x)
+                res["rand4x_sites"] = RAND4X_SITES["count"]
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps
             res["micro_batch_tokens"] = getattr(trainer, "micro_batch_tokens", None)  # recipes' budget

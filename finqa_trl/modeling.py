@@ -700,6 +700,64 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
     return len(layers)
 
 
+# Sites where the backported codegen of compiled_rand4x emitted rand4x, in this process (the bench reports it)
+RAND4X_SITES = {"count": 0}
+
+
+def compiled_rand4x() -> str:
+    """Have inductor's Triton kernels draw uniform random numbers four per Philox call, as torch does itself
+    from 2.13 (pytorch/pytorch#184377); returns "native" there, "backported" where this process's inductor
+    now does it, or why not. The compiled layers' LoRA dropout draws a number per element of each adapted
+    layer's input: one H200, 3b LoRA's step, 21% of the kernel time in dropout kernels, whose bytes would
+    take a quarter of it (results/speed-notes.md). Same masks in distribution (independent Bernoulli draws,
+    another stream); the same kernel draws the same numbers again when the checkpoint recomputes it.
+
+    On older torch, the codegen of `ops.rand` is replaced by torch 2.13's: 1-D pointwise Triton kernels on
+    CUDA call `triton_helpers.rand4x` (finqa_trl.triton_rand), others `tl.rand` as before. Inductor's
+    compile workers would import `triton_helpers` without it, so kernels compile in this process
+    (compile_threads 1); its FX graph and AOT autograd caches, whose keys do not see this codegen, are off."""
+    import torch
+    from torch._inductor.codegen import triton as triton_codegen
+
+    overrides = triton_codegen.TritonOverrides
+    if hasattr(overrides, "_can_use_4x_random"):
+        return "native"
+    if getattr(overrides.rand, "finqa_rand4x", False):
+        return "backported"
+    try:
+        from torch._inductor.runtime import triton_helpers
+        from torch._inductor.select_algorithm import TritonTemplateKernel
+        from torch._inductor.virtualized import V
+
+        from . import triton_rand
+    except ImportError as err:  # no Triton (a CPU build), or an inductor laid out otherwise
+        return f"not available ({one_line(err)})"
+    if not (hasattr(triton_codegen.TritonKernel, "triton_tensor_ndim") and hasattr(V, "kernel")):
+        return f"not available (torch {torch.__version__}'s inductor differs from 2.11's)"
+    torch_rand = overrides.rand
+
+    def rand(seed: str, offset: str) -> str:
+        kernel = V.kernel
+        if (
+            isinstance(kernel, triton_codegen.TritonKernel)
+            and not isinstance(kernel, TritonTemplateKernel)  # mm epilogues: torch 2.13 keeps tl.rand
+            and V.graph.get_current_device_or_throw().type == "cuda"
+            and kernel.triton_tensor_ndim() == 1
+        ):
+            (block,) = kernel.dense_size_list()
+            RAND4X_SITES["count"] += 1
+            return f"triton_helpers.rand4x({seed}, ({offset}).to(tl.uint32), {block})"
+        return torch_rand(seed, offset)
+
+    rand.finqa_rand4x = True  # type: ignore[attr-defined]
+    triton_helpers.rand4x = triton_rand.rand4x
+    overrides.rand = staticmethod(rand)
+    torch._inductor.config.compile_threads = 1
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    return "backported"
+
+
 # On each DoRA layer's base layer: how DoRA's forward gets the base weight (see traceable_dora_weights)
 _DORA_BASE = "_finqa_dora_base"
 _PEFT_DORA_WEIGHT: Any = None  # PEFT's own dequantize_module_weight, for every base layer not marked

@@ -49,6 +49,7 @@ from .modeling import (
     bf16_supported,
     check_4bit_supported,
     compile_decoder_layers,
+    compiled_rand4x,
     default_dtype,
     end_of_turn_token,
     fsdp_safe_adapter_keys,
@@ -260,6 +261,18 @@ class FinQAArguments:
             "lengths dynamic (an H100 and two H200s, 1b LoRA; the one shape that ran: 1.08x the parts at "
             "1.2 GiB more; results/speed-notes.md).",
             "choices": ["parts", "layer"],
+        },
+    )
+    rand4x: bool = field(
+        default=False,
+        metadata={
+            "help": "Where compile_layers compiles: inductor's Triton kernels draw uniform random numbers "
+            "four per Philox call (Triton's rand4x), as torch does itself from 2.13. Older torch (the GPU "
+            "image's 2.11 makes a call per number) gets that codegen backported, its kernels then compiled "
+            "in the training process with inductor's graph caches off. The LoRA dropout masks come from "
+            "another stream, the same Bernoulli masks in distribution: the same objective. On one H200, "
+            "3b LoRA's step spent 21% of its kernel time in dropout kernels (results/speed-notes.md). Not "
+            "timed yet: a lever, not a default.",
         },
     )
     micro_batch_tokens: str = field(
@@ -747,6 +760,11 @@ def _validate(run: Run) -> None:
                 "layer, which dynamo cannot replay inside the layer's checkpoint, so the layer would run "
                 "eager (--compile_scope parts compiles DoRA's parts)"
             )
+    if s.rand4x and not compiles_layers(s, run.training):
+        raise UsageError(
+            "--rand4x true applies where the layers are compiled (--compile_layers true, or auto on a CUDA "
+            "GPU for one process or DDP)"
+        )
     if run.training.packing and run.training.max_length is None:  # else TRL raises a bare ValueError
         raise UsageError(
             "--packing true needs --max_length N: TRL packs examples into rows of that many tokens (the "
@@ -1408,6 +1426,9 @@ def prepare(run: Run) -> Prepared:
         # process-wide, as torch keeps it: the flash (or memory-efficient) kernel, which builds no plans
         torch.backends.cuda.enable_cudnn_sdp(False)
     compiled = 0
+    if script.rand4x:  # before the first compiled forward: the kernels are generated then
+        logger.info("rand4x: %s", compiled_rand4x())
+    compiled = 0
     if compiles_layers(script, training):
         compiled = compile_decoder_layers(trainer.model, script.compile_mode, script.compile_scope)
         if compiled:
@@ -1523,6 +1544,7 @@ def train(run: Run) -> int:
     metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
     metrics["compile_scope"] = run.script.compile_scope if prepared.compiled_layers else None
+    metrics["rand4x"] = run.script.rand4x
     metrics["causal_attention"] = getattr(trainer.model.config, "_attn_implementation", None) == CAUSAL_SDPA
     metrics["defer_metrics"] = run.script.defer_metrics
     metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches

@@ -1702,3 +1702,89 @@ def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatc
     seen.clear()  # whole layers: each layer compiled once, its parts not separately
     assert compile_decoder_layers(model, scope="layer") == 2
     assert seen == [("LlamaDecoderLayer", "{'mode': None}")] * 2
+
+
+def test_rand4x_is_refused_without_compiled_layers() -> None:
+    from finqa_trl.train import UsageError, _validate
+
+    lora = ["--config", "recipes/lora-1b.yaml", "--rand4x", "true"]
+    with pytest.raises(UsageError, match="--rand4x true applies where the layers are compiled"):
+        _validate(parse(lora))  # no GPU here: auto compiles nothing
+    _validate(parse([*lora, "--compile_layers", "true"]))
+    assert parse(["--config", "recipes/lora-1b.yaml"]).script.rand4x is False  # a lever until timed
+
+
+def test_compiled_rand4x_patches_nothing_where_torch_does_it_or_triton_is_missing(monkeypatch) -> None:
+    import torch
+    from torch._inductor.codegen import triton as triton_codegen
+
+    from finqa_trl import modeling
+
+    overrides = triton_codegen.TritonOverrides
+    inductor, functorch = torch._inductor.config, torch._functorch.config
+    from torch._inductor.runtime import triton_helpers
+
+    # whatever a call below patches is put back after the test (torch 2.13 has a rand4x of its own there)
+    monkeypatch.setattr(overrides, "rand", overrides.rand)
+    monkeypatch.setattr(triton_helpers, "rand4x", getattr(triton_helpers, "rand4x", None), raising=False)
+    for config, key in ((inductor, "compile_threads"), (inductor, "fx_graph_cache"),
+                        (functorch, "enable_autograd_cache")):  # fmt: skip
+        monkeypatch.setattr(config, key, getattr(config, key))
+    state = (
+        overrides.rand,
+        inductor.compile_threads,
+        inductor.fx_graph_cache,
+        functorch.enable_autograd_cache,
+    )
+    native = hasattr(overrides, "_can_use_4x_random")
+    assert native == (tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13))
+    if native:
+        assert modeling.compiled_rand4x() == "native"
+        monkeypatch.delattr(overrides, "_can_use_4x_random")  # as torch 2.11's inductor, the GPU image's
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # a CPU build of torch: nothing to generate Triton kernels with, nothing patched
+        assert modeling.compiled_rand4x().startswith("not available (")
+        assert state == (overrides.rand, inductor.compile_threads, inductor.fx_graph_cache,
+                         functorch.enable_autograd_cache)  # fmt: skip
+        return
+    assert modeling.compiled_rand4x() == "backported" == modeling.compiled_rand4x()  # once
+    assert getattr(overrides.rand, "finqa_rand4x", False) and inductor.compile_threads == 1
+    assert not inductor.fx_graph_cache and not functorch.enable_autograd_cache
+
+
+def test_triton_rand4x_draws_lane_e_mod_4_of_call_e_div_4_whatever_the_block() -> None:
+    # Triton's interpreter runs the kernels on the CPU, in a process that has it on from its start (Triton
+    # decorates its own language functions once, when imported)
+    pytest.importorskip("triton")
+    code = """
+import torch, triton, triton.language as tl
+from finqa_trl import triton_rand
+
+@triton.jit
+def draw(out, seed, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out + offsets, triton_rand.rand4x(seed, offsets, BLOCK))
+
+@triton.jit
+def lanes(out, seed, BLOCK: tl.constexpr):
+    calls = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r0, r1, r2, r3 = tl.rand4x(seed, calls)
+    tl.store(out + 4 * calls, r0)
+    tl.store(out + 4 * calls + 1, r1)
+    tl.store(out + 4 * calls + 2, r2)
+    tl.store(out + 4 * calls + 3, r3)
+
+n = 1024
+small, big, want = torch.empty(n), torch.empty(n), torch.empty(n)
+draw[(n // 64,)](small, 1234, BLOCK=64)
+draw[(n // 256,)](big, 1234, BLOCK=256)
+lanes[(n // 256,)](want, 1234, BLOCK=64)
+assert torch.equal(small, big), "the stream depends on the block size"
+assert torch.equal(small, want), "element e is not lane e % 4 of call e // 4"
+assert 0 <= small.min() and small.max() < 1 and len(set(small.tolist())) == n
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
