@@ -161,6 +161,16 @@ LEVERS: dict[str, list[str]] = {
     # compiled layers' dropout: four random numbers per Philox call (torch 2.13 does it itself; backported to
     # older torch)
     "rand4x": ["--rand4x", "true"],
+    # steps that never wait for the GPU on the host: token passes planned from host-side lengths, rows sent
+    # without a wait, no NaN filter (a read of each step's loss), non-blocking batch copies
+    "sync_free": [
+        "--sync_free_steps",
+        "true",
+        "--logging_nan_inf_filter",
+        "false",
+        "--accelerator_config",
+        '{"non_blocking": true}',
+    ],  # fmt: skip
 }
 
 
@@ -282,11 +292,36 @@ def window_steps(examples: int, per_step: int) -> int:
     return max(1, -(-examples // per_step))
 
 
+# The batch entry where the bench's collator puts a batch's real tokens, counted on the CPU
+BENCH_TOKENS = "finqa_bench_tokens"
+
+
 class _Meter:
-    """Trainer callback: wall time and non-padding tokens of the steps after `warmup`."""
+    """Trainer callback: wall time and non-padding tokens of the steps after `warmup`. The collator counts
+    each batch's tokens on the CPU and the training step adds them up as it takes the batch: the Trainer's
+    own count (`include_num_input_tokens_seen`) reads each micro-batch's back from the GPU, a wait for the GPU
+    at every step that a run without the bench does not have (the bench counted that way before 2026-11-27,
+    session 19)."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.t0, self.tok0, self.t1, self.tok1 = warmup, None, 0, None, 0
+        self.warmup, self.t0, self.t1, self.tok0, self.tok1 = warmup, None, None, 0, 0
+        self.seen = 0  # real tokens of the batches the training steps took so far
+
+    def watch(self, trainer: Any) -> None:
+        """Count each batch's tokens as the trainer's collator makes it and its training step takes it."""
+        collate, step = trainer.data_collator, trainer.training_step
+
+        def counting(features: list[dict]) -> dict[str, Any]:
+            batch = collate(features)
+            mask = batch.get("attention_mask")
+            batch[BENCH_TOKENS] = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            return batch
+
+        def training_step(model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            self.seen += inputs.pop(BENCH_TOKENS, 0)
+            return step(model, inputs, *args, **kwargs)
+
+        trainer.data_collator, trainer.training_step = counting, training_step
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -297,10 +332,10 @@ class _Meter:
             def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
                 if state.global_step == meter.warmup:
                     _sync()
-                    meter.t0, meter.tok0 = time.perf_counter(), state.num_input_tokens_seen
+                    meter.t0, meter.tok0 = time.perf_counter(), meter.seen
                 elif state.global_step == state.max_steps:
                     _sync()
-                    meter.t1, meter.tok1 = time.perf_counter(), state.num_input_tokens_seen
+                    meter.t1, meter.tok1 = time.perf_counter(), meter.seen
 
         return Cb()
 
@@ -359,7 +394,6 @@ def _plain_trl_trainer(
         save_strategy="no",
         report_to="none",
         logging_steps=1000,
-        include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
         **({"max_length": None} if full_length else {}),
     )
@@ -405,8 +439,6 @@ def _recipe_trainer(
     per_step = run.training.per_device_train_batch_size * run.training.gradient_accumulation_steps
     warmup = window_steps(warmup_examples, per_step)
     run.training.max_steps = warmup + window_steps(examples, per_step)
-    # Set after parsing: the CLI parser reads this str-or-bool field as a bool.
-    run.training.include_num_input_tokens_seen = "non_padding"
     return train.prepare(run).trainer, warmup
 
 
@@ -604,6 +636,7 @@ def bench_training(
                     lever_args(variant),
                 )
             meter = _Meter(warmup)
+            meter.watch(trainer)
             trainer.add_callback(meter.callback())
             trainer.train()
             from .modeling import peak_gpu_memory_gib

@@ -204,6 +204,18 @@ class FinQAArguments:
             "alone, 1.09x with causal_attention (results/speed-notes.md).",
         },
     )
+    sync_free_steps: bool = field(
+        default=False,
+        metadata={
+            "help": "With token passes (micro_batch_tokens): plan each step's passes from row lengths the "
+            "collator counted on the host, and send every pass's rows to the GPU at once without waiting, "
+            "instead of reading the lengths back from the GPU and copying each pass's row index with a wait "
+            "(each wait leaves the GPU idle until the host queues the next kernels). The same passes, rows "
+            "and loss. The bench lever sync_free also turns off the Trainer's NaN filter (a read of each "
+            "step's loss) and blocking batch copies (--logging_nan_inf_filter false --accelerator_config "
+            "'{\"non_blocking\": true}'). Not timed yet: a lever, not a default.",
+        },
+    )
     compile_layers: str = field(
         default="false",
         metadata={
@@ -774,6 +786,11 @@ def _validate(run: Run) -> None:
     if s.causal_attention == "true" and blocker:
         raise UsageError(f"--causal_attention true {blocker}")
     _check_micro_batch_tokens(run)
+    if s.sync_free_steps and micro_batch_tokens(s, run.training) is None:
+        raise UsageError(
+            "--sync_free_steps true plans token passes (--micro_batch_tokens auto or N, one GPU or DDP): "
+            "fixed micro-batches have no passes to plan"
+        )
     if run.training.push_to_hub and not run.training.hub_model_id:
         raise UsageError("push_to_hub needs --hub_model_id USER/NAME")
 
@@ -1028,6 +1045,31 @@ def _rows(value: Any, index: Any, rows: int, width: int, keep: int) -> Any:
     return value[:, :keep] if value.dim() >= 2 and value.shape[1] == width else value
 
 
+# The batch entry where _HostRowLengths puts each row's real tokens, counted on the host (sync_free_steps)
+ROW_LENGTHS = "finqa_row_lengths"
+
+
+class _HostRowLengths:
+    """A data collator that also returns each row's real tokens as a list of ints, counted from the attention
+    mask on the CPU, before the batch is sent to the GPU (where reading them back would wait for the GPU).
+    A list, not a tensor: accelerate's device placement passes it through."""
+
+    def __init__(self, collator: Callable[[list[dict]], dict[str, Any]]) -> None:
+        self.collator = collator
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped collator's settings (e.g. its pad token)
+        if name == "collator":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        batch = self.collator(features)
+        mask = batch.get("attention_mask")
+        if mask is not None and getattr(mask, "dim", lambda: 0)() == 2:
+            batch[ROW_LENGTHS] = mask.sum(1).tolist()
+        return batch
+
+
 @functools.cache
 def _trainer_class() -> type:
     """TRL's SFTTrainer, except that a run resumed in the middle of an epoch sees the batches the
@@ -1069,6 +1111,9 @@ def _trainer_class() -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
+            inputs.pop(
+                ROW_LENGTHS, None
+            )  # the host's row lengths, for the pass planner only (evaluation too)
             parallel = getattr(self.accelerator, "parallelism_config", None)
             if not (
                 self.defer_metrics
@@ -1124,12 +1169,17 @@ def _trainer_class() -> type:
         def training_step(
             self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
         ) -> torch.Tensor:
+            host_lengths = inputs.get(ROW_LENGTHS)  # set by _HostRowLengths (sync_free_steps)
+            if host_lengths is not None:  # not popped: a caller may run the same batch again (the bench)
+                inputs = {key: value for key, value in inputs.items() if key != ROW_LENGTHS}
             mask = inputs.get("attention_mask")
             if not self.micro_batch_tokens or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
                 return super().training_step(model, inputs, num_items_in_batch)
             rows, width = mask.shape
             multiple = self.args.pad_to_multiple_of
-            lengths = mask.sum(1).tolist()  # right-padded (TRL's collator): each row's tokens come first
+            # right-padded (TRL's collator): each row's tokens come first. Read from the GPU, the lengths wait
+            # for everything queued before them
+            lengths = host_lengths if host_lengths is not None else mask.sum(1).tolist()
             groups = plan_micro_batches(lengths, self.micro_batch_tokens, multiple)
             parts = len(groups)
             if self.accelerator.num_processes > 1:
@@ -1151,15 +1201,28 @@ def _trainer_class() -> type:
                 if self.args.average_tokens_across_devices and self.args.world_size > 1:
                     num_items_in_batch = self.accelerator.gather(num_items_in_batch).sum()
             total = None
+            indices = self._pass_indices(groups, mask.device) if host_lengths is not None else None
             for i, group in enumerate(groups):
                 keep = min(width, padded_width(lengths, group, multiple))
-                index = torch.tensor(group, device=mask.device)
+                # torch.tensor(..., device=cuda) copies, then waits for the GPU to finish all queued work
+                index = torch.tensor(group, device=mask.device) if indices is None else indices[i]
                 part = {key: _rows(value, index, rows, width, keep) for key, value in inputs.items()}
                 last = i == len(groups) - 1  # DDP reduces the summed gradients once, after the last pass
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                     loss = super().training_step(model, part, num_items_in_batch)
                 total = loss if total is None else total + loss
             return total
+
+        @staticmethod
+        def _pass_indices(groups: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+            """Every pass's row index in one copy to `device` that the host does not wait for: from pinned
+            memory, which the GPU reads once the copy's turn in the stream comes."""
+            flat = torch.tensor([row for group in groups for row in group])
+            if device.type == "cuda":
+                flat = flat.pin_memory().to(device, non_blocking=True)
+            else:
+                flat = flat.to(device)
+            return list(flat.split([len(group) for group in groups]))
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             sampler = super()._get_train_sampler(train_dataset)
@@ -1395,6 +1458,8 @@ def prepare(run: Run) -> Prepared:
             # at least 1: a budget of 0 would read as no budget (one pass per step), not the smallest one
             budget = max(1, int(auto_fraction(budget) * fixed * longest))
         trainer.micro_batch_tokens = budget
+        if script.sync_free_steps:
+            trainer.data_collator = _HostRowLengths(trainer.data_collator)
         logger.info(
             "%d examples per step and process, in micro-batches of at most %d padded tokens",
             training.per_device_train_batch_size,
@@ -1545,6 +1610,7 @@ def train(run: Run) -> int:
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
     metrics["compile_scope"] = run.script.compile_scope if prepared.compiled_layers else None
     metrics["rand4x"] = run.script.rand4x
+    metrics["sync_free_steps"] = run.script.sync_free_steps
     metrics["causal_attention"] = getattr(trainer.model.config, "_attn_implementation", None) == CAUSAL_SDPA
     metrics["defer_metrics"] = run.script.defer_metrics
     metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches

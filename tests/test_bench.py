@@ -34,7 +34,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "no_causal_attention",
         "no_defer_metrics",
     }
-    levers |= {"tokens", "no_tokens", "no_nan_filter", "rand4x"}
+    levers |= {"tokens", "no_tokens", "no_nan_filter", "rand4x", "sync_free"}
     assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
@@ -312,6 +312,34 @@ def test_the_worst_step_is_the_same_longest_batch_on_equal_data(sample_dir, llam
     assert rows * width <= regrouped["micro_batch_tokens"] and width % 64 == 0
     assert "biggest_pass" not in fixed and "biggest_pass" not in got["trl:full_length"]
     assert got["trl"]["longest_batch_tokens"] <= 4 * 1024  # plain TRL's default truncation
+
+
+def test_the_meter_counts_the_timed_steps_tokens_on_the_host() -> None:
+    # Each batch's real tokens counted by the collator on the CPU and added up as the training step takes the
+    # batch, not read back from the GPU at every step; the count never reaches the model
+    from types import SimpleNamespace
+
+    import torch
+
+    taken: list[dict] = []
+    trainer = SimpleNamespace(
+        data_collator=lambda features: {
+            "attention_mask": torch.tensor([[1] * len(features) + [0] * 2]),
+            "input_ids": torch.zeros(1, len(features) + 2),
+        },
+        training_step=lambda model, inputs, *rest: taken.append(dict(inputs)),
+    )
+    meter = bench._Meter(warmup=1)
+    meter.watch(trainer)
+    batches = [trainer.data_collator([{}] * n) for n in (3, 5, 7, 11, 13)]
+    batches.append(trainer.data_collator([{}] * 17))  # collated ahead, never taken
+    cb = meter.callback()
+    for step, taken_now in ((1, batches[:2]), (2, batches[2:3]), (3, batches[3:5])):  # uneven steps
+        for batch in taken_now:
+            trainer.training_step(None, batch)
+        cb.on_step_end(None, SimpleNamespace(global_step=step, max_steps=3), None)
+    assert meter.result()["tokens"] == 7 + 11 + 13  # steps 2 and 3
+    assert all(bench.BENCH_TOKENS not in inputs for inputs in taken) and len(taken) == 5
 
 
 def test_a_profiled_training_variant_keeps_its_timing_and_names_its_batch(tmp_path):

@@ -359,21 +359,30 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
     from finqa_trl.train import prepare
 
     runs = {}
-    for budget in ("false", "auto", "auto:0.7", "auto:1e-9", "1536", "1000", "100000"):
+    for budget in ("false", "auto", "auto:0.7", "auto:1e-9", "1536", "1000", "100000", "auto+sync_free"):
         out = tmp_path / budget
         args = ["--max_steps", "3", "--gradient_accumulation_steps", "4", "--lora_dropout", "0"]
+        if budget.endswith(
+            "+sync_free"
+        ):  # the lengths counted by the collator, the passes' rows sent at once
+            args += ["--sync_free_steps", "true"]
+        budget_arg = budget.removesuffix("+sync_free")
         run = parse(
-            smoke_args(out, *args, "--train_sampling_strategy", sampling, "--micro_batch_tokens", budget)
+            smoke_args(out, *args, "--train_sampling_strategy", sampling, "--micro_batch_tokens", budget_arg)
         )
         trainer = prepare(run).trainer
         passes: list = []
-        trainer.model.register_forward_pre_hook(
-            lambda m, a, kw, passes=passes: passes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
-        )
+        keys: set = set()
+
+        def seen(m, a, kw, passes=passes, keys=keys):  # noqa: ANN001, ANN202
+            passes.append(tuple(kw["input_ids"].shape))
+            keys.update(kw)
+
+        trainer.model.register_forward_pre_hook(seen, with_kwargs=True)
         trainer.train()
         trainer.save_model(str(out))
         history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        runs[budget] = history, load_file(out / "adapter_model.safetensors"), passes, trainer
+        runs[budget] = history, load_file(out / "adapter_model.safetensors"), passes, trainer, keys
     fixed, auto, pairs, small, whole = (runs[b] for b in ("false", "auto", "1536", "1000", "100000"))
     assert fixed[3].micro_batch_tokens is None and (fixed[3].args.per_device_train_batch_size, 4) == (2, 4)
     assert whole[3].args.per_device_train_batch_size == 8 and whole[3].args.gradient_accumulation_steps == 1
@@ -401,6 +410,11 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
         assert adapter_gap(budget[1], fixed[1]) < 1e-4
     if sampling == "group_by_length":
         assert all(torch.equal(pairs[1][k], fixed[1][k]) for k in fixed[1])
+    # sync_free_steps: the same passes, losses and adapter bit for bit; the host lengths never reach the model
+    sync = runs["auto+sync_free"]
+    assert sync[2] == auto[2] and sync[0] == auto[0] and sync[3].passes == auto[3].passes
+    assert all(torch.equal(sync[1][k], auto[1][k]) for k in auto[1])
+    assert "finqa_row_lengths" not in sync[4] and sync[4] == auto[4]
 
 
 def test_micro_batch_tokens_settings(monkeypatch) -> None:
@@ -1712,6 +1726,21 @@ def test_rand4x_is_refused_without_compiled_layers() -> None:
         _validate(parse(lora))  # no GPU here: auto compiles nothing
     _validate(parse([*lora, "--compile_layers", "true"]))
     assert parse(["--config", "recipes/lora-1b.yaml"]).script.rand4x is False  # a lever until timed
+
+
+def test_sync_free_steps_needs_token_passes_and_its_lever_turns_off_the_other_waits() -> None:
+    from finqa_trl import bench
+    from finqa_trl.train import UsageError, _validate
+
+    lora = ["--config", "recipes/lora-1b.yaml", "--sync_free_steps", "true"]
+    _validate(parse(lora))
+    with pytest.raises(UsageError, match="--sync_free_steps true plans token passes"):
+        _validate(parse([*lora, "--micro_batch_tokens", "false"]))
+    assert parse(["--config", "recipes/lora-1b.yaml"]).script.sync_free_steps is False  # a lever until timed
+    lever = parse(["--config", "recipes/lora-1b.yaml", *bench.lever_args("recipe:sync_free")])
+    assert lever.script.sync_free_steps and not lever.training.logging_nan_inf_filter
+    # non-blocking copies from the pinned batches the Trainer's dataloader makes on a GPU (not on this CPU)
+    assert lever.training.accelerator_config.non_blocking
 
 
 def test_compiled_rand4x_patches_nothing_where_torch_does_it_or_triton_is_missing(monkeypatch) -> None:
