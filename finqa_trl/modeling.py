@@ -700,17 +700,25 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
     return len(layers)
 
 
-# Sites where the backported codegen of compiled_rand4x emitted rand4x, in this process (the bench reports it)
-RAND4X_SITES = {"count": 0}
+# What compiled_rand4x did in this process, and how many random draws its backported codegen emitted as
+# rand4x (the bench reports both)
+RAND4X_SITES: dict[str, Any] = {"count": 0, "status": None}
 
 
 def compiled_rand4x() -> str:
+    """_compiled_rand4x, its answer kept in RAND4X_SITES["status"]."""
+    RAND4X_SITES["status"] = _compiled_rand4x()
+    return RAND4X_SITES["status"]
+
+
+def _compiled_rand4x() -> str:
     """Have inductor's Triton kernels draw uniform random numbers four per Philox call, as torch does itself
     from 2.13 (pytorch/pytorch#184377); returns "native" there, "backported" where this process's inductor
     now does it, or why not. The compiled layers' LoRA dropout draws a number per element of each adapted
-    layer's input: one H200, 3b LoRA's step, 21% of the kernel time in dropout kernels, whose bytes would
-    take a quarter of it (results/speed-notes.md). Same masks in distribution (independent Bernoulli draws,
-    another stream); the same kernel draws the same numbers again when the checkpoint recomputes it.
+    layer's input: one H200, 3b LoRA's step, 16% of all kernel time in forward dropout kernels, whose bytes
+    would take about a quarter of it (an estimate: results/speed-notes.md). Same masks in distribution
+    (independent Bernoulli draws, another stream); the same kernel draws the same numbers again when the
+    checkpoint recomputes it.
 
     On older torch, the codegen of `ops.rand` is replaced by torch 2.13's: 1-D pointwise Triton kernels on
     CUDA call `triton_helpers.rand4x` (finqa_trl.triton_rand), others `tl.rand` as before. Inductor's

@@ -211,8 +211,9 @@ class FinQAArguments:
             "collator counted on the host, and send every pass's rows to the GPU at once without waiting, "
             "instead of reading the lengths back from the GPU and copying each pass's row index with a wait "
             "(each wait leaves the GPU idle until the host queues the next kernels). The same passes, rows "
-            "and loss. The bench lever sync_free also turns off the Trainer's NaN filter (a read of each "
-            "step's loss) and blocking batch copies (--logging_nan_inf_filter false --accelerator_config "
+            "and loss. Under DDP the processes still agree on each step's pass count, a wait. The bench "
+            "lever sync_free also turns off the Trainer's NaN filter (a read of each step's loss) and "
+            "blocking batch copies (--logging_nan_inf_filter false --accelerator_config "
             "'{\"non_blocking\": true}'). Not timed yet: a lever, not a default.",
         },
     )
@@ -283,8 +284,8 @@ class FinQAArguments:
             "image's 2.11 makes a call per number) gets that codegen backported, its kernels then compiled "
             "in the training process with inductor's graph caches off. The LoRA dropout masks come from "
             "another stream, the same Bernoulli masks in distribution: the same objective. On one H200, "
-            "3b LoRA's step spent 21% of its kernel time in dropout kernels (results/speed-notes.md). Not "
-            "timed yet: a lever, not a default.",
+            "3b LoRA's step spent 16% of its kernel time in forward dropout kernels "
+            "(results/speed-notes.md). Not timed yet: a lever, not a default.",
         },
     )
     micro_batch_tokens: str = field(
@@ -777,6 +778,11 @@ def _validate(run: Run) -> None:
             "--rand4x true applies where the layers are compiled (--compile_layers true, or auto on a CUDA "
             "GPU for one process or DDP)"
         )
+    ckpt_kwargs = run.training.activation_checkpointing_kwargs or {}
+    if s.rand4x and run.training.activation_checkpointing and ckpt_kwargs.get("use_reentrant", True):
+        # the reentrant checkpoint's forward runs as an inference graph and its recomputation as a training
+        # graph: their kernels could differ in shape, and rand4x's draws follow a kernel's shape
+        raise UsageError("--rand4x true needs non-reentrant activation checkpointing (use_reentrant: false)")
     if run.training.packing and run.training.max_length is None:  # else TRL raises a bare ValueError
         raise UsageError(
             "--packing true needs --max_length N: TRL packs examples into rows of that many tokens (the "
@@ -1347,6 +1353,7 @@ class Prepared:
     resume: str | None  # the checkpoint training resumes from
     hub: Any = None  # the HubPushCallback, when pushing
     compiled_layers: int = 0  # decoder layers whose parts were compiled (compile_layers)
+    rand4x: str | None = None  # what --rand4x did (compiled_rand4x); None where not asked
 
 
 def prepare(run: Run) -> Prepared:
@@ -1490,9 +1497,13 @@ def prepare(run: Run) -> Prepared:
     if not script.cudnn_attention:
         # process-wide, as torch keeps it: the flash (or memory-efficient) kernel, which builds no plans
         torch.backends.cuda.enable_cudnn_sdp(False)
-    compiled = 0
+    rand4x = None
     if script.rand4x:  # before the first compiled forward: the kernels are generated then
-        logger.info("rand4x: %s", compiled_rand4x())
+        rand4x = compiled_rand4x()
+        if rand4x in ("native", "backported"):
+            logger.info("rand4x: %s", rand4x)
+        else:  # the run goes on with inductor's own random numbers, and says so in its metrics
+            logger.warning("--rand4x true does nothing here: %s", rand4x)
     compiled = 0
     if compiles_layers(script, training):
         compiled = compile_decoder_layers(trainer.model, script.compile_mode, script.compile_scope)
@@ -1523,7 +1534,7 @@ def prepare(run: Run) -> Prepared:
         _write_recipe(output_dir, run.resolved)
     state.wait_for_everyone()
 
-    return Prepared(run, trainer, resume, hub, compiled)
+    return Prepared(run, trainer, resume, hub, compiled, rand4x)
 
 
 def _launch(training: Any) -> dict[str, int]:
@@ -1609,7 +1620,7 @@ def train(run: Run) -> int:
     metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
     metrics["compile_scope"] = run.script.compile_scope if prepared.compiled_layers else None
-    metrics["rand4x"] = run.script.rand4x
+    metrics["rand4x"] = prepared.rand4x  # what it did: "native", "backported", "not available (...)"
     metrics["sync_free_steps"] = run.script.sync_free_steps
     metrics["causal_attention"] = getattr(trainer.model.config, "_attn_implementation", None) == CAUSAL_SDPA
     metrics["defer_metrics"] = run.script.defer_metrics

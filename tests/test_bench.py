@@ -142,6 +142,22 @@ def test_cli_refuses_empty_windows(bad, capsys, sample_dir):
     assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
 
 
+def test_cli_times_rand4x_only_in_a_process_of_its_own(capsys, sample_dir):
+    # its codegen and caches stay changed for the whole process: a variant after it would be timed with them
+    argv = [
+        "--data_dir",
+        str(sample_dir),
+        "--tokenizer",
+        str(sample_dir),
+        "--shapes",
+        "tiny",
+        "--same_process",
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*argv, "--variants", "recipe:rand4x", "recipe"])
+    assert exit_.value.code == 2 and "time it in a fresh process" in capsys.readouterr().err
+
+
 def test_cli_names_a_missing_folder_in_one_line(capsys, sample_dir):
     assert bench.main(["--data_dir", str(sample_dir), "--tokenizer", "no/such/tokenizer"]) == 2
     assert capsys.readouterr().err == "error: --tokenizer no/such/tokenizer: no such directory\n"

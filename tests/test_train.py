@@ -1726,6 +1726,10 @@ def test_rand4x_is_refused_without_compiled_layers() -> None:
         _validate(parse(lora))  # no GPU here: auto compiles nothing
     _validate(parse([*lora, "--compile_layers", "true"]))
     assert parse(["--config", "recipes/lora-1b.yaml"]).script.rand4x is False  # a lever until timed
+    # the reentrant checkpoint recomputes in another graph than its forward's, whose kernels may differ
+    reentrant = ["--activation_checkpointing_kwargs", '{"use_reentrant": true}']
+    with pytest.raises(UsageError, match="--rand4x true needs non-reentrant activation checkpointing"):
+        _validate(parse([*lora, "--compile_layers", "true", *reentrant]))
 
 
 def test_sync_free_steps_needs_token_passes_and_its_lever_turns_off_the_other_waits() -> None:
