@@ -1718,6 +1718,20 @@ def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatc
     assert seen == [("LlamaDecoderLayer", "{'mode': None}")] * 2
 
 
+@pytest.fixture
+def inductor_settings_kept():  # noqa: ANN201
+    """Inductor's and functorch's settings that compiled_rand4x changes, put back after the test (through
+    torch's own config patch: pytest's monkeypatch would delete them from torch's config module)."""
+    import torch
+
+    inductor, functorch = torch._inductor.config, torch._functorch.config
+    with (
+        inductor.patch(compile_threads=inductor.compile_threads, fx_graph_cache=inductor.fx_graph_cache),
+        functorch.patch(enable_autograd_cache=functorch.enable_autograd_cache),
+    ):
+        yield
+
+
 def test_rand4x_is_refused_without_compiled_layers() -> None:
     from finqa_trl.train import UsageError, _validate
 
@@ -1747,7 +1761,9 @@ def test_sync_free_steps_needs_token_passes_and_its_lever_turns_off_the_other_wa
     assert lever.training.accelerator_config.non_blocking
 
 
-def test_compiled_rand4x_patches_nothing_where_torch_does_it_or_triton_is_missing(monkeypatch) -> None:
+def test_compiled_rand4x_patches_nothing_where_torch_does_it_or_triton_is_missing(
+    monkeypatch, inductor_settings_kept
+) -> None:
     import torch
     from torch._inductor.codegen import triton as triton_codegen
 
@@ -1757,12 +1773,11 @@ def test_compiled_rand4x_patches_nothing_where_torch_does_it_or_triton_is_missin
     inductor, functorch = torch._inductor.config, torch._functorch.config
     from torch._inductor.runtime import triton_helpers
 
-    # whatever a call below patches is put back after the test (torch 2.13 has a rand4x of its own there)
+    # whatever a call below patches is put back after the test (torch 2.13 has a rand4x of its own there; the
+    # settings: inductor_settings_kept)
     monkeypatch.setattr(overrides, "rand", overrides.rand)
     monkeypatch.setattr(triton_helpers, "rand4x", getattr(triton_helpers, "rand4x", None), raising=False)
-    for config, key in ((inductor, "compile_threads"), (inductor, "fx_graph_cache"),
-                        (functorch, "enable_autograd_cache")):  # fmt: skip
-        monkeypatch.setattr(config, key, getattr(config, key))
+    monkeypatch.setitem(modeling.RAND4X_SITES, "status", None)
     state = (
         overrides.rand,
         inductor.compile_threads,
@@ -1784,6 +1799,52 @@ def test_compiled_rand4x_patches_nothing_where_torch_does_it_or_triton_is_missin
     assert modeling.compiled_rand4x() == "backported" == modeling.compiled_rand4x()  # once
     assert getattr(overrides.rand, "finqa_rand4x", False) and inductor.compile_threads == 1
     assert not inductor.fx_graph_cache and not functorch.enable_autograd_cache
+
+
+def test_backported_rand4x_codegen_takes_only_1d_pointwise_cuda_kernels(
+    monkeypatch, inductor_settings_kept
+) -> None:
+    # The override of inductor's ops.rand on torch before 2.13: torch 2.11's own codegen (one Philox call per
+    # number) stays for every kernel but a 1-D, non-template Triton kernel on CUDA, as torch 2.13 decides
+    pytest.importorskip("triton")
+    import torch
+    from torch._inductor.codegen import triton as triton_codegen
+    from torch._inductor.runtime import triton_helpers
+    from torch._inductor.select_algorithm import TritonTemplateKernel
+    from torch._inductor.virtualized import V
+
+    from finqa_trl import modeling
+
+    overrides = triton_codegen.TritonOverrides
+    monkeypatch.setattr(triton_helpers, "rand4x", getattr(triton_helpers, "rand4x", None), raising=False)
+    monkeypatch.delattr(overrides, "_can_use_4x_random", raising=False)
+
+    def torch_211(seed: str, offset: str) -> str:  # torch 2.11's TritonOverrides.rand, as it reads
+        return f"tl.rand({seed}, ({offset}).to(tl.uint32))"
+
+    monkeypatch.setattr(overrides, "rand", staticmethod(torch_211))
+    monkeypatch.setitem(modeling.RAND4X_SITES, "count", 0)
+    monkeypatch.setitem(modeling.RAND4X_SITES, "status", None)
+    assert modeling.compiled_rand4x() == "backported"
+
+    def kernel(cls: type, dims: int) -> object:  # the two methods the override asks of a kernel
+        methods = {"triton_tensor_ndim": lambda self: dims, "dense_size_list": lambda self: ["XBLOCK"] * dims}
+        return object.__new__(type("K", (cls,), methods))
+
+    def graph(device: str) -> object:
+        return type("G", (), {"get_current_device_or_throw": lambda self: torch.device(device)})()
+
+    def emitted(k: object, device: str) -> str:
+        with V.set_graph_handler(graph(device)), V.set_kernel_handler(k):
+            return overrides.rand("seed0", "x0 + 7")
+
+    one_d = kernel(triton_codegen.TritonKernel, 1)
+    assert emitted(one_d, "cuda") == "triton_helpers.rand4x(seed0, (x0 + 7).to(tl.uint32), XBLOCK)"
+    assert modeling.RAND4X_SITES["count"] == 1
+    assert emitted(kernel(triton_codegen.TritonKernel, 2), "cuda") == torch_211("seed0", "x0 + 7")
+    assert emitted(kernel(TritonTemplateKernel, 1), "cuda") == torch_211("seed0", "x0 + 7")  # mm epilogues
+    assert emitted(one_d, "cpu") == torch_211("seed0", "x0 + 7")
+    assert modeling.RAND4X_SITES["count"] == 1 and triton_helpers.rand4x is not None
 
 
 def test_triton_rand4x_draws_lane_e_mod_4_of_call_e_div_4_whatever_the_block() -> None:
