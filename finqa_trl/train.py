@@ -1117,9 +1117,8 @@ def _trainer_class() -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            inputs.pop(
-                ROW_LENGTHS, None
-            )  # the host's row lengths, for the pass planner only (evaluation too)
+            # the host's row lengths (sync_free_steps) are for the pass planner only, in evaluation too
+            inputs.pop(ROW_LENGTHS, None)
             parallel = getattr(self.accelerator, "parallelism_config", None)
             if not (
                 self.defer_metrics
