@@ -1059,18 +1059,24 @@ def test_micro_batch_tokens_on_two_processes_trains_as_fixed_micro_batches(tmp_p
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     adapters = {}
-    for budget in ("false", "1408"):
+    for budget in ("false", "1408", "1408+sync_free"):
         out = tmp_path / budget
         args = ["--max_steps", "1", "--gradient_accumulation_steps", "2", "--lora_dropout", "0"]
-        args += ["--micro_batch_tokens", budget]
+        args += ["--micro_batch_tokens", budget.removesuffix("+sync_free")]
+        if budget.endswith("+sync_free"):  # the planner on host lengths, the agreed passes' rows sent at once
+            args += ["--sync_free_steps", "true"]
         cmd = [sys.executable, *TORCHRUN, *smoke_args(out, *args)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         adapters[budget] = load_file(out / "adapter_model.safetensors")
-    # 3 passes on both: process 1's 2 raised to process 0's (without the agreement the run hangs)
-    assert json.loads((out / "train_results.json").read_text())["micro_batch_passes"] == [3, 3]
-    fixed, budgeted = adapters["false"], adapters["1408"]
+        # 3 passes on both: process 1's 2 raised to process 0's (without the agreement the run hangs)
+        if budget != "false":
+            assert json.loads((out / "train_results.json").read_text())["micro_batch_passes"] == [3, 3]
+    fixed, budgeted, sync_free = adapters["false"], adapters["1408"], adapters["1408+sync_free"]
     assert adapter_gap(budgeted, fixed) < 1e-4
+    import torch
+
+    assert all(torch.equal(sync_free[k], budgeted[k]) for k in budgeted)
 
 
 def test_a_run_failing_while_loading_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, capsys):
