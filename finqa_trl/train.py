@@ -1071,7 +1071,7 @@ class _HostRowLengths:
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         batch = self.collator(features)
         mask = batch.get("attention_mask")
-        if mask is not None and getattr(mask, "dim", lambda: 0)() == 2:
+        if mask is not None and mask.dim() == 2:  # TRL's collator: a CPU tensor, one row per example
             batch[ROW_LENGTHS] = mask.sum(1).tolist()
         return batch
 
