@@ -158,19 +158,6 @@ LEVERS: dict[str, list[str]] = {
     "pad64": ["--pad_to_multiple_of", "64"],
     "no_pad64": ["--pad_to_multiple_of", "none"],  # the recipes pad to multiples of 64 since 2026-11-26
     "no_cudnn": ["--cudnn_attention", "false"],  # sdpa's flash kernel: no plans to build
-    # compiled layers' dropout: four random numbers per Philox call (torch 2.13 does it itself; backported to
-    # older torch)
-    "rand4x": ["--rand4x", "true"],
-    # steps that never wait for the GPU on the host: token passes planned from host-side lengths, rows sent
-    # without a wait, no NaN filter (a read of each step's loss), non-blocking batch copies
-    "sync_free": [
-        "--sync_free_steps",
-        "true",
-        "--logging_nan_inf_filter",
-        "false",
-        "--accelerator_config",
-        '{"non_blocking": true}',
-    ],  # fmt: skip
 }
 
 
@@ -611,10 +598,9 @@ def bench_training(
     import transformers.models.llama.modeling_llama  # noqa: F401 - loaded, so stock_modeling_code watches it
     from torch._dynamo.utils import counters
 
-    from .modeling import RAND4X_SITES, stock_modeling_code
+    from .modeling import stock_modeling_code
 
     counters.clear()  # process-wide: the graphs of this variant only (--same_process runs several)
-    RAND4X_SITES.update(count=0, status=None)  # likewise
     cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()  # --cudnn_attention false turns it off process-wide
     # Liger (a recipe default where installed) rebinds modeling-module globals: put back for the next variant
     with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as tmp, stock_modeling_code():
@@ -655,9 +641,6 @@ def bench_training(
             # compiled layers (a GPU's recipe): more than 6 graphs means recompilation
             if counters["stats"]["unique_graphs"]:
                 res["compiled_graphs"] = counters["stats"]["unique_graphs"]
-            # variant rand4x: what compiled_rand4x did, and the random draws it emitted as rand4x
-            if RAND4X_SITES.get("status"):
-                res["rand4x"], res["rand4x_sites"] = RAND4X_SITES["status"], RAND4X_SITES["count"]
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps
             res["micro_batch_tokens"] = getattr(trainer, "micro_batch_tokens", None)  # recipes' budget
@@ -856,16 +839,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"unknown variant {v!r}")
         if v.startswith("recipe"):
             lever_args(v)  # exits with one line on an unknown lever
-    # rand4x changes inductor's codegen and caches for the whole process, for good: a variant after it in the
-    # same process would be timed with them
-    if (
-        args.same_process
-        and len(args.variants) > 1
-        and any(v.startswith("recipe") and "--rand4x" in lever_args(v) for v in args.variants)
-    ):
-        ap.error(
-            "the rand4x lever changes the whole process: time it in a fresh process (without --same_process)"
-        )
 
     import torch
 

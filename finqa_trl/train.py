@@ -49,7 +49,6 @@ from .modeling import (
     bf16_supported,
     check_4bit_supported,
     compile_decoder_layers,
-    compiled_rand4x,
     default_dtype,
     end_of_turn_token,
     fsdp_safe_adapter_keys,
@@ -204,19 +203,6 @@ class FinQAArguments:
             "alone, 1.09x with causal_attention (results/speed-notes.md).",
         },
     )
-    sync_free_steps: bool = field(
-        default=False,
-        metadata={
-            "help": "With token passes (micro_batch_tokens): plan each step's passes from row lengths the "
-            "collator counted on the host, and send every pass's rows to the GPU at once without waiting, "
-            "instead of reading the lengths back from the GPU and copying each pass's row index with a wait "
-            "(each wait leaves the GPU idle until the host queues the next kernels). The same passes, rows "
-            "and loss. Under DDP the processes still agree on each step's pass count, a wait. The bench "
-            "lever sync_free also turns off the Trainer's NaN filter (a read of each step's loss) and "
-            "blocking batch copies (--logging_nan_inf_filter false --accelerator_config "
-            "'{\"non_blocking\": true}'). Not timed yet: a lever, not a default.",
-        },
-    )
     compile_layers: str = field(
         default="false",
         metadata={
@@ -274,18 +260,6 @@ class FinQAArguments:
             "lengths dynamic (an H100 and two H200s, 1b LoRA; the one shape that ran: 1.08x the parts at "
             "1.2 GiB more; results/speed-notes.md).",
             "choices": ["parts", "layer"],
-        },
-    )
-    rand4x: bool = field(
-        default=False,
-        metadata={
-            "help": "Where compile_layers compiles: inductor's Triton kernels draw uniform random numbers "
-            "four per Philox call (Triton's rand4x), as torch does itself from 2.13. Older torch (the GPU "
-            "image's 2.11 makes a call per number) gets that codegen backported, its kernels then compiled "
-            "in the training process with inductor's graph caches off. The LoRA dropout masks come from "
-            "another stream, the same Bernoulli masks in distribution: the same objective. On one H200, "
-            "3b LoRA's step spent 16% of its kernel time in forward dropout kernels "
-            "(results/speed-notes.md). Not timed yet: a lever, not a default.",
         },
     )
     micro_batch_tokens: str = field(
@@ -773,16 +747,6 @@ def _validate(run: Run) -> None:
                 "layer, which dynamo cannot replay inside the layer's checkpoint, so the layer would run "
                 "eager (--compile_scope parts compiles DoRA's parts)"
             )
-    if s.rand4x and not compiles_layers(s, run.training):
-        raise UsageError(
-            "--rand4x true applies where the layers are compiled (--compile_layers true, or auto on a CUDA "
-            "GPU for one process or DDP)"
-        )
-    ckpt_kwargs = run.training.activation_checkpointing_kwargs or {}
-    if s.rand4x and run.training.activation_checkpointing and ckpt_kwargs.get("use_reentrant", True):
-        # the reentrant checkpoint's forward runs as an inference graph and its recomputation as a training
-        # graph: their kernels could differ in shape, and rand4x's draws follow a kernel's shape
-        raise UsageError("--rand4x true needs non-reentrant activation checkpointing (use_reentrant: false)")
     if run.training.packing and run.training.max_length is None:  # else TRL raises a bare ValueError
         raise UsageError(
             "--packing true needs --max_length N: TRL packs examples into rows of that many tokens (the "
@@ -792,11 +756,6 @@ def _validate(run: Run) -> None:
     if s.causal_attention == "true" and blocker:
         raise UsageError(f"--causal_attention true {blocker}")
     _check_micro_batch_tokens(run)
-    if s.sync_free_steps and micro_batch_tokens(s, run.training) is None:
-        raise UsageError(
-            "--sync_free_steps true plans token passes (--micro_batch_tokens auto or N, one GPU or DDP): "
-            "fixed micro-batches have no passes to plan"
-        )
     if run.training.push_to_hub and not run.training.hub_model_id:
         raise UsageError("push_to_hub needs --hub_model_id USER/NAME")
 
@@ -1051,31 +1010,6 @@ def _rows(value: Any, index: Any, rows: int, width: int, keep: int) -> Any:
     return value[:, :keep] if value.dim() >= 2 and value.shape[1] == width else value
 
 
-# The batch entry where _HostRowLengths puts each row's real tokens, counted on the host (sync_free_steps)
-ROW_LENGTHS = "finqa_row_lengths"
-
-
-class _HostRowLengths:
-    """A data collator that also returns each row's real tokens as a list of ints, counted from the attention
-    mask on the CPU, before the batch is sent to the GPU (where reading them back would wait for the GPU).
-    A list, not a tensor: accelerate's device placement passes it through."""
-
-    def __init__(self, collator: Callable[[list[dict]], dict[str, Any]]) -> None:
-        self.collator = collator
-
-    def __getattr__(self, name: str) -> Any:  # the wrapped collator's settings (e.g. its pad token)
-        if name == "collator":  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.collator, name)
-
-    def __call__(self, features: list[dict]) -> dict[str, Any]:
-        batch = self.collator(features)
-        mask = batch.get("attention_mask")
-        if mask is not None and mask.dim() == 2:  # TRL's collator: a CPU tensor, one row per example
-            batch[ROW_LENGTHS] = mask.sum(1).tolist()
-        return batch
-
-
 @functools.cache
 def _trainer_class() -> type:
     """TRL's SFTTrainer, except that a run resumed in the middle of an epoch sees the batches the
@@ -1117,8 +1051,6 @@ def _trainer_class() -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            # the host's row lengths (sync_free_steps) are for the pass planner only, in evaluation too
-            inputs.pop(ROW_LENGTHS, None)
             parallel = getattr(self.accelerator, "parallelism_config", None)
             if not (
                 self.defer_metrics
@@ -1174,17 +1106,12 @@ def _trainer_class() -> type:
         def training_step(
             self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
         ) -> torch.Tensor:
-            host_lengths = inputs.get(ROW_LENGTHS)  # set by _HostRowLengths (sync_free_steps)
-            if host_lengths is not None:  # not popped: a caller may run the same batch again (the bench)
-                inputs = {key: value for key, value in inputs.items() if key != ROW_LENGTHS}
             mask = inputs.get("attention_mask")
             if not self.micro_batch_tokens or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
                 return super().training_step(model, inputs, num_items_in_batch)
             rows, width = mask.shape
             multiple = self.args.pad_to_multiple_of
-            # right-padded (TRL's collator): each row's tokens come first. Read from the GPU, the lengths wait
-            # for everything queued before them
-            lengths = host_lengths if host_lengths is not None else mask.sum(1).tolist()
+            lengths = mask.sum(1).tolist()  # right-padded (TRL's collator): each row's tokens come first
             groups = plan_micro_batches(lengths, self.micro_batch_tokens, multiple)
             parts = len(groups)
             if self.accelerator.num_processes > 1:
@@ -1206,28 +1133,15 @@ def _trainer_class() -> type:
                 if self.args.average_tokens_across_devices and self.args.world_size > 1:
                     num_items_in_batch = self.accelerator.gather(num_items_in_batch).sum()
             total = None
-            indices = self._pass_indices(groups, mask.device) if host_lengths is not None else None
             for i, group in enumerate(groups):
                 keep = min(width, padded_width(lengths, group, multiple))
-                # torch.tensor(..., device=cuda) copies, then waits for the GPU to finish all queued work
-                index = torch.tensor(group, device=mask.device) if indices is None else indices[i]
+                index = torch.tensor(group, device=mask.device)
                 part = {key: _rows(value, index, rows, width, keep) for key, value in inputs.items()}
                 last = i == len(groups) - 1  # DDP reduces the summed gradients once, after the last pass
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                     loss = super().training_step(model, part, num_items_in_batch)
                 total = loss if total is None else total + loss
             return total
-
-        @staticmethod
-        def _pass_indices(groups: list[list[int]], device: torch.device) -> list[torch.Tensor]:
-            """Every pass's row index in one copy to `device` that the host does not wait for: from pinned
-            memory, which the GPU reads once the copy's turn in the stream comes."""
-            flat = torch.tensor([row for group in groups for row in group])
-            if device.type == "cuda":
-                flat = flat.pin_memory().to(device, non_blocking=True)
-            else:
-                flat = flat.to(device)
-            return list(flat.split([len(group) for group in groups]))
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             sampler = super()._get_train_sampler(train_dataset)
@@ -1352,7 +1266,6 @@ class Prepared:
     resume: str | None  # the checkpoint training resumes from
     hub: Any = None  # the HubPushCallback, when pushing
     compiled_layers: int = 0  # decoder layers whose parts were compiled (compile_layers)
-    rand4x: str | None = None  # what --rand4x did (compiled_rand4x); None where not asked
 
 
 def prepare(run: Run) -> Prepared:
@@ -1464,8 +1377,6 @@ def prepare(run: Run) -> Prepared:
             # at least 1: a budget of 0 would read as no budget (one pass per step), not the smallest one
             budget = max(1, int(auto_fraction(budget) * fixed * longest))
         trainer.micro_batch_tokens = budget
-        if script.sync_free_steps:
-            trainer.data_collator = _HostRowLengths(trainer.data_collator)
         logger.info(
             "%d examples per step and process, in micro-batches of at most %d padded tokens",
             training.per_device_train_batch_size,
@@ -1496,13 +1407,6 @@ def prepare(run: Run) -> Prepared:
     if not script.cudnn_attention:
         # process-wide, as torch keeps it: the flash (or memory-efficient) kernel, which builds no plans
         torch.backends.cuda.enable_cudnn_sdp(False)
-    rand4x = None
-    if script.rand4x:  # before the first compiled forward: the kernels are generated then
-        rand4x = compiled_rand4x()
-        if rand4x in ("native", "backported"):
-            logger.info("rand4x: %s", rand4x)
-        else:  # the run goes on with inductor's own random numbers, and says so in its metrics
-            logger.warning("--rand4x true does nothing here: %s", rand4x)
     compiled = 0
     if compiles_layers(script, training):
         compiled = compile_decoder_layers(trainer.model, script.compile_mode, script.compile_scope)
@@ -1533,7 +1437,7 @@ def prepare(run: Run) -> Prepared:
         _write_recipe(output_dir, run.resolved)
     state.wait_for_everyone()
 
-    return Prepared(run, trainer, resume, hub, compiled, rand4x)
+    return Prepared(run, trainer, resume, hub, compiled)
 
 
 def _launch(training: Any) -> dict[str, int]:
@@ -1619,8 +1523,6 @@ def train(run: Run) -> int:
     metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
     metrics["compile_scope"] = run.script.compile_scope if prepared.compiled_layers else None
-    metrics["rand4x"] = prepared.rand4x  # what it did: "native", "backported", "not available (...)"
-    metrics["sync_free_steps"] = run.script.sync_free_steps
     metrics["causal_attention"] = getattr(trainer.model.config, "_attn_implementation", None) == CAUSAL_SDPA
     metrics["defer_metrics"] = run.script.defer_metrics
     metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches

@@ -34,7 +34,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "no_causal_attention",
         "no_defer_metrics",
     }
-    levers |= {"tokens", "no_tokens", "no_nan_filter", "rand4x", "sync_free"}
+    levers |= {"tokens", "no_tokens", "no_nan_filter"}
     assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
@@ -65,8 +65,6 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
             bench.lever_args(f"recipe:{bad}")
     assert train.parse(lora).training.logging_nan_inf_filter  # on by default, which no_nan_filter undoes
     assert not train.parse([*lora, *bench.lever_args("recipe:no_nan_filter")]).training.logging_nan_inf_filter
-    assert not train.parse(lora).script.rand4x  # a lever until timed
-    assert train.parse([*lora, *bench.lever_args("recipe:rand4x")]).script.rand4x
     assert train.parse(lora).script.cudnn_attention
     assert not train.parse([*lora, *bench.lever_args("recipe:no_cudnn")]).script.cudnn_attention
     assert train.parse(lora).script.compile_layers == "auto"  # compiled on one GPU or DDP
@@ -140,22 +138,6 @@ def test_cli_refuses_empty_windows(bad, capsys, sample_dir):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--data_dir", str(sample_dir), "--tokenizer", str(sample_dir), *bad])
     assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
-
-
-def test_cli_times_rand4x_only_in_a_process_of_its_own(capsys, sample_dir):
-    # its codegen and caches stay changed for the whole process: a variant after it would be timed with them
-    argv = [
-        "--data_dir",
-        str(sample_dir),
-        "--tokenizer",
-        str(sample_dir),
-        "--shapes",
-        "tiny",
-        "--same_process",
-    ]
-    with pytest.raises(SystemExit) as exit_:
-        bench.main([*argv, "--variants", "recipe:rand4x", "recipe"])
-    assert exit_.value.code == 2 and "time it in a fresh process" in capsys.readouterr().err
 
 
 def test_cli_names_a_missing_folder_in_one_line(capsys, sample_dir):

@@ -359,30 +359,21 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
     from finqa_trl.train import prepare
 
     runs = {}
-    for budget in ("false", "auto", "auto:0.7", "auto:1e-9", "1536", "1000", "100000", "auto+sync_free"):
+    for budget in ("false", "auto", "auto:0.7", "auto:1e-9", "1536", "1000", "100000"):
         out = tmp_path / budget
         args = ["--max_steps", "3", "--gradient_accumulation_steps", "4", "--lora_dropout", "0"]
-        if budget.endswith(
-            "+sync_free"
-        ):  # the lengths counted by the collator, the passes' rows sent at once
-            args += ["--sync_free_steps", "true"]
-        budget_arg = budget.removesuffix("+sync_free")
         run = parse(
-            smoke_args(out, *args, "--train_sampling_strategy", sampling, "--micro_batch_tokens", budget_arg)
+            smoke_args(out, *args, "--train_sampling_strategy", sampling, "--micro_batch_tokens", budget)
         )
         trainer = prepare(run).trainer
         passes: list = []
-        keys: set = set()
-
-        def seen(m, a, kw, passes=passes, keys=keys):  # noqa: ANN001, ANN202
-            passes.append(tuple(kw["input_ids"].shape))
-            keys.update(kw)
-
-        trainer.model.register_forward_pre_hook(seen, with_kwargs=True)
+        trainer.model.register_forward_pre_hook(
+            lambda m, a, kw, passes=passes: passes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+        )
         trainer.train()
         trainer.save_model(str(out))
         history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        runs[budget] = history, load_file(out / "adapter_model.safetensors"), passes, trainer, keys
+        runs[budget] = history, load_file(out / "adapter_model.safetensors"), passes, trainer
     fixed, auto, pairs, small, whole = (runs[b] for b in ("false", "auto", "1536", "1000", "100000"))
     assert fixed[3].micro_batch_tokens is None and (fixed[3].args.per_device_train_batch_size, 4) == (2, 4)
     assert whole[3].args.per_device_train_batch_size == 8 and whole[3].args.gradient_accumulation_steps == 1
@@ -410,11 +401,6 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
         assert adapter_gap(budget[1], fixed[1]) < 1e-4
     if sampling == "group_by_length":
         assert all(torch.equal(pairs[1][k], fixed[1][k]) for k in fixed[1])
-    # sync_free_steps: the same passes, losses and adapter bit for bit; the host lengths never reach the model
-    sync = runs["auto+sync_free"]
-    assert sync[2] == auto[2] and sync[0] == auto[0] and sync[3].passes == auto[3].passes
-    assert all(torch.equal(sync[1][k], auto[1][k]) for k in auto[1])
-    assert "finqa_row_lengths" not in sync[4] and sync[4] == auto[4]
 
 
 def test_micro_batch_tokens_settings(monkeypatch) -> None:
@@ -1059,24 +1045,18 @@ def test_micro_batch_tokens_on_two_processes_trains_as_fixed_micro_batches(tmp_p
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     adapters = {}
-    for budget in ("false", "1408", "1408+sync_free"):
+    for budget in ("false", "1408"):
         out = tmp_path / budget
         args = ["--max_steps", "1", "--gradient_accumulation_steps", "2", "--lora_dropout", "0"]
-        args += ["--micro_batch_tokens", budget.removesuffix("+sync_free")]
-        if budget.endswith("+sync_free"):  # the planner on host lengths, the agreed passes' rows sent at once
-            args += ["--sync_free_steps", "true"]
+        args += ["--micro_batch_tokens", budget]
         cmd = [sys.executable, *TORCHRUN, *smoke_args(out, *args)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         adapters[budget] = load_file(out / "adapter_model.safetensors")
-        # 3 passes on both: process 1's 2 raised to process 0's (without the agreement the run hangs)
-        if budget != "false":
-            assert json.loads((out / "train_results.json").read_text())["micro_batch_passes"] == [3, 3]
-    fixed, budgeted, sync_free = adapters["false"], adapters["1408"], adapters["1408+sync_free"]
+    # 3 passes on both: process 1's 2 raised to process 0's (without the agreement the run hangs)
+    assert json.loads((out / "train_results.json").read_text())["micro_batch_passes"] == [3, 3]
+    fixed, budgeted = adapters["false"], adapters["1408"]
     assert adapter_gap(budgeted, fixed) < 1e-4
-    import torch
-
-    assert all(torch.equal(sync_free[k], budgeted[k]) for k in budgeted)
 
 
 def test_a_run_failing_while_loading_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, capsys):
@@ -1722,169 +1702,3 @@ def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatc
     seen.clear()  # whole layers: each layer compiled once, its parts not separately
     assert compile_decoder_layers(model, scope="layer") == 2
     assert seen == [("LlamaDecoderLayer", "{'mode': None}")] * 2
-
-
-@pytest.fixture
-def inductor_settings_kept():  # noqa: ANN201
-    """Inductor's and functorch's settings that compiled_rand4x changes, put back after the test (through
-    torch's own config patch: pytest's monkeypatch would delete them from torch's config module)."""
-    import torch
-
-    inductor, functorch = torch._inductor.config, torch._functorch.config
-    with (
-        inductor.patch(compile_threads=inductor.compile_threads, fx_graph_cache=inductor.fx_graph_cache),
-        functorch.patch(enable_autograd_cache=functorch.enable_autograd_cache),
-    ):
-        yield
-
-
-def test_rand4x_is_refused_without_compiled_layers() -> None:
-    from finqa_trl.train import UsageError, _validate
-
-    lora = ["--config", "recipes/lora-1b.yaml", "--rand4x", "true"]
-    with pytest.raises(UsageError, match="--rand4x true applies where the layers are compiled"):
-        _validate(parse(lora))  # no GPU here: auto compiles nothing
-    _validate(parse([*lora, "--compile_layers", "true"]))
-    assert parse(["--config", "recipes/lora-1b.yaml"]).script.rand4x is False  # a lever until timed
-    # the reentrant checkpoint recomputes in another graph than its forward's, whose kernels may differ
-    reentrant = ["--activation_checkpointing_kwargs", '{"use_reentrant": true}']
-    with pytest.raises(UsageError, match="--rand4x true needs non-reentrant activation checkpointing"):
-        _validate(parse([*lora, "--compile_layers", "true", *reentrant]))
-
-
-def test_sync_free_steps_needs_token_passes_and_its_lever_turns_off_the_other_waits() -> None:
-    from finqa_trl import bench
-    from finqa_trl.train import UsageError, _validate
-
-    lora = ["--config", "recipes/lora-1b.yaml", "--sync_free_steps", "true"]
-    _validate(parse(lora))
-    with pytest.raises(UsageError, match="--sync_free_steps true plans token passes"):
-        _validate(parse([*lora, "--micro_batch_tokens", "false"]))
-    assert parse(["--config", "recipes/lora-1b.yaml"]).script.sync_free_steps is False  # a lever until timed
-    lever = parse(["--config", "recipes/lora-1b.yaml", *bench.lever_args("recipe:sync_free")])
-    assert lever.script.sync_free_steps and not lever.training.logging_nan_inf_filter
-    # non-blocking copies from the pinned batches the Trainer's dataloader makes on a GPU (not on this CPU)
-    assert lever.training.accelerator_config.non_blocking
-
-
-def test_compiled_rand4x_patches_nothing_where_torch_does_it_or_triton_is_missing(
-    monkeypatch, inductor_settings_kept
-) -> None:
-    import torch
-    from torch._inductor.codegen import triton as triton_codegen
-
-    from finqa_trl import modeling
-
-    overrides = triton_codegen.TritonOverrides
-    inductor, functorch = torch._inductor.config, torch._functorch.config
-    from torch._inductor.runtime import triton_helpers
-
-    # whatever a call below patches is put back after the test (torch 2.13 has a rand4x of its own there; the
-    # settings: inductor_settings_kept)
-    monkeypatch.setattr(overrides, "rand", overrides.rand)
-    monkeypatch.setattr(triton_helpers, "rand4x", getattr(triton_helpers, "rand4x", None), raising=False)
-    monkeypatch.setitem(modeling.RAND4X_SITES, "status", None)
-    state = (
-        overrides.rand,
-        inductor.compile_threads,
-        inductor.fx_graph_cache,
-        functorch.enable_autograd_cache,
-    )
-    native = hasattr(overrides, "_can_use_4x_random")
-    assert native == (tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13))
-    if native:
-        assert modeling.compiled_rand4x() == "native"
-        monkeypatch.delattr(overrides, "_can_use_4x_random")  # as torch 2.11's inductor, the GPU image's
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # a CPU build of torch: nothing to generate Triton kernels with, nothing patched
-        assert modeling.compiled_rand4x().startswith("not available (")
-        assert state == (overrides.rand, inductor.compile_threads, inductor.fx_graph_cache,
-                         functorch.enable_autograd_cache)  # fmt: skip
-        return
-    assert modeling.compiled_rand4x() == "backported" == modeling.compiled_rand4x()  # once
-    assert getattr(overrides.rand, "finqa_rand4x", False) and inductor.compile_threads == 1
-    assert not inductor.fx_graph_cache and not functorch.enable_autograd_cache
-
-
-def test_backported_rand4x_codegen_takes_only_1d_pointwise_cuda_kernels(
-    monkeypatch, inductor_settings_kept
-) -> None:
-    # The override of inductor's ops.rand on torch before 2.13: torch 2.11's own codegen (one Philox call per
-    # number) stays for every kernel but a 1-D, non-template Triton kernel on CUDA, as torch 2.13 decides
-    pytest.importorskip("triton")
-    import torch
-    from torch._inductor.codegen import triton as triton_codegen
-    from torch._inductor.runtime import triton_helpers
-    from torch._inductor.select_algorithm import TritonTemplateKernel
-    from torch._inductor.virtualized import V
-
-    from finqa_trl import modeling
-
-    overrides = triton_codegen.TritonOverrides
-    monkeypatch.setattr(triton_helpers, "rand4x", getattr(triton_helpers, "rand4x", None), raising=False)
-    monkeypatch.delattr(overrides, "_can_use_4x_random", raising=False)
-
-    def torch_211(seed: str, offset: str) -> str:  # torch 2.11's TritonOverrides.rand, as it reads
-        return f"tl.rand({seed}, ({offset}).to(tl.uint32))"
-
-    monkeypatch.setattr(overrides, "rand", staticmethod(torch_211))
-    monkeypatch.setitem(modeling.RAND4X_SITES, "count", 0)
-    monkeypatch.setitem(modeling.RAND4X_SITES, "status", None)
-    assert modeling.compiled_rand4x() == "backported"
-
-    def kernel(cls: type, dims: int) -> object:  # the two methods the override asks of a kernel
-        methods = {"triton_tensor_ndim": lambda self: dims, "dense_size_list": lambda self: ["XBLOCK"] * dims}
-        return object.__new__(type("K", (cls,), methods))
-
-    def graph(device: str) -> object:
-        return type("G", (), {"get_current_device_or_throw": lambda self: torch.device(device)})()
-
-    def emitted(k: object, device: str) -> str:
-        with V.set_graph_handler(graph(device)), V.set_kernel_handler(k):
-            return overrides.rand("seed0", "x0 + 7")
-
-    one_d = kernel(triton_codegen.TritonKernel, 1)
-    assert emitted(one_d, "cuda") == "triton_helpers.rand4x(seed0, (x0 + 7).to(tl.uint32), XBLOCK)"
-    assert modeling.RAND4X_SITES["count"] == 1
-    assert emitted(kernel(triton_codegen.TritonKernel, 2), "cuda") == torch_211("seed0", "x0 + 7")
-    assert emitted(kernel(TritonTemplateKernel, 1), "cuda") == torch_211("seed0", "x0 + 7")  # mm epilogues
-    assert emitted(one_d, "cpu") == torch_211("seed0", "x0 + 7")
-    assert modeling.RAND4X_SITES["count"] == 1 and triton_helpers.rand4x is not None
-
-
-def test_triton_rand4x_draws_lane_e_mod_4_of_call_e_div_4_whatever_the_block() -> None:
-    # Triton's interpreter runs the kernels on the CPU, in a process that has it on from its start (Triton
-    # decorates its own language functions once, when imported)
-    pytest.importorskip("triton")
-    code = """
-import torch, triton, triton.language as tl
-from finqa_trl import triton_rand
-
-@triton.jit
-def draw(out, seed, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out + offsets, triton_rand.rand4x(seed, offsets, BLOCK))
-
-@triton.jit
-def lanes(out, seed, BLOCK: tl.constexpr):
-    calls = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    r0, r1, r2, r3 = tl.rand4x(seed, calls)
-    tl.store(out + 4 * calls, r0)
-    tl.store(out + 4 * calls + 1, r1)
-    tl.store(out + 4 * calls + 2, r2)
-    tl.store(out + 4 * calls + 3, r3)
-
-n = 1024
-small, big, want = torch.empty(n), torch.empty(n), torch.empty(n)
-draw[(n // 64,)](small, 1234, BLOCK=64)
-draw[(n // 256,)](big, 1234, BLOCK=256)
-lanes[(n // 256,)](want, 1234, BLOCK=64)
-assert torch.equal(small, big), "the stream depends on the block size"
-assert torch.equal(small, want), "element e is not lane e % 4 of call e // 4"
-assert 0 <= small.min() and small.max() < 1 and len(set(small.tolist())) == n
-print("ok")
-"""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
