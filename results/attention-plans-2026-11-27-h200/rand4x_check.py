@@ -1,7 +1,9 @@
 """GPU check of compiled_rand4x's backport (torch < 2.13): the compiled dropout keeps p, scales by 1/(1-p),
 its backward uses the forward's mask, and a checkpoint's recomputation draws the same masks. Written after
-machine CC's run for speed-notes Next 15; not run yet. Usage, from the project root on a CUDA GPU:
-python results/attention-plans-2026-11-27-h200/rand4x_check.py"""
+machine CC's run for speed-notes Next 15; ran on machine DD
+(results/levers-2026-11-27-h200/DD-rand4x-check.txt). The lever was removed after that run: this needs the
+code of commit b23b235. Usage, from its project root on a CUDA GPU:
+PYTHONPATH=. python results/attention-plans-2026-11-27-h200/rand4x_check.py"""
 
 import torch
 import torch.nn.functional as F
