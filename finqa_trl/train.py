@@ -23,6 +23,7 @@ the recipe -- its `base:` chain resolved first (finqa_trl.recipes) -- and then t
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import enum
 import functools
@@ -35,7 +36,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -1270,11 +1271,13 @@ class Prepared:
 
 def prepare(run: Run) -> Prepared:
     """Check the input (before anything is written), record the recipe, load tokenizer + data + model, and
-    build the trainer."""
+    build the trainer. The batch and Hub settings it changes for the trainer are changed on a copy (the
+    returned Prepared.run): the caller's Run still reads as parsed, so a second prepare plans the same."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers.trainer_utils import get_last_checkpoint
 
+    run = replace(run, training=copy.copy(run.training))
     script, training, margs = run.script, run.training, run.model
     output_dir = Path(training.output_dir)
 

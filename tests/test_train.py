@@ -403,6 +403,23 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
         assert all(torch.equal(pairs[1][k], fixed[1][k]) for k in fixed[1])
 
 
+def test_prepare_leaves_the_parsed_run_as_it_was_so_a_second_prepare_plans_the_same(tmp_path) -> None:
+    # Token passes load each step's examples as one batch: the trainer gets the batch size times the
+    # accumulation and an accumulation of 1, on a copy. Were the parsed Run rewritten, a second prepare (the
+    # bench builds trainers from parsed runs) would read that batch as the fixed one: a 4x budget.
+    from finqa_trl.train import prepare
+
+    run = parse(smoke_args(tmp_path, "--gradient_accumulation_steps", "4", "--micro_batch_tokens", "auto"))
+    parsed = (run.training.per_device_train_batch_size, run.training.gradient_accumulation_steps)
+    first, second = prepare(run), prepare(run)
+    assert (run.training.per_device_train_batch_size, run.training.gradient_accumulation_steps) == parsed
+    for prepared in (first, second):
+        args = prepared.trainer.args
+        assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (parsed[0] * 4, 1)
+        assert prepared.run.training is not run.training and prepared.run.script is run.script
+    assert first.trainer.micro_batch_tokens == second.trainer.micro_batch_tokens > 0
+
+
 def test_micro_batch_tokens_settings(monkeypatch) -> None:
     from finqa_trl.train import _validate, micro_batch_tokens
 
