@@ -1271,8 +1271,9 @@ class Prepared:
 
 def prepare(run: Run) -> Prepared:
     """Check the input (before anything is written), record the recipe, load tokenizer + data + model, and
-    build the trainer. The batch and Hub settings it changes for the trainer are changed on a copy (the
-    returned Prepared.run): the caller's Run still reads as parsed, so a second prepare plans the same."""
+    build the trainer. The batch and Hub settings it changes for the trainer (batch size, accumulation,
+    push_to_hub) are changed on a shallow copy, the returned Prepared.run: in the caller's Run they read as
+    parsed, so a second prepare plans the same budget. Nested settings (kwargs dicts) stay shared."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers.trainer_utils import get_last_checkpoint

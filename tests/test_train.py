@@ -405,8 +405,8 @@ def test_micro_batch_tokens_trains_the_steps_of_fixed_micro_batches_in_fewer_pas
 
 def test_prepare_leaves_the_parsed_run_as_it_was_so_a_second_prepare_plans_the_same(tmp_path) -> None:
     # Token passes load each step's examples as one batch: the trainer gets the batch size times the
-    # accumulation and an accumulation of 1, on a copy. Were the parsed Run rewritten, a second prepare (the
-    # bench builds trainers from parsed runs) would read that batch as the fixed one: a 4x budget.
+    # accumulation and an accumulation of 1, on a copy. Were the parsed Run rewritten, a caller that prepares
+    # it twice would read that batch as the fixed one the second time: a 4x budget.
     from finqa_trl.train import prepare
 
     run = parse(smoke_args(tmp_path, "--gradient_accumulation_steps", "4", "--micro_batch_tokens", "auto"))
