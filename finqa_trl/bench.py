@@ -773,25 +773,82 @@ def eval_split(records: list[dict], dest: Path) -> Path:
     return dest
 
 
-def table(rows: Sequence[dict[str, Any]]) -> str:
-    """One row per (shape, method, variant); speed-up and memory relative to plain TRL of the same pair."""
-    lines = [
-        "| shape | method | variant | tokens/s | peak GiB (run) | peak GiB (worst step) | vs plain TRL |",
-        "|---|---|---|---:|---:|---:|---:|",
-    ]
-    base = {(r["shape"], r["method"]): r for r in rows if r.get("variant") == "trl" and "tokens_per_s" in r}
+# A row's machine or run, where rows of several bench files are shown together (finqa_trl.report --bench):
+# ratios pair rows of one source only
+SOURCE = "source"
+
+
+def _pair(r: dict[str, Any]) -> tuple[Any, ...]:
+    return r.get("shape"), r.get("method"), r.get(SOURCE)
+
+
+def vs_plain_trl(rows: Sequence[dict[str, Any]]) -> list[float | None]:
+    """Each row's tokens/s over plain TRL's for the same (shape, method) and source in these rows; None where
+    either is missing."""
+    base = {_pair(r): r for r in rows if r.get("variant") == "trl" and "tokens_per_s" in r}
+    out: list[float | None] = []
     for r in rows:
+        b = base.get(_pair(r)) if "tokens_per_s" in r else None
+        out.append(None if b is None else r["tokens_per_s"] / b["tokens_per_s"])
+    return out
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per (shape, method, variant); speed-up and memory relative to plain TRL of the same pair (and
+    source: a source column where the rows have one)."""
+    sourced = any(SOURCE in r for r in rows)
+    lines = [
+        "| shape | method | variant | tokens/s | peak GiB (run) | peak GiB (worst step) | vs plain TRL |"
+        + (" source |" if sourced else ""),
+        "|---|---|---|---:|---:|---:|---:|" + ("---|" if sourced else ""),
+    ]
+    for r, ratio in zip(rows, vs_plain_trl(rows), strict=True):
         if "variant" not in r:
             continue
+        tail = f" {r.get(SOURCE, '')} |" if sourced else ""
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['shape']} | {r['method']} | {r['variant']} | {r.get('error', '–')} | | | |")
+            lines.append(
+                f"| {r['shape']} | {r['method']} | {r['variant']} | {r.get('error', '–')} | | | |" + tail
+            )
             continue
-        b = base.get((r["shape"], r["method"]))
-        rel = "–" if b is None else f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x"
+        rel = "–" if ratio is None else f"{ratio:.2f}x"
         name = f"| {r['shape']} | {r['method']} | {r['variant']} |"
         worst = r.get("longest_batch_peak_gib", "–")
-        lines.append(f"{name} {r['tokens_per_s']:,.0f} | {r['peak_gib']} | {worst} | {rel} |")
+        lines.append(f"{name} {r['tokens_per_s']:,.0f} | {r['peak_gib']} | {worst} | {rel} |" + tail)
     return "\n".join(lines)
+
+
+def chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
+    """The timed training rows as a PNG: a group of bars per (shape, method, source), a bar of tokens/s per
+    variant, each noted with its ratio to plain TRL and its worst step's peak GiB. False where no row was
+    timed. A variant timed twice for one pair (an order check) keeps its first bar; the table lists both."""
+    from .report import grouped_bars
+
+    pairs = zip(rows, vs_plain_trl(rows), strict=True)
+    timed = [(r, ratio) for r, ratio in pairs if "tokens_per_s" in r and "variant" in r]
+    if not timed:
+        return False
+    groups = list(dict.fromkeys(_pair(r) for r, _ in timed))
+    variants = list(dict.fromkeys(r["variant"] for r, _ in timed))
+    first: dict[tuple[Any, ...], tuple[dict[str, Any], float | None]] = {}
+    for r, ratio in timed:
+        first.setdefault((*_pair(r), r["variant"]), (r, ratio))
+    series = []
+    for variant in variants:
+        values: list[float | None] = []
+        notes: list[str] = []
+        for group in groups:
+            r, ratio = first.get((*group, variant), (None, None))
+            values.append(None if r is None else r["tokens_per_s"])
+            worst = None if r is None else r.get("longest_batch_peak_gib", r.get("peak_gib"))
+            rel = "" if ratio is None or variant == "trl" else f"{ratio:.2f}x"  # trl: the 1.00x itself
+            notes.append("" if r is None else "\n".join(x for x in (rel, f"{worst} GiB") if x))
+        series.append((variant, values, notes))
+    labels = [
+        f"{shape} {method}" + ("" if source is None else f"\n{source}") for shape, method, source in groups
+    ]
+    grouped_bars(labels, series, path, ylabel="training tokens/s", title=title)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -918,6 +975,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_json_atomic(out_file, {**header, "results": results})
     print(f"\n{device}, {args.examples} timed examples after {args.warmup_examples} untimed; {out_file}\n")
     print(table(results))
+    png = out_file.with_suffix(".png")
+    title = f"{device}: {args.examples} timed examples after {args.warmup_examples}"
+    try:  # the JSON above is the record: a chart that fails loses only itself
+        if chart(results, png, title):
+            print(f"chart: {png}")
+    except Exception as err:
+        print(f"chart not written: {_error_text(err)}", file=sys.stderr)
     for r in results:
         if "eval" in r:
             print(

@@ -2,6 +2,8 @@
 
     python -m finqa_trl.report [--outputs outputs] [--results DIR] [--markdown FILE|-] [--plot FILE|none]
         [--loss_plot FILE|none]
+    python -m finqa_trl.report --bench [SOURCE=]FILE ... [--variants V ...] [--markdown FILE]
+        [--plot FILE|none]
 
 Gathers every `metrics_*.json` under `--outputs` (any depth: `outputs/<run>/merged/` too) and, when
 `--results DIR` is given, under DIR as well. One row per model + method + evaluation setup, with dev and
@@ -11,7 +13,14 @@ Method and quantization come from the metrics (finqa_trl.predict records them), 
 results/README-table.md; `-`: print only); the chart goes to `--plot` (default results/accuracy.png).
 The training loss of every run whose `trainer_state.json` is found under the same folders (the run's own,
 else its last checkpoint's) goes to `--loss_plot` (default results/loss.png), one curve per run.
-With nothing to report, one line says so and nothing is written. Imports no torch.
+With nothing to report, one line says so and nothing is written.
+
+`--bench` reports training speed instead: the rows of `finqa_trl.bench` result files, side by side (runs split
+over several calls or machines), as finqa_trl.bench prints and charts one run: a table (printed; written to
+`--markdown` only when given) and a chart to `--plot` (default results/bench.png). Each row's ratio to plain
+TRL pairs it with plain TRL's row of the same shape, method and SOURCE, which is the file's name unless given
+(`DD=results/x/DD-1b.json`: files of one machine share a source); `--variants` keeps only those variants.
+Imports no torch.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import OneLineError, one_line
 from .data import SPLITS
 from .recipes import (
     RecipeError,
@@ -181,31 +191,59 @@ def markdown(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: Sequence[Row], path: Path) -> None:
-    """Grouped bars: one group per row, one bar per split x metric."""
+def grouped_bars(
+    groups: Sequence[str],
+    series: Sequence[tuple[str, Sequence[float | None], Sequence[str]]],
+    path: Path,
+    *,
+    ylabel: str,
+    title: str,
+    ylim: tuple[float, float] | None = None,
+) -> None:
+    """A PNG of grouped bars: one group per entry of `groups`, one bar per series (label, a value per group,
+    a note per group written above its bar, "" for none); a None value leaves its slot empty."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers / CI
     import matplotlib.pyplot as plt
 
-    series = [("dev", "exe_acc", "Dev Acc"), ("test", "exe_acc", "Test Acc"),
-              ("dev", "prog_acc", "Dev Prog"), ("test", "prog_acc", "Test Prog")]  # fmt: skip
-    series = [s for s in series if any(r.value(s[0], s[1]) is not None for r in rows)]
     width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows) + 2), 4.5))
-    for j, (split, metric, label) in enumerate(series):
-        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))]
-        ys = [100 * (r.value(split, metric) or 0.0) for r in rows]
-        ax.bar(xs, ys, width, label=label)
-    labels = [f"{r.model}\n{r.method}, {r.quant}" + "".join(f"\n{n}" for n in r.notes) for r in rows]
-    ax.set_xticks(range(len(rows)), labels, fontsize=8)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("FinQA: execution (Acc) and program (Prog) accuracy")
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.5))
+    for j, (label, values, notes) in enumerate(series):
+        slots = [(i, v, n) for i, (v, n) in enumerate(zip(values, notes, strict=True)) if v is not None]
+        xs = [i + (j - (len(series) - 1) / 2) * width for i, _, _ in slots]
+        bars = ax.bar(xs, [v for _, v, _ in slots], width, label=label)
+        if any(n for _, _, n in slots):
+            ax.bar_label(bars, [n for _, _, n in slots], fontsize=7, padding=2)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    else:
+        ax.margins(y=0.15)  # room for the notes above the tallest bar
+    ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot(rows: Sequence[Row], path: Path) -> None:
+    """Grouped bars: one group per row, one bar per split x metric."""
+    series = [("dev", "exe_acc", "Dev Acc"), ("test", "exe_acc", "Test Acc"),
+              ("dev", "prog_acc", "Dev Prog"), ("test", "prog_acc", "Test Prog")]  # fmt: skip
+    series = [s for s in series if any(r.value(s[0], s[1]) is not None for r in rows)]
+    labels = [f"{r.model}\n{r.method}, {r.quant}" + "".join(f"\n{n}" for n in r.notes) for r in rows]
+    bars = [(label, [100 * (r.value(split, metric) or 0.0) for r in rows], [""] * len(rows))
+            for split, metric, label in series]  # fmt: skip
+    grouped_bars(
+        labels,
+        bars,
+        path,
+        ylabel="accuracy (%)",
+        title="FinQA: execution (Acc) and program (Prog) accuracy",
+        ylim=(0, 100),
+    )
 
 
 def loss_points(state_file: Path) -> list[tuple[int, float]]:
@@ -263,14 +301,77 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def bench_rows(specs: Sequence[str], variants: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The training rows of bench result files given as [SOURCE=]FILE, each marked with its source (the
+    file's name where none is given), in the order given; only `variants` where given."""
+    from .bench import SOURCE
+
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        source, sep, name = spec.partition("=")
+        if not sep or Path(spec).is_file():  # a file whose name holds "=" is still a file
+            source, name = Path(spec).stem, spec
+        try:
+            run = json.loads(Path(name).read_text())
+            results = run.get("results")
+        except (OSError, ValueError, AttributeError) as err:
+            raise OneLineError(f"--bench {spec}: not a bench result file ({one_line(err)})") from err
+        if not isinstance(results, list):
+            raise OneLineError(f"--bench {spec}: not a bench result file (no results list)")
+        for r in results:
+            if isinstance(r, dict) and "variant" in r and (not variants or r["variant"] in variants):
+                rows.append({"device": run.get("device"), **r, SOURCE: source})
+    return rows
+
+
+def report_bench(args: argparse.Namespace) -> int:
+    from .bench import chart, table
+
+    try:
+        rows = bench_rows(args.bench, args.variants)
+    except OneLineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not rows:
+        print("nothing to report: no training rows in those bench files", file=sys.stderr)
+        return 0
+    text = table(rows) + "\n"
+    print(text, end="")
+    if args.markdown not in (None, "-"):
+        write_atomic(Path(args.markdown), lambda f: f.write(text))
+        print(f"table written to {args.markdown}", file=sys.stderr)
+    plot_path = args.plot or "results/bench.png"
+    if plot_path.lower() != "none":
+        devices = sorted({str(r.get("device")) for r in rows if r.get("device")})
+        title = "training tokens/s; above each bar its ratio to plain TRL and its worst step's peak GiB"
+        title += f" ({', '.join(devices)})" if devices else ""
+        chart(rows, Path(plot_path), title)
+        print(f"chart written to {plot_path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finqa_trl.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--outputs", default="outputs", help="where evaluation wrote metrics (default: outputs)")
     ap.add_argument("--results", help="also gather metrics_*.json under this folder (e.g. results)")
-    ap.add_argument("--markdown", default="results/README-table.md", help="table file; '-': print only")
-    ap.add_argument("--plot", default="results/accuracy.png", help="bar chart PNG; 'none': no chart")
+    ap.add_argument(
+        "--markdown", help="table file (default results/README-table.md; --bench: none); '-': print only"
+    )
+    ap.add_argument(
+        "--plot", help="bar chart PNG (default results/accuracy.png; --bench: results/bench.png); 'none'"
+    )
     ap.add_argument("--loss_plot", default="results/loss.png", help="training loss PNG; 'none': no chart")
+    ap.add_argument(
+        "--bench", nargs="+", metavar="[SOURCE=]FILE", help="report these bench result files instead"
+    )
+    ap.add_argument("--variants", nargs="+", help="with --bench: only these variants (e.g. recipe trl)")
     args = ap.parse_args(argv)
+    if args.variants and not args.bench:
+        ap.error("--variants goes with --bench")
+    if args.bench:
+        return report_bench(args)
+    args.markdown = args.markdown or "results/README-table.md"
+    args.plot = args.plot or "results/accuracy.png"
     roots = [Path(args.outputs)] + ([Path(args.results)] if args.results else [])
     rows, warnings = collect(roots)
     for w in warnings:

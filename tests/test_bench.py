@@ -428,6 +428,28 @@ def test_the_bench_times_a_variant_in_a_real_child_process(
             "--max_examples", "1", "--workdir", str(work), "--out", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
     (result_file,) = out.glob("bench-*.json")
+    assert result_file.with_suffix(".png").read_bytes().startswith(b"\x89PNG")  # the chart beside it
     (row,) = json.loads(result_file.read_text())["results"]
     assert row["process"] == "fresh" and "error" not in row, row
     assert row["variant"] == "recipe" and row["tokens_per_s"] > 0 and row["train_examples"] == 1
+
+
+def test_the_table_and_chart_share_each_rows_ratio_to_plain_trl(tmp_path) -> None:
+    rows = [
+        {"shape": "1b", "method": "lora", "variant": "recipe", "tokens_per_s": 300.0, "peak_gib": 5.0,
+         "longest_batch_peak_gib": 5.1},
+        {"shape": "1b", "method": "lora", "variant": "trl", "tokens_per_s": 100.0, "peak_gib": 3.0},
+        {"shape": "1b", "method": "lora", "variant": "recipe", "tokens_per_s": 330.0, "peak_gib": 5.0},
+        {"shape": "3b", "method": "qlora", "variant": "recipe", "tokens_per_s": 90.0, "peak_gib": 6.0},
+        {"shape": "3b", "method": "qlora", "variant": "trl", "error": "exited with code 1"},
+        {"shape": "1b", "eval": "recipe", "examples": 4, "eval_seconds": 1.0},
+    ]  # fmt: skip
+    assert bench.vs_plain_trl(rows) == [3.0, 1.0, 3.3, None, None, None]
+    table = bench.table(rows)
+    assert "| 1b | lora | recipe | 300 | 5.0 | 5.1 | 3.00x |" in table
+    assert "| 1b | lora | recipe | 330 | 5.0 | – | 3.30x |" in table  # the second of an order check
+    assert "| 3b | qlora | recipe | 90 | 6.0 | – | – |" in table  # plain TRL failed: no ratio
+    png = tmp_path / "bench.png"
+    assert bench.chart(rows, png, "test") and png.read_bytes().startswith(b"\x89PNG")
+    assert not bench.chart(rows[4:], tmp_path / "none.png", "test")  # nothing timed: no chart
+    assert not (tmp_path / "none.png").exists()

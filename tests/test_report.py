@@ -145,3 +145,46 @@ def test_loss_curves_one_per_run(tmp_path, capsys):
     assert report.main(args) == 0
     assert "loss curves of 2 run(s)" in capsys.readouterr().err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def bench_file(path: Path, rows: list[dict]) -> Path:
+    write(path, {"device": "NVIDIA H200", "examples": 512, "results": rows})
+    return path
+
+
+def speed(shape: str, method: str, variant: str, tok_s: float) -> dict:
+    return {"shape": shape, "method": method, "variant": variant, "tokens_per_s": tok_s, "peak_gib": 1.0}
+
+
+def test_bench_files_are_reported_side_by_side_with_ratios_inside_each_source(tmp_path, capsys):
+    # One machine's runs split over two files share a source; another machine's plain TRL never pairs with
+    # them
+    a = bench_file(tmp_path / "a.json", [speed("1b", "lora", "recipe", 300.0), speed("1b", "lora", "x", 1.0)])
+    b = bench_file(tmp_path / "b.json", [speed("1b", "lora", "trl", 100.0)])
+    evaluation = {"eval": "recipe", "shape": "1b"}
+    c = bench_file(tmp_path / "c.json", [speed("1b", "lora", "trl", 150.0), evaluation])
+    png, md = tmp_path / "bench.png", tmp_path / "bench.md"
+    argv = ["--bench", f"M={a}", f"M={b}", str(c), "--variants", "recipe", "trl", "--plot", str(png)]
+    assert report.main([*argv, "--markdown", str(md)]) == 0
+    out = capsys.readouterr().out
+    assert "| 1b | lora | recipe | 300 | 1.0 | – | 3.00x | M |" in out
+    assert "| 1b | lora | trl | 150 | 1.0 | – | 1.00x | c |" in out and "| x |" not in out
+    assert md.read_text() == out and png.read_bytes().startswith(b"\x89PNG")
+    rows = report.bench_rows([f"M={a}", str(c)])
+    assert [(r["variant"], r["source"]) for r in rows] == [("recipe", "M"), ("x", "M"), ("trl", "c")]
+
+
+def test_bench_mode_writes_no_accuracy_table_and_bad_files_get_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = bench_file(tmp_path / "good.json", [speed("3b", "qlora", "recipe", 10.0)])
+    assert report.main(["--bench", str(good), "--plot", "none"]) == 0
+    assert not (tmp_path / "results").exists()  # the table is printed; files only where asked
+    write(tmp_path / "bad.json", "{not json")
+    for bad in ("bad.json", "missing.json", "M=missing.json"):
+        assert report.main(["--bench", str(good), bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --bench {bad}: not a bench result file") and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+    write(tmp_path / "metrics.json", {"n": 1})  # valid JSON, not a bench file
+    assert report.main(["--bench", "metrics.json"]) == 2
+    assert "no results list" in capsys.readouterr().err
