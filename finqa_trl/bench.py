@@ -784,8 +784,12 @@ def _pair(r: dict[str, Any]) -> tuple[Any, ...]:
 
 def vs_plain_trl(rows: Sequence[dict[str, Any]]) -> list[float | None]:
     """Each row's tokens/s over plain TRL's for the same (shape, method) and source in these rows; None where
-    either is missing."""
-    base = {_pair(r): r for r in rows if r.get("variant") == "trl" and "tokens_per_s" in r}
+    either is missing. Where plain TRL was timed twice for one pair, its first row is the base (the chart
+    draws the first bar of each variant)."""
+    base: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("variant") == "trl" and "tokens_per_s" in r:
+            base.setdefault(_pair(r), r)
     out: list[float | None] = []
     for r in rows:
         b = base.get(_pair(r)) if "tokens_per_s" in r else None
@@ -820,8 +824,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
     """The timed training rows as a PNG: a group of bars per (shape, method, source), a bar of tokens/s per
-    variant, each noted with its ratio to plain TRL and its worst step's peak GiB. False where no row was
-    timed. A variant timed twice for one pair (an order check) keeps its first bar; the table lists both."""
+    variant, each noted with its ratio to plain TRL (plain TRL's own bars: none) and its worst step's peak GiB
+    (where measured: none on a CPU). False, and nothing written, where no row was timed. A variant timed
+    twice for one pair (an order check) keeps its first bar; the table lists both."""
     from .report import grouped_bars
 
     pairs = zip(rows, vs_plain_trl(rows), strict=True)
@@ -840,9 +845,10 @@ def chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
         for group in groups:
             r, ratio = first.get((*group, variant), (None, None))
             values.append(None if r is None else r["tokens_per_s"])
-            worst = None if r is None else r.get("longest_batch_peak_gib", r.get("peak_gib"))
+            worst = None if r is None else r.get("longest_batch_peak_gib")  # a number, None or an error text
             rel = "" if ratio is None or variant == "trl" else f"{ratio:.2f}x"  # trl: the 1.00x itself
-            notes.append("" if r is None else "\n".join(x for x in (rel, f"{worst} GiB") if x))
+            peak = f"{worst:g} GiB" if isinstance(worst, int | float) and not isinstance(worst, bool) else ""
+            notes.append("\n".join(x for x in (rel, peak) if x))
         series.append((variant, values, notes))
     labels = [
         f"{shape} {method}" + ("" if source is None else f"\n{source}") for shape, method, source in groups

@@ -303,7 +303,9 @@ def _save(fig: Any, path: Path) -> None:
 
 def bench_rows(specs: Sequence[str], variants: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The training rows of bench result files given as [SOURCE=]FILE, each marked with its source (the
-    file's name where none is given), in the order given; only `variants` where given."""
+    file's name without its suffix where none is given), in the order given; only `variants` where given.
+    A row that is not a bench row (shape, method, and where timed a positive tokens/s and a peak) is refused
+    in one line."""
     from .bench import SOURCE
 
     rows: list[dict[str, Any]] = []
@@ -311,6 +313,8 @@ def bench_rows(specs: Sequence[str], variants: Sequence[str] | None = None) -> l
         source, sep, name = spec.partition("=")
         if not sep or Path(spec).is_file():  # a file whose name holds "=" is still a file
             source, name = Path(spec).stem, spec
+        if not source:
+            raise OneLineError(f"--bench {spec}: an empty SOURCE (SOURCE=FILE, or the FILE alone)")
         try:
             run = json.loads(Path(name).read_text())
             results = run.get("results")
@@ -318,10 +322,29 @@ def bench_rows(specs: Sequence[str], variants: Sequence[str] | None = None) -> l
             raise OneLineError(f"--bench {spec}: not a bench result file ({one_line(err)})") from err
         if not isinstance(results, list):
             raise OneLineError(f"--bench {spec}: not a bench result file (no results list)")
-        for r in results:
-            if isinstance(r, dict) and "variant" in r and (not variants or r["variant"] in variants):
+        for i, r in enumerate(results):
+            if not (isinstance(r, dict) and "variant" in r):
+                continue  # evaluation rows
+            why = _not_a_bench_row(r)
+            if why:
+                raise OneLineError(f"--bench {spec}: result {i} {why}")
+            if not variants or r["variant"] in variants:
                 rows.append({"device": run.get("device"), **r, SOURCE: source})
     return rows
+
+
+def _not_a_bench_row(r: dict[str, Any]) -> str | None:
+    """Why a training row of a bench file cannot be reported, or None."""
+    for key in ("shape", "method", "variant"):
+        if not isinstance(r.get(key), str):
+            return f"has no {key} name"
+    if "tokens_per_s" in r:
+        speed = r["tokens_per_s"]
+        if isinstance(speed, bool) or not isinstance(speed, int | float) or speed <= 0:
+            return f"has tokens_per_s {speed!r}, not a positive number"
+        if "peak_gib" not in r:
+            return "has tokens_per_s but no peak_gib"
+    return None
 
 
 def report_bench(args: argparse.Namespace) -> int:
@@ -333,6 +356,11 @@ def report_bench(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not rows:
+        if args.variants:  # a mistyped variant would otherwise read as empty files
+            held = sorted({str(r["variant"]) for r in bench_rows(args.bench)})
+            print(f"error: --variants {' '.join(args.variants)}: those files hold {' '.join(held) or 'none'}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         print("nothing to report: no training rows in those bench files", file=sys.stderr)
         return 0
     text = table(rows) + "\n"
@@ -343,16 +371,18 @@ def report_bench(args: argparse.Namespace) -> int:
     plot_path = args.plot or "results/bench.png"
     if plot_path.lower() != "none":
         devices = sorted({str(r.get("device")) for r in rows if r.get("device")})
-        title = "training tokens/s; above each bar its ratio to plain TRL and its worst step's peak GiB"
-        title += f" ({', '.join(devices)})" if devices else ""
-        chart(rows, Path(plot_path), title)
-        print(f"chart written to {plot_path}", file=sys.stderr)
+        title = "training tokens/s" + (f" ({', '.join(devices)})" if devices else "")
+        title += "\nabove each bar: its ratio to plain TRL, its worst step's peak GiB"
+        if chart(rows, Path(plot_path), title):
+            print(f"chart written to {plot_path}", file=sys.stderr)
+        else:
+            print("no chart: no timed training rows", file=sys.stderr)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finqa_trl.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--outputs", default="outputs", help="where evaluation wrote metrics (default: outputs)")
+    ap.add_argument("--outputs", help="where evaluation wrote metrics (default: outputs)")
     ap.add_argument("--results", help="also gather metrics_*.json under this folder (e.g. results)")
     ap.add_argument(
         "--markdown", help="table file (default results/README-table.md; --bench: none); '-': print only"
@@ -360,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--plot", help="bar chart PNG (default results/accuracy.png; --bench: results/bench.png); 'none'"
     )
-    ap.add_argument("--loss_plot", default="results/loss.png", help="training loss PNG; 'none': no chart")
+    ap.add_argument("--loss_plot", help="training loss PNG (default results/loss.png); 'none': no chart")
     ap.add_argument(
         "--bench", nargs="+", metavar="[SOURCE=]FILE", help="report these bench result files instead"
     )
@@ -369,9 +399,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.variants and not args.bench:
         ap.error("--variants goes with --bench")
     if args.bench:
+        accuracy_only = [
+            f"--{k}" for k in ("outputs", "results", "loss_plot") if getattr(args, k) is not None
+        ]
+        if accuracy_only:
+            ap.error(
+                f"--bench reports bench files only: {', '.join(accuracy_only)} is for the accuracy report"
+            )
         return report_bench(args)
+    # the accuracy report's defaults (--bench has its own)
+    args.outputs = args.outputs or "outputs"
     args.markdown = args.markdown or "results/README-table.md"
     args.plot = args.plot or "results/accuracy.png"
+    args.loss_plot = args.loss_plot or "results/loss.png"
     roots = [Path(args.outputs)] + ([Path(args.results)] if args.results else [])
     rows, warnings = collect(roots)
     for w in warnings:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from finqa_trl import report
@@ -188,3 +189,59 @@ def test_bench_mode_writes_no_accuracy_table_and_bad_files_get_one_line(tmp_path
     write(tmp_path / "metrics.json", {"n": 1})  # valid JSON, not a bench file
     assert report.main(["--bench", "metrics.json"]) == 2
     assert "no results list" in capsys.readouterr().err
+
+
+def test_the_accuracy_report_keeps_its_default_files(tmp_path, monkeypatch, capsys):
+    # Its --outputs, --markdown, --plot and --loss_plot defaults (set after parsing: --bench has its own)
+    monkeypatch.chdir(tmp_path)
+    make_outputs(tmp_path / "outputs")
+    assert report.main([]) == 0
+    assert (tmp_path / "results" / "README-table.md").read_text() == capsys.readouterr().out
+    assert (tmp_path / "results" / "accuracy.png").read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "results" / "bench.png").exists()
+
+
+def test_bench_charts_pair_with_the_first_plain_trl_and_note_only_measured_peaks(
+    tmp_path, monkeypatch, capsys
+):
+    drawn = {}
+    monkeypatch.setattr(
+        report, "grouped_bars", lambda groups, series, path, **kw: drawn.update(series=series)
+    )
+    rows = [
+        {**speed("1b", "lora", "trl", 100.0), "longest_batch_peak_gib": 3.5},
+        {**speed("1b", "lora", "trl", 150.0), "longest_batch_peak_gib": None},  # timed again: not the base
+        {**speed("1b", "lora", "recipe", 300.0), "longest_batch_peak_gib": "out of memory"},
+    ]
+    f = bench_file(tmp_path / "run.json", rows)
+    assert report.main(["--bench", str(f), "--plot", str(tmp_path / "c.png")]) == 0
+    assert "| 1b | lora | recipe | 300 | 1.0 | out of memory | 3.00x | run |" in capsys.readouterr().out
+    assert drawn["series"] == [("trl", [100.0], ["3.5 GiB"]), ("recipe", [300.0], ["3.00x"])]
+
+
+def test_bench_mode_refuses_what_it_cannot_report_in_one_line(tmp_path, capsys):
+    good = bench_file(tmp_path / "good.json", [speed("3b", "qlora", "recipe", 10.0)])
+    failed = bench_file(tmp_path / "failed.json", [{"shape": "1b", "method": "lora", "variant": "trl",
+                                                    "error": "exited with code 1"}])  # fmt: skip
+    assert report.main(["--bench", str(failed), "--plot", str(tmp_path / "none.png")]) == 0
+    assert "no chart: no timed training rows" in capsys.readouterr().err
+    assert not (tmp_path / "none.png").exists()
+    bad_rows = {
+        "noshape": {"method": "lora", "variant": "trl"},
+        "nullspeed": {**speed("1b", "lora", "trl", 1.0), "tokens_per_s": None},
+        "zero": speed("1b", "lora", "trl", 0.0),
+        "nopeak": {"shape": "1b", "method": "lora", "variant": "trl", "tokens_per_s": 5.0},
+    }
+    for name, row in bad_rows.items():
+        f = bench_file(tmp_path / f"{name}.json", [speed("1b", "lora", "recipe", 1.0), row])
+        assert report.main(["--bench", str(good), str(f), "--plot", "none"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --bench {f}: result 1 ") and err.count("\n") == 1, err
+    assert report.main(["--bench", str(good), "--variants", "recip", "--plot", "none"]) == 2
+    assert capsys.readouterr().err == "error: --variants recip: those files hold recipe\n"
+    assert report.main(["--bench", f"={good}"]) == 2
+    assert "an empty SOURCE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        report.main(["--bench", str(good), "--loss_plot", "x.png"])
+    assert exit_.value.code == 2 and "--loss_plot is for the accuracy report" in capsys.readouterr().err
+    assert {p.name for p in tmp_path.iterdir()} == {f"{n}.json" for n in ("good", "failed", *bad_rows)}
