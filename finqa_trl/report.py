@@ -404,7 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         if accuracy_only:
             ap.error(
-                f"--bench reports bench files only: {', '.join(accuracy_only)} is for the accuracy report"
+                f"--bench reports bench files only: {', '.join(accuracy_only)} "
+                + ("is" if len(accuracy_only) == 1 else "are")
+                + " for the accuracy report"
             )
         return report_bench(args)
     # the accuracy report's defaults (--bench has its own)
