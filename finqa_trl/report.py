@@ -301,9 +301,9 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def bench_rows(specs: Sequence[str], variants: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def bench_rows(specs: Sequence[str]) -> list[dict[str, Any]]:
     """The training rows of bench result files given as [SOURCE=]FILE, each marked with its source (the
-    file's name without its suffix where none is given), in the order given; only `variants` where given.
+    file's name without its suffix where none is given), in the order given.
     A row that is not a bench row (shape, method, and where timed a positive tokens/s and a peak) is refused
     in one line."""
     from .bench import SOURCE
@@ -328,8 +328,7 @@ def bench_rows(specs: Sequence[str], variants: Sequence[str] | None = None) -> l
             why = _not_a_bench_row(r)
             if why:
                 raise OneLineError(f"--bench {spec}: result {i} {why}")
-            if not variants or r["variant"] in variants:
-                rows.append({"device": run.get("device"), **r, SOURCE: source})
+            rows.append({"device": run.get("device"), **r, SOURCE: source})
     return rows
 
 
@@ -351,14 +350,15 @@ def report_bench(args: argparse.Namespace) -> int:
     from .bench import chart, table
 
     try:
-        rows = bench_rows(args.bench, args.variants)
+        held = bench_rows(args.bench)
     except OneLineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    rows = [r for r in held if not args.variants or r["variant"] in args.variants]
     if not rows:
-        if args.variants:  # a mistyped variant would otherwise read as empty files
-            held = sorted({str(r["variant"]) for r in bench_rows(args.bench)})
-            print(f"error: --variants {' '.join(args.variants)}: those files hold {' '.join(held) or 'none'}",
+        if held:  # only --variants can leave nothing: a mistyped variant would read as empty files
+            names = sorted({str(r["variant"]) for r in held})
+            print(f"error: --variants {' '.join(args.variants)}: those files hold {' '.join(names)}",
                   file=sys.stderr)  # fmt: skip
             return 2
         print("nothing to report: no training rows in those bench files", file=sys.stderr)
