@@ -158,6 +158,9 @@ LEVERS: dict[str, list[str]] = {
     "pad64": ["--pad_to_multiple_of", "64"],
     "no_pad64": ["--pad_to_multiple_of", "none"],  # the recipes pad to multiples of 64 since 2026-11-26
     "no_cudnn": ["--cudnn_attention", "false"],  # sdpa's flash kernel: no plans to build
+    # LoRA's dropout inside A's matmul (a Triton kernel: no dropped-out copy of each adapted layer's input)
+    "fused_dropout": ["--lora_dropout_kernel", "true"],
+    "no_fused_dropout": ["--lora_dropout_kernel", "false"],
 }
 
 

@@ -169,6 +169,22 @@ class FinQAArguments:
             "choices": ["auto", "true", "false"],
         },
     )
+    lora_dropout_kernel: str = field(
+        default="false",
+        metadata={
+            "help": "LoRA's dropout inside its A matmul (finqa_trl/lora_dropout.py): one Triton kernel reads "
+            "each adapted layer's input, draws the dropout mask in registers and multiplies by A, instead of "
+            "writing a dropped-out copy of the input and reading it back; the backward draws the same mask "
+            "again. Same objective (each element kept with probability 1 - p, scaled by 1 / (1 - p); the "
+            "masks come from another generator, seeded from torch's, so that checkpointing recomputes the "
+            "same ones: CPU tests). Plain LoRA adapters only (not DoRA: its dropout also feeds the base "
+            "layer) and only while training on a CUDA GPU. auto: on with a CUDA GPU for one process or "
+            "DDP; true: also under FSDP or DeepSpeed (untested there); refused without a GPU. A speed lever: "
+            "a profile of compiled 3b LoRA on an H200 spent 19% of its kernel time in dropout kernels "
+            "(results/speed-notes.md).",
+            "choices": ["auto", "true", "false"],
+        },
+    )
     cudnn_attention: bool = field(
         default=True,
         metadata={
@@ -498,6 +514,7 @@ def parse(argv: Sequence[str]) -> Run:
         raise UsageError(f"unexpected argument(s): {' '.join(remaining)}")
     _auto_true_false(script, "compile_layers")
     _auto_true_false(script, "causal_attention")
+    _auto_true_false(script, "lora_dropout_kernel")
     _resolve_liger(script, training)
     # a YAML false/integer arrives as a bool/int: one spelling in the record and in the checks
     script.micro_batch_tokens = str(script.micro_batch_tokens).strip().lower()
@@ -564,6 +581,22 @@ def causal_attention(script: FinQAArguments, training: Any, model: Any) -> bool:
     if script.causal_attention == "false":
         return False
     return script.causal_attention == "true" or _causal_attention_blocker(training, model) is None
+
+
+def fuses_lora_dropout(script: FinQAArguments, training: Any) -> bool:
+    """Whether this run puts LoRA's dropout inside its A matmul: `true` (refused in _validate without a GPU),
+    or `auto` on a CUDA GPU that Triton compiles for, one process or DDP."""
+    from . import modeling
+
+    if script.lora_dropout_kernel == "true":
+        return True
+    on_gpu = modeling.cuda_available() and not training.use_cpu
+    return (
+        script.lora_dropout_kernel == "auto"
+        and on_gpu
+        and not _fsdp_or_deepspeed(training)
+        and modeling.triton_gpu_ready()
+    )
 
 
 def compiles_layers(script: FinQAArguments, training: Any) -> bool:
@@ -753,12 +786,26 @@ def _validate(run: Run) -> None:
             "--packing true needs --max_length N: TRL packs examples into rows of that many tokens (the "
             "recipes leave max_length null)"
         )
+    if s.lora_dropout_kernel == "true" and not _kernels_run_here(run.training):
+        raise UsageError(
+            "--lora_dropout_kernel true needs a CUDA GPU (its kernels are Triton kernels; auto leaves CPU "
+            "runs to PEFT's dropout)"
+        )
     blocker = _causal_attention_blocker(run.training, run.model)
     if s.causal_attention == "true" and blocker:
         raise UsageError(f"--causal_attention true {blocker}")
     _check_micro_batch_tokens(run)
     if run.training.push_to_hub and not run.training.hub_model_id:
         raise UsageError("push_to_hub needs --hub_model_id USER/NAME")
+
+
+def _kernels_run_here(training: Any) -> bool:
+    """A CUDA GPU, or Triton's interpreter (TRITON_INTERPRET=1: the tests, on the CPU)."""
+    from . import modeling
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return modeling.cuda_available() and not training.use_cpu
 
 
 def _check_precision_options(run: Run) -> None:
@@ -1267,6 +1314,7 @@ class Prepared:
     resume: str | None  # the checkpoint training resumes from
     hub: Any = None  # the HubPushCallback, when pushing
     compiled_layers: int = 0  # decoder layers whose parts were compiled (compile_layers)
+    fused_dropouts: int = 0  # LoRA adapters with their dropout inside A's matmul (lora_dropout_kernel)
 
 
 def prepare(run: Run) -> Prepared:
@@ -1411,6 +1459,12 @@ def prepare(run: Run) -> Prepared:
     if not script.cudnn_attention:
         # process-wide, as torch keeps it: the flash (or memory-efficient) kernel, which builds no plans
         torch.backends.cuda.enable_cudnn_sdp(False)
+    fused = 0
+    if fuses_lora_dropout(script, training):  # before compiling: the compiled parts trace the fused adapters
+        from .lora_dropout import fuse_lora_dropout
+
+        fused = fuse_lora_dropout(trainer.model)
+        logger.info("lora_dropout_kernel: %d adapters with their dropout inside A's matmul", fused)
     compiled = 0
     if compiles_layers(script, training):
         compiled = compile_decoder_layers(trainer.model, script.compile_mode, script.compile_scope)
@@ -1441,7 +1495,7 @@ def prepare(run: Run) -> Prepared:
         _write_recipe(output_dir, run.resolved)
     state.wait_for_everyone()
 
-    return Prepared(run, trainer, resume, hub, compiled)
+    return Prepared(run, trainer, resume, hub, compiled, fused)
 
 
 def _launch(training: Any) -> dict[str, int]:
@@ -1527,6 +1581,7 @@ def train(run: Run) -> int:
     metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
     metrics["compile_scope"] = run.script.compile_scope if prepared.compiled_layers else None
+    metrics["lora_dropout_kernel"] = prepared.fused_dropouts  # adapters fused (0: none, or not asked)
     metrics["causal_attention"] = getattr(trainer.model.config, "_attn_implementation", None) == CAUSAL_SDPA
     metrics["defer_metrics"] = run.script.defer_metrics
     metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches

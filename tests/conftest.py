@@ -15,6 +15,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/test_lora_dropout.py runs the project's own
+# on the CPU). Triton reads this when a kernel is defined, so it is set before any test module imports one.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def _locate(env: str, rel: str) -> Path | None:
     if os.environ.get(env):

@@ -20,7 +20,7 @@ from conftest import torchrun_main
 from finqa_trl import modeling
 from finqa_trl.data import FIXTURE_DIR
 from finqa_trl.recipes import method_name
-from finqa_trl.train import UsageError, _check_precision_options, main, parse
+from finqa_trl.train import UsageError, _check_precision_options, main, parse, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -1719,3 +1719,39 @@ def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatc
     seen.clear()  # whole layers: each layer compiled once, its parts not separately
     assert compile_decoder_layers(model, scope="layer") == 2
     assert seen == [("LlamaDecoderLayer", "{'mode': None}")] * 2
+
+
+def test_lora_dropout_kernel_trains_with_the_fused_adapters_and_saves_the_same_adapter(
+    tmp_path: Path,
+) -> None:
+    """The kernels run here in Triton's interpreter (conftest), on the smoke model's fp32 inputs; with its
+    checkpointed layers the backward draws every mask a second time."""
+    import torch
+
+    from finqa_trl.lora_dropout import DropoutLoRAA
+
+    prepared = prepare(parse(smoke_args(tmp_path / "prepared", "--lora_dropout_kernel", "true")))
+    layers = [m for m in prepared.trainer.model.modules() if hasattr(m, "lora_dropout")]
+    assert prepared.fused_dropouts == len(layers) == 14  # 7 adapted layers x 2 decoder layers
+    for layer in layers:  # PEFT's dropout handed to A, which still holds the same weight
+        assert isinstance(layer.lora_dropout["default"], torch.nn.Identity)
+        assert isinstance(layer.lora_A["default"], DropoutLoRAA) and layer.lora_A["default"].dropout_p == 0.05
+
+    fused, plain = tmp_path / "fused-run", tmp_path / "plain-run"
+    assert main(smoke_args(fused, "--lora_dropout_kernel", "true")) == 0
+    assert main(smoke_args(plain)) == 0
+    assert adapter_keys(fused) == adapter_keys(plain)
+    assert json.loads((fused / "train_results.json").read_text())["lora_dropout_kernel"] == 14
+    assert json.loads((plain / "train_results.json").read_text())["lora_dropout_kernel"] == 0
+
+
+def test_lora_dropout_kernel_true_without_a_gpu_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "run"
+    assert main(smoke_args(out, "--lora_dropout_kernel", "true")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(
+        "--lora_dropout_kernel true needs a CUDA GPU (its kernels are Triton kernels; auto "
+        "leaves CPU runs to PEFT's dropout)"
+    )
+    assert not out.exists()

@@ -1,0 +1,252 @@
+"""LoRA's dropout inside its A matmul: one Triton kernel reads an adapted layer's input, draws the dropout
+mask in registers and multiplies by A, instead of writing a dropped-out copy of the input (as big as the
+input) and reading it back for A; the backward draws the same mask again from the same seed instead of
+keeping it. PEFT computes `lora_B(lora_A(dropout(x)))`, and a profile of compiled 3b LoRA on an H200 spent
+19% of its kernel time in the dropout kernels inductor makes of that (results/speed-notes.md).
+
+Same objective: each element is kept with probability 1 - p and scaled by 1 / (1 - p), every layer and
+every call with its own mask; the masks come from another generator (Philox, seeded from torch's generator
+in each call, so that activation checkpointing's recomputation, which restores torch's generator, draws the
+same masks). Only LoRA layers (not DoRA, whose dropout also feeds its base layer) with a bias-free A on an
+input whose width is a multiple of 4, on a CUDA GPU; everything else, and evaluation, runs PEFT's own code.
+
+The kernels run on the CPU in Triton's interpreter (TRITON_INTERPRET=1): the tests use it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# one Philox call gives four 32-bit numbers: element (i, c) of a [T, d] input takes the (c % 4)th of those
+# drawn at counter i * d / 4 + c // 4 (torch 2.11's inductor draws one call per element)
+
+
+@triton.jit
+def _keep(seed, rows, col0, d4, p, BM: tl.constexpr, BK: tl.constexpr):
+    """The keep mask of the [BM, BK] tile at `rows` x columns col0 .. col0 + BK (col0 a multiple of 4)."""
+    quads = col0 // 4 + tl.arange(0, BK // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * d4 + quads[None, :])
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, BK))
+    return tl.random.uint_to_uniform_float(bits) >= p
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, a_ptr, y_ptr, seed_ptr, T, d, r, p, scale,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # y[T, r] = (x * keep * scale) @ A^T, a block of BM rows per program; scaled once, after the sum
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    ranks = tl.arange(0, BR)
+    seed = tl.load(seed_ptr)
+    acc = tl.zeros((BM, BR), tl.float32)
+    for k0 in range(0, d, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < d))
+        x = tl.where(_keep(seed, rows, k0, d // 4, p, BM, BK), x, 0.0)
+        a = tl.load(
+            a_ptr + ranks[None, :] * d + cols[:, None], mask=(ranks[None, :] < r) & (cols[:, None] < d)
+        )
+        acc += tl.dot(x, a.to(x.dtype), input_precision=PREC)
+    tl.store(
+        y_ptr + rows[:, None] * r + ranks[None, :],
+        (acc * scale).to(y_ptr.dtype.element_ty),
+        mask=(rows[:, None] < T) & (ranks[None, :] < r),
+    )
+
+
+@triton.jit
+def _input_grad_kernel(
+    g_ptr, a_ptr, dx_ptr, seed_ptr, T, d, r, p, scale,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # dx[T, d] = (g @ A) * keep * scale, one [BM, BN] tile per program
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    col0 = tl.program_id(1) * BN
+    cols = col0 + tl.arange(0, BN)
+    ranks = tl.arange(0, BR)
+    g = tl.load(g_ptr + rows[:, None] * r + ranks[None, :], mask=(rows[:, None] < T) & (ranks[None, :] < r))
+    a = tl.load(a_ptr + ranks[:, None] * d + cols[None, :], mask=(ranks[:, None] < r) & (cols[None, :] < d))
+    acc = tl.dot(g, a.to(g.dtype), input_precision=PREC)
+    keep = _keep(tl.load(seed_ptr), rows, col0, d // 4, p, BM, BN)
+    tl.store(
+        dx_ptr + rows[:, None] * d + cols[None, :],
+        tl.where(keep, acc * scale, 0.0).to(dx_ptr.dtype.element_ty),
+        mask=(rows[:, None] < T) & (cols[None, :] < d),
+    )
+
+
+@triton.jit
+def _weight_grad_kernel(
+    g_ptr, x_ptr, part_ptr, seed_ptr, T, d, r, p, scale, rows_per_split,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # part[s, r, d] = g[rows of split s]^T @ (x * keep * scale)[those rows]; the splits are summed after, in a
+    # fixed order (no atomics: the same sum every time)
+    col0 = tl.program_id(0) * BN
+    split = tl.program_id(1)
+    cols = col0 + tl.arange(0, BN)
+    ranks = tl.arange(0, BR)
+    seed = tl.load(seed_ptr)
+    acc = tl.zeros((BR, BN), tl.float32)
+    start = split * rows_per_split
+    for m0 in range(start, start + rows_per_split, BM):
+        rows = m0 + tl.arange(0, BM)
+        g = tl.load(
+            g_ptr + rows[:, None] * r + ranks[None, :], mask=(rows[:, None] < T) & (ranks[None, :] < r)
+        )
+        x = tl.load(x_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < d))
+        x = tl.where(_keep(seed, rows, col0, d // 4, p, BM, BN), x, 0.0)
+        acc += tl.dot(tl.trans(g), x.to(g.dtype), input_precision=PREC)
+    tl.store(
+        part_ptr + split * r * d + ranks[:, None] * d + cols[None, :],
+        acc * scale,
+        mask=(ranks[:, None] < r) & (cols[None, :] < d),
+    )
+
+
+def _precision(x: torch.Tensor) -> str:
+    # fp32 inputs (PEFT's input cast, CPU runs) multiply in fp32, not TF32; 16-bit ones as cuBLAS would
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))  # tl.dot takes no dimension below 16
+
+
+@torch.library.custom_op("finqa_trl::dropout_lora_a", mutates_args=())
+def dropout_lora_a(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """`F.linear(F.dropout(x, p), weight)` in one kernel, its mask drawn from `seed` (a 0-d int64 tensor on
+    x's device): x [..., d] in a 16-bit dtype or fp32, weight [r, d] (A, any float dtype: used in x's, as
+    autocast would for a 16-bit x); returns [..., r] in x's dtype."""
+    d, r = x.shape[-1], weight.shape[0]
+    flat = x.reshape(-1, d).contiguous()
+    y = torch.empty(flat.shape[0], r, device=x.device, dtype=x.dtype)
+    BM = 64
+    _forward_kernel[(triton.cdiv(flat.shape[0], BM),)](
+        flat, weight.contiguous(), y, seed, flat.shape[0], d, r, p, 1.0 / (1.0 - p),
+        BM=BM, BK=128, BR=_rank_block(r), PREC=_precision(x),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], r)
+
+
+@dropout_lora_a.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("finqa_trl::dropout_lora_a_backward", mutates_args=())
+def dropout_lora_a_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `dropout_lora_a` for x (x's dtype) and weight (weight's dtype, summed in fp32)."""
+    d, r = x.shape[-1], weight.shape[0]
+    flat = x.reshape(-1, d).contiguous()
+    g = grad.reshape(-1, r).to(x.dtype).contiguous()
+    T = flat.shape[0]
+    scale = 1.0 / (1.0 - p)
+    BR = _rank_block(r)
+    dx = torch.empty_like(flat)
+    _input_grad_kernel[(triton.cdiv(T, 64), triton.cdiv(d, 128))](
+        g, weight.contiguous(), dx, seed, T, d, r, p, scale, BM=64, BN=128, BR=BR, PREC=_precision(x)
+    )
+    # A's gradient reduces over all T rows into only r x d numbers: split the rows so that the GPU gets
+    # enough programs (d / 128 column blocks alone would be 24 for a 3b model's 3,072)
+    BM, BN = 64, 128
+    splits = max(1, min(triton.cdiv(T, BM), 256 // triton.cdiv(d, BN) + 1))
+    rows_per_split = triton.cdiv(triton.cdiv(T, splits), BM) * BM
+    splits = triton.cdiv(T, rows_per_split)
+    parts = torch.empty(splits, r, d, device=x.device, dtype=torch.float32)
+    _weight_grad_kernel[(triton.cdiv(d, BN), splits)](
+        g, flat, parts, seed, T, d, r, p, scale, rows_per_split, BM=BM, BN=BN, BR=BR, PREC=_precision(x)
+    )
+    return dx.reshape(x.shape), parts.sum(0).to(weight.dtype)
+
+
+@dropout_lora_a_backward.register_fake
+def _(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, seed, p = inputs
+    ctx.save_for_backward(x, weight, seed)  # x and A, not the mask: the backward draws it again
+    ctx.p = p
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    x, weight, seed = ctx.saved_tensors
+    dx, dweight = dropout_lora_a_backward(grad, x, weight, seed, ctx.p)
+    return dx, dweight, None, None
+
+
+dropout_lora_a.register_autograd(_backward, setup_context=_setup_context)
+
+
+def keep_mask(seed: torch.Tensor, rows: int, d: int, p: float) -> torch.Tensor:
+    """The [rows, d] mask that `dropout_lora_a` draws from `seed` (True: kept), for tests and checks: the
+    forward of an identity A (r = d) gives the kept elements times 1 / (1 - p)."""
+    x = torch.ones(rows, d, device=seed.device, dtype=torch.float16)
+    return dropout_lora_a(x, torch.eye(d, device=seed.device), seed, p) != 0
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A Philox seed from torch's generator of `device`, on the device (no wait for the GPU). Traced under
+    torch.compile as a random op, which inductor draws from the same generator; checkpointing restores it."""
+    return torch.randint(0, 2**62, (), device=device, dtype=torch.int64)
+
+
+def _runs_here(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and (
+        x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    )
+
+
+class DropoutLoRAA(torch.nn.Linear):
+    """PEFT's `lora_A` (a bias-free nn.Linear) that applies its layer's dropout itself: fused while training
+    on a CUDA GPU (`dropout_lora_a`), as `F.dropout` then the matmul otherwise. Set as the module's class in
+    place: its parameter, and so its state_dict key, stay the same."""
+
+    dropout_p: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _runs_here(x):
+            return dropout_lora_a(x, self.weight, draw_seed(x.device), self.dropout_p)
+        return F.linear(F.dropout(x, self.dropout_p, self.training), self.weight)
+
+
+def fuse_lora_dropout(model: Any) -> int:
+    """Give every plain LoRA adapter of `model` (nn.Dropout with p > 0, bias-free nn.Linear A, no variant
+    such as DoRA, input width a multiple of 4) its dropout inside A: A becomes a `DropoutLoRAA` and PEFT's
+    dropout an nn.Identity. Returns how many adapters. Evaluation, and inputs the kernel does not take, run
+    what PEFT ran."""
+    from peft.tuners.lora import LoraLayer
+
+    fused = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name, a in module.lora_A.items():
+            dropout = module.lora_dropout[name]
+            if (
+                name in getattr(module, "lora_variant", {})
+                or type(a) is not torch.nn.Linear
+                or a.bias is not None
+                or a.in_features % 4
+                or type(dropout) is not torch.nn.Dropout
+                or not dropout.p
+            ):
+                continue
+            a.__class__ = DropoutLoRAA
+            a.dropout_p = float(dropout.p)
+            module.lora_dropout[name] = torch.nn.Identity()
+            fused += 1
+    return fused
