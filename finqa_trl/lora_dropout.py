@@ -10,7 +10,8 @@ in each call, so that activation checkpointing's recomputation, which restores t
 same masks). Only LoRA layers (not DoRA, whose dropout also feeds its base layer) with a bias-free A on an
 input whose width is a multiple of 4, on a CUDA GPU; everything else, and evaluation, runs PEFT's own code.
 
-The kernels run on the CPU in Triton's interpreter (TRITON_INTERPRET=1): the tests use it.
+The kernels run on the CPU in Triton's interpreter (TRITON_INTERPRET=1): the tests use it, with the ops
+opaque to torch.compile there (below).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 # one Philox call gives four 32-bit numbers: element (i, c) of a [T, d] input takes the (c % 4)th of those
 # drawn at counter i * d / 4 + c // 4 (torch 2.11's inductor draws one call per element)
@@ -120,7 +122,21 @@ def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot takes no dimension below 16
 
 
-@torch.library.custom_op("finqa_trl::dropout_lora_a", mutates_args=())
+# Triton's interpreter (TRITON_INTERPRET=1: the CPU tests) runs kernels on real tensors only, which
+# torch.compile's tracing does not give it: there the ops are opaque custom ops, with their shapes registered
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _op(name: str) -> Any:
+    # triton_op, not custom_op: torch.compile traces into it and launches the kernels from its own
+    # generated code. Opaque custom ops cost each call a Python dispatch (and the backward another): on an
+    # H200, compiled 3b LoRA with them ran 0.88-0.97x the recipe's own dropout (results/speed-notes.md)
+    if _INTERPRETED:
+        return torch.library.custom_op(name, mutates_args=())
+    return triton_op(name, mutates_args=())
+
+
+@_op("finqa_trl::dropout_lora_a")
 def dropout_lora_a(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """`F.linear(F.dropout(x, p), weight)` in one kernel, its mask drawn from `seed` (a 0-d int64 tensor on
     x's device): x [..., d] in a 16-bit dtype or fp32, weight [r, d] (A, any float dtype: used in x's, as
@@ -128,20 +144,15 @@ def dropout_lora_a(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p:
     d, r = x.shape[-1], weight.shape[0]
     flat = x.reshape(-1, d).contiguous()
     y = torch.empty(flat.shape[0], r, device=x.device, dtype=x.dtype)
-    BM = 64
-    _forward_kernel[(triton.cdiv(flat.shape[0], BM),)](
+    BM = 32  # blocks of 32 rows: a pass of 4,096 tokens gets 128 programs, about one per SM
+    wrap_triton(_forward_kernel)[(triton.cdiv(flat.shape[0], BM),)](
         flat, weight.contiguous(), y, seed, flat.shape[0], d, r, p, 1.0 / (1.0 - p),
         BM=BM, BK=128, BR=_rank_block(r), PREC=_precision(x),
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], r)
 
 
-@dropout_lora_a.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("finqa_trl::dropout_lora_a_backward", mutates_args=())
+@_op("finqa_trl::dropout_lora_a_backward")
 def dropout_lora_a_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +164,7 @@ def dropout_lora_a_backward(
     scale = 1.0 / (1.0 - p)
     BR = _rank_block(r)
     dx = torch.empty_like(flat)
-    _input_grad_kernel[(triton.cdiv(T, 64), triton.cdiv(d, 128))](
+    wrap_triton(_input_grad_kernel)[(triton.cdiv(T, 64), triton.cdiv(d, 128))](
         g, weight.contiguous(), dx, seed, T, d, r, p, scale, BM=64, BN=128, BR=BR, PREC=_precision(x)
     )
     # A's gradient reduces over all T rows into only r x d numbers: split the rows so that the GPU gets
@@ -163,17 +174,23 @@ def dropout_lora_a_backward(
     rows_per_split = triton.cdiv(triton.cdiv(T, splits), BM) * BM
     splits = triton.cdiv(T, rows_per_split)
     parts = torch.empty(splits, r, d, device=x.device, dtype=torch.float32)
-    _weight_grad_kernel[(triton.cdiv(d, BN), splits)](
+    wrap_triton(_weight_grad_kernel)[(triton.cdiv(d, BN), splits)](
         g, flat, parts, seed, T, d, r, p, scale, rows_per_split, BM=BM, BN=BN, BR=BR, PREC=_precision(x)
     )
     return dx.reshape(x.shape), parts.sum(0).to(weight.dtype)
 
 
-@dropout_lora_a_backward.register_fake
-def _(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), torch.empty_like(weight)
+if _INTERPRETED:
+
+    @dropout_lora_a.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @dropout_lora_a_backward.register_fake
+    def _(
+        grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.empty_like(x), torch.empty_like(weight)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:

@@ -34,7 +34,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "no_causal_attention",
         "no_defer_metrics",
     }
-    levers |= {"tokens", "no_tokens", "no_nan_filter"}
+    levers |= {"tokens", "no_tokens", "no_nan_filter", "fused_dropout", "no_fused_dropout"}
     assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
@@ -65,6 +65,13 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
             bench.lever_args(f"recipe:{bad}")
     assert train.parse(lora).training.logging_nan_inf_filter  # on by default, which no_nan_filter undoes
     assert not train.parse([*lora, *bench.lever_args("recipe:no_nan_filter")]).training.logging_nan_inf_filter
+    assert train.parse(lora).script.lora_dropout_kernel == "false"  # a lever until timed
+    fused = train.parse([*lora, *bench.lever_args("recipe:fused_dropout")]).script.lora_dropout_kernel
+    assert fused == "true"
+    assert (
+        train.parse([*lora, *bench.lever_args("recipe:no_fused_dropout")]).script.lora_dropout_kernel
+        == "false"
+    )
     assert train.parse(lora).script.cudnn_attention
     assert not train.parse([*lora, *bench.lever_args("recipe:no_cudnn")]).script.cudnn_attention
     assert train.parse(lora).script.compile_layers == "auto"  # compiled on one GPU or DDP
