@@ -25,8 +25,55 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+# Triton's interpreter (TRITON_INTERPRET=1: the CPU tests) runs kernels on real tensors only, which
+# torch.compile's tracing does not give it: there the ops are opaque custom ops, with their shapes registered
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 # one Philox call gives four 32-bit numbers: element (i, c) of a [T, d] input takes the (c % 4)th of those
 # drawn at counter i * d / 4 + c // 4 (torch 2.11's inductor draws one call per element)
+
+
+# Tile sizes and warps per kernel, the first the default; Triton times them at the first call for each input
+# width and rank (not each pass length: the shapes of one layer's passes differ only in their rows) and keeps
+# the fastest. Triton's interpreter takes the first.
+_FORWARD = [  # rows x columns per step, warps; one program per block of rows
+    ({"BM": 32, "BK": 128}, 4),
+    ({"BM": 16, "BK": 128}, 4),
+    ({"BM": 16, "BK": 256}, 4),
+    ({"BM": 32, "BK": 256}, 8),
+    ({"BM": 64, "BK": 128}, 4),
+    ({"BM": 64, "BK": 256}, 8),
+]
+_INPUT_GRAD = [  # one program per [BM, BN] tile of the input gradient
+    ({"BM": 64, "BN": 128}, 4),
+    ({"BM": 32, "BN": 128}, 4),
+    ({"BM": 128, "BN": 128}, 8),
+    ({"BM": 64, "BN": 256}, 8),
+    ({"BM": 128, "BN": 64}, 4),
+]
+_WEIGHT_GRAD = [  # one program per BN columns of A's gradient and split of the rows, BM rows per step
+    ({"BM": 64, "BN": 128}, 4),
+    ({"BM": 32, "BN": 128}, 4),
+    ({"BM": 64, "BN": 64}, 4),
+    ({"BM": 128, "BN": 128}, 8),
+    ({"BM": 128, "BN": 64}, 4),
+]
+_SPLIT_ROWS = 128  # a multiple of every BM above: each split of the rows is whole steps
+
+
+def _tuned(configs: list) -> Any:
+    def wrap(kernel: Any) -> Any:
+        if _INTERPRETED:
+            return kernel
+        tuned = [triton.Config(meta, num_warps=warps) for meta, warps in configs]
+        return triton.autotune(configs=tuned, key=["d", "r"])(kernel)
+
+    return wrap
+
+
+def _meta(configs: list) -> dict:
+    """Tile sizes passed explicitly: the first configuration in the interpreter, none where Triton tunes."""
+    return dict(configs[0][0]) if _INTERPRETED else {}
 
 
 @triton.jit
@@ -38,6 +85,7 @@ def _keep(seed, rows, col0, d4, p, BM: tl.constexpr, BK: tl.constexpr):
     return tl.random.uint_to_uniform_float(bits) >= p
 
 
+@_tuned(_FORWARD)
 @triton.jit
 def _forward_kernel(
     x_ptr, a_ptr, y_ptr, seed_ptr, T, d, r, p, scale,
@@ -63,6 +111,7 @@ def _forward_kernel(
     )
 
 
+@_tuned(_INPUT_GRAD)
 @triton.jit
 def _input_grad_kernel(
     g_ptr, a_ptr, dx_ptr, seed_ptr, T, d, r, p, scale,
@@ -84,6 +133,7 @@ def _input_grad_kernel(
     )
 
 
+@_tuned(_WEIGHT_GRAD)
 @triton.jit
 def _weight_grad_kernel(
     g_ptr, x_ptr, part_ptr, seed_ptr, T, d, r, p, scale, rows_per_split,
@@ -122,11 +172,6 @@ def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot takes no dimension below 16
 
 
-# Triton's interpreter (TRITON_INTERPRET=1: the CPU tests) runs kernels on real tensors only, which
-# torch.compile's tracing does not give it: there the ops are opaque custom ops, with their shapes registered
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _op(name: str) -> Any:
     # triton_op, not custom_op: torch.compile traces into it and launches the kernels from its own
     # generated code. Opaque custom ops cost each call a Python dispatch (and the backward another): on an
@@ -144,10 +189,10 @@ def dropout_lora_a(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p:
     d, r = x.shape[-1], weight.shape[0]
     flat = x.reshape(-1, d).contiguous()
     y = torch.empty(flat.shape[0], r, device=x.device, dtype=x.dtype)
-    BM = 32  # blocks of 32 rows: a pass of 4,096 tokens gets 128 programs, about one per SM
-    wrap_triton(_forward_kernel)[(triton.cdiv(flat.shape[0], BM),)](
-        flat, weight.contiguous(), y, seed, flat.shape[0], d, r, p, 1.0 / (1.0 - p),
-        BM=BM, BK=128, BR=_rank_block(r), PREC=_precision(x),
+    T = flat.shape[0]
+    wrap_triton(_forward_kernel)[lambda meta: (triton.cdiv(T, meta["BM"]),)](
+        flat, weight.contiguous(), y, seed, T, d, r, p, 1.0 / (1.0 - p),
+        BR=_rank_block(r), PREC=_precision(x), **_meta(_FORWARD),
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], r)
 
@@ -164,19 +209,19 @@ def dropout_lora_a_backward(
     scale = 1.0 / (1.0 - p)
     BR = _rank_block(r)
     dx = torch.empty_like(flat)
-    wrap_triton(_input_grad_kernel)[(triton.cdiv(T, 64), triton.cdiv(d, 128))](
-        g, weight.contiguous(), dx, seed, T, d, r, p, scale, BM=64, BN=128, BR=BR, PREC=_precision(x)
+    wrap_triton(_input_grad_kernel)[lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(d, meta["BN"]))](
+        g, weight.contiguous(), dx, seed, T, d, r, p, scale, BR=BR, PREC=_precision(x), **_meta(_INPUT_GRAD)
     )
-    # A's gradient reduces over all T rows into only r x d numbers: split the rows so that the GPU gets
-    # enough programs (d / 128 column blocks alone would be 24 for a 3b model's 3,072)
-    BM, BN = 64, 128
-    splits = max(1, min(triton.cdiv(T, BM), 256 // triton.cdiv(d, BN) + 1))
-    rows_per_split = triton.cdiv(triton.cdiv(T, splits), BM) * BM
+    # A's gradient reduces over all T rows into only r x d numbers: split the rows so that the GPU gets some
+    # 500 programs (d / 128 column blocks alone would be 24 for a 3b model's 3,072)
+    splits = max(1, min(triton.cdiv(T, _SPLIT_ROWS), 512 // triton.cdiv(d, 128)))
+    rows_per_split = triton.cdiv(triton.cdiv(T, splits), _SPLIT_ROWS) * _SPLIT_ROWS
     splits = triton.cdiv(T, rows_per_split)
     parts = torch.empty(splits, r, d, device=x.device, dtype=torch.float32)
-    wrap_triton(_weight_grad_kernel)[(triton.cdiv(d, BN), splits)](
-        g, flat, parts, seed, T, d, r, p, scale, rows_per_split, BM=BM, BN=BN, BR=BR, PREC=_precision(x)
-    )
+    wrap_triton(_weight_grad_kernel)[lambda meta: (triton.cdiv(d, meta["BN"]), splits)](
+        g, flat, parts, seed, T, d, r, p, scale, rows_per_split,
+        BR=BR, PREC=_precision(x), **_meta(_WEIGHT_GRAD),
+    )  # fmt: skip
     return dx.reshape(x.shape), parts.sum(0).to(weight.dtype)
 
 

@@ -132,3 +132,30 @@ def test_checkpoint_recomputation_draws_the_same_masks(compiled: bool) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     other = _grads(model, x, seed=6, checkpointed=True)
     assert any(not torch.equal(a, b) for a, b in zip(kept, other, strict=True))  # the masks are random
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_every_tile_configuration_draws_the_same_masks(i: int, monkeypatch) -> None:
+    """On the GPU Triton picks each kernel's tiles by timing them, so the forward and the two backward kernels
+    may tile differently: each element's mask must not depend on the tiles."""
+    default_forward = fused._FORWARD[0]
+    for name in ("_FORWARD", "_INPUT_GRAD", "_WEIGHT_GRAD"):
+        configs = getattr(fused, name)
+        monkeypatch.setattr(fused, name, [configs[i % len(configs)]])
+    torch.manual_seed(1)
+    p, r, shape = 0.4, 16, (3, 50, 264)  # 264 columns: a last partial tile for every width above
+    x = torch.randn(*shape, dtype=torch.float32, requires_grad=True)
+    weight = torch.randn(r, shape[-1], requires_grad=True)
+    seed = torch.tensor(99)
+    y = fused.dropout_lora_a(x, weight, seed, p)
+    monkeypatch.setattr(fused, "_FORWARD", [default_forward])  # the reference's mask from the default tiles
+    dropped = _reference(x.detach(), weight, seed, p)
+    torch.testing.assert_close(y, dropped @ weight.detach().T, rtol=1e-5, atol=1e-4)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    torch.testing.assert_close(
+        x.grad, (grad @ weight.detach()) * (dropped != 0) / (1 - p), rtol=1e-5, atol=1e-4
+    )
+    torch.testing.assert_close(
+        weight.grad, grad.reshape(-1, r).T @ dropped.reshape(-1, shape[-1]), rtol=1e-4, atol=1e-3
+    )

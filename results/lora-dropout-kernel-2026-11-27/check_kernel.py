@@ -88,8 +88,10 @@ def timed(fn, *args, n=20):
         for _ in range(n):
             fn(*args)
         torch.cuda.synchronize()
-    kernel = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
-    return wall, kernel / n / 1e3
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]
+    names = ", ".join(f"{e.key[:40]} {e.self_device_time_total / n:.0f} us" for e in top)
+    return wall, sum(e.self_device_time_total for e in kernels) / n / 1e3, names
 
 
 # three adapters on one input (q, k, v of a 3b layer: d 3,072, r 16), as compiled parts of the recipes run them:
@@ -106,6 +108,7 @@ def fused_like(x, ws):
 compiled = {"PEFT dropout + A": torch.compile(peft_like), "fused": torch.compile(fused_like)}
 print("three adapters on one bf16 input, compiled, forward + backward: wall ms / kernel ms")
 print("| T | d | PEFT dropout + A | fused | kernel ratio |")
+tops = []
 for T, d in [(4096, 3072), (12288, 3072), (12288, 8192)]:
     x = torch.randn(T, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
     ws = [torch.randn(r, d, device=dev, requires_grad=True) for _ in range(3)]
@@ -116,3 +119,9 @@ for T, d in [(4096, 3072), (12288, 3072), (12288, 8192)]:
         res[name] = timed(step, x, ws)
     a, b = res["PEFT dropout + A"], res["fused"]
     print(f"| {T} | {d} | {a[0]:.3f} / {a[1]:.3f} | {b[0]:.3f} / {b[1]:.3f} | {b[1] / a[1]:.2f} |")
+    tops.append(f"T={T} d={d}: PEFT: {a[2]}\n  fused: {b[2]}")
+print("busiest kernels per call:")
+for line in tops:
+    print(line)
+for kernel in (fused._forward_kernel, fused._input_grad_kernel, fused._weight_grad_kernel):
+    print(getattr(kernel, "fn", kernel).__name__, "tuned:", {k: str(v) for k, v in getattr(kernel, "cache", {}).items()})
