@@ -7,8 +7,8 @@ keeping it. PEFT computes `lora_B(lora_A(dropout(x)))`, and a profile of compile
 Same objective: each element is kept with probability 1 - p and scaled by 1 / (1 - p), every layer and
 every call with its own mask; the masks come from another generator (Philox, seeded from torch's generator
 in each call, so that activation checkpointing's recomputation, which restores torch's generator, draws the
-same masks). Only LoRA layers (not DoRA, whose dropout also feeds its base layer) with a bias-free A on an
-input whose width is a multiple of 4, on a CUDA GPU; everything else, and evaluation, runs PEFT's own code.
+same masks). Only LoRA layers (not DoRA, whose dropout also feeds its base layer) with a bias-free A, on a
+CUDA GPU; everything else, and evaluation, runs PEFT's own code.
 
 The kernels run on the CPU in Triton's interpreter (TRITON_INTERPRET=1): the tests use it, with the ops
 opaque to torch.compile there (below).
@@ -29,35 +29,19 @@ from torch.library import triton_op, wrap_triton
 # torch.compile's tracing does not give it: there the ops are opaque custom ops, with their shapes registered
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-# one Philox call gives four 32-bit numbers: element (i, c) of a [T, d] input takes the (c % 4)th of those
-# drawn at counter i * d / 4 + c // 4 (torch 2.11's inductor draws one call per element)
+# One Philox call gives four 32-bit numbers. The input's columns go in blocks of 128, each four lanes of 32:
+# element (i, c) of a [T, d] input, in block b = c // 128 and lane q = c % 128 // 32, takes the qth number of
+# the call at counter (i * ceil(d / 128) + b) * 32 + c % 32. Every kernel tiles in whole blocks, so the masks
+# do not depend on the tiles, and a lane's numbers need no reshuffling between threads (interleaving the four
+# numbers column by column did: on an H200 that ran no faster than inductor's one call per element).
 
 
-# Tile sizes and warps per kernel, the first the default; Triton times them at the first call for each input
-# width and rank (not each pass length: the shapes of one layer's passes differ only in their rows) and keeps
-# the fastest. Triton's interpreter takes the first.
-_FORWARD = [  # rows x columns per step, warps; one program per block of rows
-    ({"BM": 32, "BK": 128}, 4),
-    ({"BM": 16, "BK": 128}, 4),
-    ({"BM": 16, "BK": 256}, 4),
-    ({"BM": 32, "BK": 256}, 8),
-    ({"BM": 64, "BK": 128}, 4),
-    ({"BM": 64, "BK": 256}, 8),
-]
-_INPUT_GRAD = [  # one program per [BM, BN] tile of the input gradient
-    ({"BM": 64, "BN": 128}, 4),
-    ({"BM": 32, "BN": 128}, 4),
-    ({"BM": 128, "BN": 128}, 8),
-    ({"BM": 64, "BN": 256}, 8),
-    ({"BM": 128, "BN": 64}, 4),
-]
-_WEIGHT_GRAD = [  # one program per BN columns of A's gradient and split of the rows, BM rows per step
-    ({"BM": 64, "BN": 128}, 4),
-    ({"BM": 32, "BN": 128}, 4),
-    ({"BM": 64, "BN": 64}, 4),
-    ({"BM": 128, "BN": 128}, 8),
-    ({"BM": 128, "BN": 64}, 4),
-]
+# Rows per step and warps per kernel, the first the default; Triton times them at the first call for each
+# input width and rank (not each pass length: the shapes of one layer's passes differ only in their rows) and
+# keeps the fastest. Triton's interpreter takes the first.
+_FORWARD = [({"BM": 32}, 4), ({"BM": 16}, 2), ({"BM": 16}, 4), ({"BM": 64}, 4), ({"BM": 32}, 2)]
+_INPUT_GRAD = [({"BM": 64}, 4), ({"BM": 32}, 4), ({"BM": 128}, 4), ({"BM": 128}, 8), ({"BM": 32}, 2)]
+_WEIGHT_GRAD = [({"BM": 64}, 4), ({"BM": 32}, 4), ({"BM": 128}, 8), ({"BM": 64}, 8), ({"BM": 32}, 2)]
 _SPLIT_ROWS = 128  # a multiple of every BM above: each split of the rows is whole steps
 
 
@@ -77,33 +61,40 @@ def _meta(configs: list) -> dict:
 
 
 @triton.jit
-def _keep(seed, rows, col0, d4, p, BM: tl.constexpr, BK: tl.constexpr):
-    """The keep mask of the [BM, BK] tile at `rows` x columns col0 .. col0 + BK (col0 a multiple of 4)."""
-    quads = col0 // 4 + tl.arange(0, BK // 4)
-    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * d4 + quads[None, :])
-    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, BK))
-    return tl.random.uint_to_uniform_float(bits) >= p
+def _draws(seed, rows, block, d):
+    """The four lanes' numbers, each [len(rows), 32], of the 128-column block `block` of `rows`."""
+    blocks = tl.cdiv(d, 128)
+    return tl.randint4x(seed, (rows[:, None] * blocks + block) * 32 + tl.arange(0, 32)[None, :])
+
+
+@triton.jit
+def _forward_lane(acc, x_ptr, a_ptr, rows, cols, bits, T, d, r, p, BR: tl.constexpr, PREC: tl.constexpr):
+    ranks = tl.arange(0, BR)
+    x = tl.load(x_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < d))
+    x = tl.where(tl.random.uint_to_uniform_float(bits) >= p, x, 0.0)
+    a = tl.load(a_ptr + ranks[None, :] * d + cols[:, None], mask=(ranks[None, :] < r) & (cols[:, None] < d))
+    return acc + tl.dot(x, a.to(x.dtype), input_precision=PREC)
 
 
 @_tuned(_FORWARD)
 @triton.jit
 def _forward_kernel(
     x_ptr, a_ptr, y_ptr, seed_ptr, T, d, r, p, scale,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     # y[T, r] = (x * keep * scale) @ A^T, a block of BM rows per program; scaled once, after the sum
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    ranks = tl.arange(0, BR)
+    lane = tl.arange(0, 32)
     seed = tl.load(seed_ptr)
     acc = tl.zeros((BM, BR), tl.float32)
-    for k0 in range(0, d, BK):
-        cols = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < d))
-        x = tl.where(_keep(seed, rows, k0, d // 4, p, BM, BK), x, 0.0)
-        a = tl.load(
-            a_ptr + ranks[None, :] * d + cols[:, None], mask=(ranks[None, :] < r) & (cols[:, None] < d)
-        )
-        acc += tl.dot(x, a.to(x.dtype), input_precision=PREC)
+    for block in range(0, tl.cdiv(d, 128)):
+        r0, r1, r2, r3 = _draws(seed, rows, block, d)
+        col0 = block * 128
+        acc = _forward_lane(acc, x_ptr, a_ptr, rows, col0 + lane, r0, T, d, r, p, BR, PREC)
+        acc = _forward_lane(acc, x_ptr, a_ptr, rows, col0 + 32 + lane, r1, T, d, r, p, BR, PREC)
+        acc = _forward_lane(acc, x_ptr, a_ptr, rows, col0 + 64 + lane, r2, T, d, r, p, BR, PREC)
+        acc = _forward_lane(acc, x_ptr, a_ptr, rows, col0 + 96 + lane, r3, T, d, r, p, BR, PREC)
+    ranks = tl.arange(0, BR)
     tl.store(
         y_ptr + rows[:, None] * r + ranks[None, :],
         (acc * scale).to(y_ptr.dtype.element_ty),
@@ -111,25 +102,54 @@ def _forward_kernel(
     )
 
 
+@triton.jit
+def _input_grad_lane(
+    g, a_ptr, dx_ptr, rows, cols, bits, T, d, r, p, scale, BR: tl.constexpr, PREC: tl.constexpr
+):
+    ranks = tl.arange(0, BR)
+    a = tl.load(a_ptr + ranks[:, None] * d + cols[None, :], mask=(ranks[:, None] < r) & (cols[None, :] < d))
+    dx = tl.dot(g, a.to(g.dtype), input_precision=PREC) * scale
+    tl.store(
+        dx_ptr + rows[:, None] * d + cols[None, :],
+        tl.where(tl.random.uint_to_uniform_float(bits) >= p, dx, 0.0).to(dx_ptr.dtype.element_ty),
+        mask=(rows[:, None] < T) & (cols[None, :] < d),
+    )
+
+
 @_tuned(_INPUT_GRAD)
 @triton.jit
 def _input_grad_kernel(
     g_ptr, a_ptr, dx_ptr, seed_ptr, T, d, r, p, scale,
-    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    # dx[T, d] = (g @ A) * keep * scale, one [BM, BN] tile per program
+    # dx[T, d] = (g @ A) * keep * scale, one program per BM rows x one block of 128 columns
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    col0 = tl.program_id(1) * BN
-    cols = col0 + tl.arange(0, BN)
+    block = tl.program_id(1)
+    col0 = block * 128
+    lane = tl.arange(0, 32)
     ranks = tl.arange(0, BR)
     g = tl.load(g_ptr + rows[:, None] * r + ranks[None, :], mask=(rows[:, None] < T) & (ranks[None, :] < r))
-    a = tl.load(a_ptr + ranks[:, None] * d + cols[None, :], mask=(ranks[:, None] < r) & (cols[None, :] < d))
-    acc = tl.dot(g, a.to(g.dtype), input_precision=PREC)
-    keep = _keep(tl.load(seed_ptr), rows, col0, d // 4, p, BM, BN)
+    r0, r1, r2, r3 = _draws(tl.load(seed_ptr), rows, block, d)
+    _input_grad_lane(g, a_ptr, dx_ptr, rows, col0 + lane, r0, T, d, r, p, scale, BR, PREC)
+    _input_grad_lane(g, a_ptr, dx_ptr, rows, col0 + 32 + lane, r1, T, d, r, p, scale, BR, PREC)
+    _input_grad_lane(g, a_ptr, dx_ptr, rows, col0 + 64 + lane, r2, T, d, r, p, scale, BR, PREC)
+    _input_grad_lane(g, a_ptr, dx_ptr, rows, col0 + 96 + lane, r3, T, d, r, p, scale, BR, PREC)
+
+
+@triton.jit
+def _weight_grad_lane(acc, gt, x_ptr, rows, cols, bits, T, d, p, PREC: tl.constexpr):
+    x = tl.load(x_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < d))
+    x = tl.where(tl.random.uint_to_uniform_float(bits) >= p, x, 0.0)
+    return acc + tl.dot(gt, x.to(gt.dtype), input_precision=PREC)
+
+
+@triton.jit
+def _store_weight_grad(part_ptr, acc, cols, split, d, r, scale, BR: tl.constexpr):
+    ranks = tl.arange(0, BR)
     tl.store(
-        dx_ptr + rows[:, None] * d + cols[None, :],
-        tl.where(keep, acc * scale, 0.0).to(dx_ptr.dtype.element_ty),
-        mask=(rows[:, None] < T) & (cols[None, :] < d),
+        part_ptr + split * r * d + ranks[:, None] * d + cols[None, :],
+        acc * scale,
+        mask=(ranks[:, None] < r) & (cols[None, :] < d),
     )
 
 
@@ -137,30 +157,36 @@ def _input_grad_kernel(
 @triton.jit
 def _weight_grad_kernel(
     g_ptr, x_ptr, part_ptr, seed_ptr, T, d, r, p, scale, rows_per_split,
-    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    # part[s, r, d] = g[rows of split s]^T @ (x * keep * scale)[those rows]; the splits are summed after, in a
-    # fixed order (no atomics: the same sum every time)
-    col0 = tl.program_id(0) * BN
+    # part[s, r, d] = g[rows of split s]^T @ (x * keep * scale)[those rows], one program per block of 128
+    # columns and split; the splits are summed after, in a fixed order (no atomics: the same sum every time)
+    block = tl.program_id(0)
     split = tl.program_id(1)
-    cols = col0 + tl.arange(0, BN)
+    col0 = block * 128
+    lane = tl.arange(0, 32)
     ranks = tl.arange(0, BR)
     seed = tl.load(seed_ptr)
-    acc = tl.zeros((BR, BN), tl.float32)
+    acc0 = tl.zeros((BR, 32), tl.float32)
+    acc1 = tl.zeros((BR, 32), tl.float32)
+    acc2 = tl.zeros((BR, 32), tl.float32)
+    acc3 = tl.zeros((BR, 32), tl.float32)
     start = split * rows_per_split
     for m0 in range(start, start + rows_per_split, BM):
         rows = m0 + tl.arange(0, BM)
         g = tl.load(
             g_ptr + rows[:, None] * r + ranks[None, :], mask=(rows[:, None] < T) & (ranks[None, :] < r)
         )
-        x = tl.load(x_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < d))
-        x = tl.where(_keep(seed, rows, col0, d // 4, p, BM, BN), x, 0.0)
-        acc += tl.dot(tl.trans(g), x.to(g.dtype), input_precision=PREC)
-    tl.store(
-        part_ptr + split * r * d + ranks[:, None] * d + cols[None, :],
-        acc * scale,
-        mask=(ranks[:, None] < r) & (cols[None, :] < d),
-    )
+        gt = tl.trans(g)
+        r0, r1, r2, r3 = _draws(seed, rows, block, d)
+        acc0 = _weight_grad_lane(acc0, gt, x_ptr, rows, col0 + lane, r0, T, d, p, PREC)
+        acc1 = _weight_grad_lane(acc1, gt, x_ptr, rows, col0 + 32 + lane, r1, T, d, p, PREC)
+        acc2 = _weight_grad_lane(acc2, gt, x_ptr, rows, col0 + 64 + lane, r2, T, d, p, PREC)
+        acc3 = _weight_grad_lane(acc3, gt, x_ptr, rows, col0 + 96 + lane, r3, T, d, p, PREC)
+    _store_weight_grad(part_ptr, acc0, col0 + lane, split, d, r, scale, BR)
+    _store_weight_grad(part_ptr, acc1, col0 + 32 + lane, split, d, r, scale, BR)
+    _store_weight_grad(part_ptr, acc2, col0 + 64 + lane, split, d, r, scale, BR)
+    _store_weight_grad(part_ptr, acc3, col0 + 96 + lane, split, d, r, scale, BR)
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -209,7 +235,7 @@ def dropout_lora_a_backward(
     scale = 1.0 / (1.0 - p)
     BR = _rank_block(r)
     dx = torch.empty_like(flat)
-    wrap_triton(_input_grad_kernel)[lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(d, meta["BN"]))](
+    wrap_triton(_input_grad_kernel)[lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(d, 128))](
         g, weight.contiguous(), dx, seed, T, d, r, p, scale, BR=BR, PREC=_precision(x), **_meta(_INPUT_GRAD)
     )
     # A's gradient reduces over all T rows into only r x d numbers: split the rows so that the GPU gets some
@@ -218,7 +244,7 @@ def dropout_lora_a_backward(
     rows_per_split = triton.cdiv(triton.cdiv(T, splits), _SPLIT_ROWS) * _SPLIT_ROWS
     splits = triton.cdiv(T, rows_per_split)
     parts = torch.empty(splits, r, d, device=x.device, dtype=torch.float32)
-    wrap_triton(_weight_grad_kernel)[lambda meta: (triton.cdiv(d, meta["BN"]), splits)](
+    wrap_triton(_weight_grad_kernel)[(triton.cdiv(d, 128), splits)](
         g, flat, parts, seed, T, d, r, p, scale, rows_per_split,
         BR=BR, PREC=_precision(x), **_meta(_WEIGHT_GRAD),
     )  # fmt: skip
@@ -289,7 +315,7 @@ class DropoutLoRAA(torch.nn.Linear):
 
 def fuse_lora_dropout(model: Any) -> int:
     """Give every plain LoRA adapter of `model` (nn.Dropout with p > 0, bias-free nn.Linear A, no variant
-    such as DoRA, input width a multiple of 4) its dropout inside A: A becomes a `DropoutLoRAA` and PEFT's
+    such as DoRA) its dropout inside A: A becomes a `DropoutLoRAA` and PEFT's
     dropout an nn.Identity. Returns how many adapters. Evaluation, and inputs the kernel does not take, run
     what PEFT ran."""
     from peft.tuners.lora import LoraLayer
@@ -304,7 +330,6 @@ def fuse_lora_dropout(model: Any) -> int:
                 name in getattr(module, "lora_variant", {})
                 or type(a) is not torch.nn.Linear
                 or a.bias is not None
-                or a.in_features % 4
                 or type(dropout) is not torch.nn.Dropout
                 or not dropout.p
             ):

@@ -55,12 +55,13 @@ def test_masks_drop_p_of_the_elements_with_each_seed_its_own() -> None:
     assert torch.equal(keep, fused.keep_mask(torch.tensor(7), rows, d, p))  # the backward draws it again
     other = fused.keep_mask(torch.tensor(8), rows, d, p)
     assert 0.3 < (keep != other).float().mean().item() < 0.45  # independent: 2 p (1 - p) = 0.375
-    # the four numbers of one Philox call go to four neighbouring columns: they must not agree more often
-    # than independent draws would (0.625 = p^2 + (1 - p)^2)
-    lanes = keep.reshape(rows, d // 4, 4).float()
+    # the four numbers of one Philox call go to columns 32 apart in a block of 128: they must not agree more
+    # often than independent draws would (0.625 = p^2 + (1 - p)^2); nor neighbouring columns
+    lanes = keep.reshape(rows, d // 128, 4, 32).float()
     for a in range(4):
         for b in range(a + 1, 4):
-            assert 0.58 < (lanes[..., a] == lanes[..., b]).float().mean().item() < 0.67
+            assert 0.58 < (lanes[:, :, a] == lanes[:, :, b]).float().mean().item() < 0.67
+    assert 0.58 < (keep[:, 1:] == keep[:, :-1]).float().mean().item() < 0.67
     # nor do neighbouring rows repeat each other's counters
     assert 0.58 < (keep[1:] == keep[:-1]).float().mean().item() < 0.67
 
