@@ -71,7 +71,7 @@ def _draws(seed, rows, block, d):
 def _forward_lane(acc, x_ptr, a_ptr, rows, cols, bits, T, d, r, p, BR: tl.constexpr, PREC: tl.constexpr):
     ranks = tl.arange(0, BR)
     x = tl.load(x_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < d))
-    # times the mask, not tl.where: Triton 3.6 (torch 2.11's) fails to compile a where on a vectorised 16-bit load
+    # times the mask, not tl.where: Triton 3.6 (torch 2.11's) fails to compile a where on this 16-bit load
     x = x * (tl.random.uint_to_uniform_float(bits) >= p).to(x.dtype)
     a = tl.load(a_ptr + ranks[None, :] * d + cols[:, None], mask=(ranks[None, :] < r) & (cols[:, None] < d))
     return acc + tl.dot(x, a.to(x.dtype), input_precision=PREC)
@@ -140,7 +140,7 @@ def _input_grad_kernel(
 @triton.jit
 def _weight_grad_lane(acc, gt, x_ptr, rows, cols, bits, T, d, p, PREC: tl.constexpr):
     x = tl.load(x_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < d))
-    # times the mask, not tl.where: Triton 3.6 (torch 2.11's) fails to compile a where on a vectorised 16-bit load
+    # times the mask, not tl.where: Triton 3.6 (torch 2.11's) fails to compile a where on this 16-bit load
     x = x * (tl.random.uint_to_uniform_float(bits) >= p).to(x.dtype)
     return acc + tl.dot(gt, x.to(gt.dtype), input_precision=PREC)
 
