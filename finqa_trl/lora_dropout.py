@@ -71,11 +71,17 @@ def _draws(seed, rows, block, d):
 
 
 @triton.jit
-def _forward_lane(acc, x_ptr, a_ptr, rows, cols, bits, T, d, r, p, BR: tl.constexpr, PREC: tl.constexpr):
-    ranks = tl.arange(0, BR)
+def _dropped(x_ptr, rows, cols, bits, T, d, p):
+    """The input's [rows, cols] tile with the dropped elements zeroed (the scale comes after the matmul)."""
     x = tl.load(x_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < d))
     # times the mask, not tl.where: Triton 3.6 (torch 2.11's) fails to compile a where on this 16-bit load
-    x = x * (tl.random.uint_to_uniform_float(bits) >= p).to(x.dtype)
+    return x * (tl.random.uint_to_uniform_float(bits) >= p).to(x.dtype)
+
+
+@triton.jit
+def _forward_lane(acc, x_ptr, a_ptr, rows, cols, bits, T, d, r, p, BR: tl.constexpr, PREC: tl.constexpr):
+    ranks = tl.arange(0, BR)
+    x = _dropped(x_ptr, rows, cols, bits, T, d, p)
     a = tl.load(a_ptr + ranks[None, :] * d + cols[:, None], mask=(ranks[None, :] < r) & (cols[:, None] < d))
     return acc + tl.dot(x, a.to(x.dtype), input_precision=PREC)
 
@@ -142,9 +148,7 @@ def _input_grad_kernel(
 
 @triton.jit
 def _weight_grad_lane(acc, gt, x_ptr, rows, cols, bits, T, d, p, PREC: tl.constexpr):
-    x = tl.load(x_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < d))
-    # times the mask, not tl.where: Triton 3.6 (torch 2.11's) fails to compile a where on this 16-bit load
-    x = x * (tl.random.uint_to_uniform_float(bits) >= p).to(x.dtype)
+    x = _dropped(x_ptr, rows, cols, bits, T, d, p)
     return acc + tl.dot(gt, x.to(gt.dtype), input_precision=PREC)
 
 
