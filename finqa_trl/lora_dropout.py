@@ -73,7 +73,9 @@ def _draws(seed, rows, block, d):
 @triton.jit
 def _dropped(x_ptr, rows, cols, bits, T, d, p):
     """The input's [rows, cols] tile with the dropped elements zeroed (the scale comes after the matmul)."""
-    x = tl.load(x_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < d))
+    x = tl.load(
+        x_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < d), other=0.0
+    )
     # times the mask, not tl.where: Triton 3.6 (torch 2.11's) fails to compile a where on this 16-bit load
     return x * (tl.random.uint_to_uniform_float(bits) >= p).to(x.dtype)
 
@@ -82,7 +84,9 @@ def _dropped(x_ptr, rows, cols, bits, T, d, p):
 def _forward_lane(acc, x_ptr, a_ptr, rows, cols, bits, T, d, r, p, BR: tl.constexpr, PREC: tl.constexpr):
     ranks = tl.arange(0, BR)
     x = _dropped(x_ptr, rows, cols, bits, T, d, p)
-    a = tl.load(a_ptr + ranks[None, :] * d + cols[:, None], mask=(ranks[None, :] < r) & (cols[:, None] < d))
+    a = tl.load(
+        a_ptr + ranks[None, :] * d + cols[:, None], mask=(ranks[None, :] < r) & (cols[:, None] < d), other=0.0
+    )
     return acc + tl.dot(x, a.to(x.dtype), input_precision=PREC)
 
 
@@ -117,7 +121,9 @@ def _input_grad_lane(
     g, a_ptr, dx_ptr, rows, cols, bits, T, d, r, p, scale, BR: tl.constexpr, PREC: tl.constexpr
 ):
     ranks = tl.arange(0, BR)
-    a = tl.load(a_ptr + ranks[:, None] * d + cols[None, :], mask=(ranks[:, None] < r) & (cols[None, :] < d))
+    a = tl.load(
+        a_ptr + ranks[:, None] * d + cols[None, :], mask=(ranks[:, None] < r) & (cols[None, :] < d), other=0.0
+    )
     dx = tl.dot(g, a.to(g.dtype), input_precision=PREC) * scale
     tl.store(
         dx_ptr + rows[:, None] * d + cols[None, :],
@@ -138,7 +144,9 @@ def _input_grad_kernel(
     col0 = block * 128
     lane = tl.arange(0, 32)
     ranks = tl.arange(0, BR)
-    g = tl.load(g_ptr + rows[:, None] * r + ranks[None, :], mask=(rows[:, None] < T) & (ranks[None, :] < r))
+    g = tl.load(
+        g_ptr + rows[:, None] * r + ranks[None, :], mask=(rows[:, None] < T) & (ranks[None, :] < r), other=0.0
+    )
     r0, r1, r2, r3 = _draws(tl.load(seed_ptr), rows, block, d)
     _input_grad_lane(g, a_ptr, dx_ptr, rows, col0 + lane, r0, T, d, r, p, scale, BR, PREC)
     _input_grad_lane(g, a_ptr, dx_ptr, rows, col0 + 32 + lane, r1, T, d, r, p, scale, BR, PREC)
@@ -184,7 +192,9 @@ def _weight_grad_kernel(
     for m0 in range(start, start + rows_per_split, BM):
         rows = m0 + tl.arange(0, BM)
         g = tl.load(
-            g_ptr + rows[:, None] * r + ranks[None, :], mask=(rows[:, None] < T) & (ranks[None, :] < r)
+            g_ptr + rows[:, None] * r + ranks[None, :],
+            mask=(rows[:, None] < T) & (ranks[None, :] < r),
+            other=0.0,
         )
         gt = tl.trans(g)
         r0, r1, r2, r3 = _draws(seed, rows, block, d)
@@ -250,7 +260,8 @@ def dropout_lora_a_backward(
     # A's gradient reduces over all T rows into only r x d numbers: split the rows so that the GPU gets some
     # 500 programs (d / 128 column blocks alone would be 24 for a 3b model's 3,072)
     splits = max(1, min(triton.cdiv(T, _SPLIT_ROWS), 512 // triton.cdiv(d, 128)))
-    rows_per_split = triton.cdiv(triton.cdiv(T, splits), _SPLIT_ROWS) * _SPLIT_ROWS
+    # at least one step: an empty pass (T = 0) then gets no splits, and A's gradient the sum of none (zeros)
+    rows_per_split = max(_SPLIT_ROWS, triton.cdiv(triton.cdiv(T, splits), _SPLIT_ROWS) * _SPLIT_ROWS)
     splits = triton.cdiv(T, rows_per_split)
     parts = torch.empty(splits, r, d, device=x.device, dtype=torch.float32)
     wrap_triton(_weight_grad_kernel)[(triton.cdiv(d, 128), splits)](
@@ -304,8 +315,11 @@ def draw_seed(device: torch.device) -> torch.Tensor:
 
 
 def _runs_here(x: torch.Tensor) -> bool:
-    return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and (
-        x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    # the kernels index in int32: an input of 2^31 elements or more (e.g. 262k tokens x 8,192) runs PEFT's way
+    return (
+        x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and x.numel() < 2**31
+        and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
     )
 
 

@@ -16,6 +16,13 @@ from torch.utils.checkpoint import checkpoint
 
 from finqa_trl import lora_dropout as fused
 
+# Only in Triton's interpreter, which conftest turns on where there is no GPU (CI): on a GPU machine the
+# kernels would meet these CPU tensors; there results/lora-dropout-kernel-2026-11-27/check_kernel.py
+# checks them
+pytestmark = pytest.mark.skipif(
+    not fused._INTERPRETED, reason="needs Triton's interpreter (a machine without GPU)"
+)
+
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     keep = fused.keep_mask(seed, x.reshape(-1, x.shape[-1]).shape[0], x.shape[-1], p).reshape(x.shape)
@@ -93,6 +100,15 @@ def test_fused_adapters_keep_the_state_dict_and_give_peft_outputs_in_evaluation(
     assert fused.fuse_lora_dropout(_toy_peft(dropout=0.0)) == 0
 
 
+def test_an_empty_pass_gives_empty_outputs_and_zero_gradients() -> None:
+    x = torch.zeros(0, 64, requires_grad=True)
+    weight = torch.randn(16, 64, requires_grad=True)
+    y = fused.dropout_lora_a(x, weight, torch.tensor(3), 0.1)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64) and torch.equal(weight.grad, torch.zeros(16, 64))
+
+
 def test_a_fused_adapter_drops_its_input_with_a_seed_from_torchs_generator() -> None:
     model = _toy_peft()
     fused.fuse_lora_dropout(model)
@@ -135,7 +151,7 @@ def test_checkpoint_recomputation_draws_the_same_masks(compiled: bool) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(kept, other, strict=True))  # the masks are random
 
 
-@pytest.mark.parametrize("i", range(6))
+@pytest.mark.parametrize("i", range(5))
 def test_every_tile_configuration_draws_the_same_masks(i: int, monkeypatch) -> None:
     """On the GPU Triton picks each kernel's tiles by timing them, so the forward and the two backward kernels
     may tile differently: each element's mask must not depend on the tiles."""
