@@ -4,7 +4,7 @@ input) and reading it back for A; the backward draws the same mask again from th
 keeping it. PEFT computes `lora_B(lora_A(dropout(x)))`, and a profile of compiled 3b LoRA on an H200 spent
 19% of its kernel time in the dropout kernels inductor makes of that. Measured (H200s, torch 2.11): the same
 tokens/s as the recipe within the order of the processes (0.97-1.06x), its kernels 1.05-1.36x inductor's time,
-0.24-0.39 GiB less at the worst step (no masks kept); so a lever, `--lora_dropout_kernel`, off in the recipes
+0.24-0.40 GiB less at the worst step (no masks kept); so a lever, `--lora_dropout_kernel`, off in the recipes
 (results/speed-notes.md, Next 20).
 
 Same objective: each element is kept with probability 1 - p and scaled by 1 / (1 - p), every layer and

@@ -181,9 +181,9 @@ class FinQAArguments:
             "layer) and only while training on a CUDA GPU. auto: on with a CUDA GPU for one process or "
             "DDP; true: also under FSDP or DeepSpeed (untested there); refused without a GPU. A speed lever, "
             "off in the recipes: a profile of compiled 3b LoRA on an H200 spent 19% of its kernel time in "
-            "dropout kernels, but on five H200s, in fresh processes, 1b and 3b LoRA ran 0.97-1.06x the "
-            "recipe with it (its kernels 1.05-1.36x inductor's time), 0.24-0.39 GiB less at the worst step "
-            "(results/speed-notes.md).",
+            "dropout kernels, but on three H200s, in fresh processes, 1b and 3b LoRA ran 0.97-1.06x the "
+            "recipe with it (six pairs; its kernels 1.05-1.36x inductor's time), 0.24-0.40 GiB less at the "
+            "worst step (results/speed-notes.md).",
             "choices": ["auto", "true", "false"],
         },
     )
