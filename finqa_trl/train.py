@@ -552,7 +552,7 @@ def _resolve_liger(script: FinQAArguments, training: Any) -> None:
     from . import modeling
 
     _auto_true_false(script, "liger_kernel")
-    why_not = modeling.liger_unavailable(on_gpu=modeling.cuda_available() and not training.use_cpu)
+    why_not = modeling.liger_unavailable(on_gpu=_on_gpu(training))
     if script.liger_kernel == "true" and why_not:
         raise UsageError(why_not)
     # Under --compile_layers inductor fuses what Liger's kernels fuse, and Liger's Triton functions inside a
@@ -585,35 +585,38 @@ def causal_attention(script: FinQAArguments, training: Any, model: Any) -> bool:
     return script.causal_attention == "true" or _causal_attention_blocker(training, model) is None
 
 
+def _on_gpu(training: Any) -> bool:
+    """This run trains on a CUDA GPU (one is there, and --use_cpu is not given)."""
+    from . import modeling
+
+    return modeling.cuda_available() and not training.use_cpu
+
+
+def _auto_triton(training: Any) -> bool:
+    """Where `auto` turns on what Triton compiles (compile_layers, lora_dropout_kernel): a CUDA GPU that
+    Triton compiles for, one process or DDP (not FSDP or DeepSpeed: their hooks and sharded weights)."""
+    from . import modeling
+
+    return _on_gpu(training) and not _fsdp_or_deepspeed(training) and modeling.triton_gpu_ready()
+
+
 def fuses_lora_dropout(script: FinQAArguments, training: Any) -> bool:
     """Whether this run puts LoRA's dropout inside its A matmul: `true` (refused in _validate without a GPU),
     or `auto` on a CUDA GPU that Triton compiles for, one process or DDP."""
-    from . import modeling
-
     if script.lora_dropout_kernel == "true":
         return True
-    on_gpu = modeling.cuda_available() and not training.use_cpu
-    return (
-        script.lora_dropout_kernel == "auto"
-        and on_gpu
-        and not _fsdp_or_deepspeed(training)
-        and modeling.triton_gpu_ready()
-    )
+    return script.lora_dropout_kernel == "auto" and _auto_triton(training)
 
 
 def compiles_layers(script: FinQAArguments, training: Any) -> bool:
     """Whether this run compiles the decoder layers' parts: `true`, or `auto` on a CUDA GPU for one process or
     DDP (`true` under FSDP or DeepSpeed is refused in _validate: their module hooks would be traced with the
     parts)."""
-    from . import modeling
-
     if training.torch_compile:  # the Trainer compiles the whole model (the bench's compile_model): not twice
         return False
     if script.compile_layers == "true":
         return True
-    on_gpu = modeling.cuda_available() and not training.use_cpu
-    sharded = _fsdp_or_deepspeed(training)
-    return script.compile_layers == "auto" and on_gpu and not sharded and modeling.triton_gpu_ready()
+    return script.compile_layers == "auto" and _auto_triton(training)
 
 
 def _fixed_micro_batches_only(training: Any) -> str | None:
@@ -803,11 +806,7 @@ def _validate(run: Run) -> None:
 
 def _kernels_run_here(training: Any) -> bool:
     """A CUDA GPU, or Triton's interpreter (TRITON_INTERPRET=1: the tests, on the CPU)."""
-    from . import modeling
-
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return modeling.cuda_available() and not training.use_cpu
+    return os.environ.get("TRITON_INTERPRET") == "1" or _on_gpu(training)
 
 
 def _check_precision_options(run: Run) -> None:

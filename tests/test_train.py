@@ -1480,6 +1480,25 @@ def test_compile_layers_auto_compiles_on_one_gpu_or_ddp_and_refuses_true_under_f
         _validate(parse(["--config", "recipes/lora-1b.yaml", "--compile_layers", "true"]))
 
 
+def test_lora_dropout_kernel_auto_follows_compile_layers_auto(monkeypatch) -> None:
+    """The same rule as compile_layers' auto (one helper): a GPU Triton compiles for, one process or DDP."""
+    import finqa_trl.modeling as m
+    from finqa_trl.train import fuses_lora_dropout
+
+    def fuses(*extra: str) -> bool:
+        run = parse(["--config", "recipes/lora-1b.yaml", "--lora_dropout_kernel", "auto", *extra])
+        return fuses_lora_dropout(run.script, run.training)
+
+    assert not fuses()  # no GPU here
+    monkeypatch.setattr(m, "cuda_available", lambda: True)
+    monkeypatch.setattr(m, "triton_gpu_ready", lambda: False)
+    assert not fuses()
+    monkeypatch.setattr(m, "triton_gpu_ready", lambda: True)
+    assert fuses() and not fuses("--use_cpu", "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert not fuses()
+
+
 def test_whole_layer_compile_recomputes_with_the_same_dropout_masks_and_keeps_what_the_checkpoint_keeps() -> (
     None
 ):
