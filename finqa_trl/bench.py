@@ -161,6 +161,10 @@ LEVERS: dict[str, list[str]] = {
     # LoRA's dropout inside A's matmul (a Triton kernel: no dropped-out copy of each adapted layer's input)
     "fused_dropout": ["--lora_dropout_kernel", "true"],
     "no_fused_dropout": ["--lora_dropout_kernel", "false"],
+    # each MLP's frozen down projection left out of the checkpoint's recomputation (one matmul per layer and
+    # pass fewer: modeling.lean_mlp_recompute)
+    "lean": ["--lean_recompute", "true"],
+    "no_lean": ["--lean_recompute", "false"],
 }
 
 

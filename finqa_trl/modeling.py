@@ -700,6 +700,160 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
     return len(layers)
 
 
+def _frozen_kind(base: Any) -> str | None:
+    """What a frozen base layer's weight is: "weight" (an nn.Linear's own) or "4bit" (bitsandbytes'); None for
+    anything else (8-bit, HQQ, torchao, a weight or bias that trains): lean_mlp_recompute leaves those."""
+    import torch
+
+    weight = getattr(base, "weight", None)
+    bias = getattr(base, "bias", None)
+    if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    if type(base) is torch.nn.Linear and type(weight) is torch.nn.Parameter:
+        return "weight"
+    if type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None:
+        return "4bit"
+    return None
+
+
+def _frozen_base_weight(base: Any) -> Any:
+    """The weight of a base layer `_frozen_kind` knows, as a dense (out, in) tensor: a 4-bit one dequantized
+    by the call bitsandbytes' own backward makes."""
+    if _frozen_kind(base) == "4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(base.weight, base.weight.quant_state)
+    return base.weight
+
+
+_FROZEN_LINEAR: Any = None
+
+
+def _frozen_linear() -> Any:
+    """The autograd function that runs a frozen base layer and keeps no tensor for its backward: the layer
+    itself is kept, and its weight read (or dequantized) again in the backward. A checkpoint's recomputation
+    replays the forward only until the last tensor kept for the backward is made again (torch's early stop,
+    on by default), so a frozen projection that ends a checkpointed layer is not recomputed at all."""
+    global _FROZEN_LINEAR
+    if _FROZEN_LINEAR is None:
+        import torch
+
+        class FrozenLinear(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, x: torch.Tensor, base: Any) -> torch.Tensor:
+                ctx.base = base  # a module, not a saved tensor: nothing for the checkpoint to recompute
+                return base(x)  # grad mode is off inside forward: the layer records nothing
+
+            @staticmethod
+            def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+                # the input gradient F.linear's backward computes (grad @ W), in the gradient's dtype as
+                # autocast ran the forward's matmul
+                return grad.matmul(_frozen_base_weight(ctx.base).to(grad.dtype)), None
+
+        _FROZEN_LINEAR = FrozenLinear
+    return _FROZEN_LINEAR
+
+
+def _converts(down: Any) -> bool:
+    """PEFT's 4-bit LoRA layer casts its input to the adapters' dtype, and each term back to the base
+    output's, only outside autocast; its 16-bit one casts the input always and the sum once at the end."""
+    import torch
+
+    return getattr(down, _LEAN, None) == "4bit" and not torch.is_autocast_enabled()
+
+
+def _down_terms(down: Any, h: Any) -> list[Any]:
+    """The down projection's LoRA terms (input cast, dropout, A, B, scaling), as PEFT's LoRA layer computes
+    them for its active adapters, in their order, without its base layer."""
+    terms = []
+    four_bit = getattr(down, _LEAN, None) == "4bit"
+    for name in down.active_adapters:
+        if name not in down.lora_A:
+            continue
+        x = (
+            h
+            if four_bit and not _converts(down)
+            else down._cast_input_dtype(h, down.lora_A[name].weight.dtype)
+        )
+        terms.append(down.lora_B[name](down.lora_A[name](down.lora_dropout[name](x))) * down.scaling[name])
+    return terms
+
+
+def _lean_down(down: Any, h: Any, terms: list[Any]) -> Any:
+    """The frozen down projection plus the adapters' terms, added as PEFT adds them, outside the compiled
+    graph (torch.compiler.disable: the compiled MLP ends before it, so the recomputation stops there too)."""
+    out = _frozen_linear().apply(h, down.get_base_layer())
+    result, convert = out, _converts(down)
+    for term in terms:
+        result = result + (term.to(out.dtype) if convert else term)
+    return result.to(out.dtype)
+
+
+def _lean_mlp_forward(self: Any, x: Any) -> Any:
+    """LlamaMLP's forward, down_proj(act_fn(gate_proj(x)) * up_proj(x)), with down_proj's adapters computed
+    before its frozen base layer and the base layer run by `_frozen_linear`."""
+    down = self.down_proj
+    if down.merged or down.disable_adapters:  # the base layer alone (merged: the adapters are in it)
+        return type(self).forward(self, x)
+    h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+    return _LEAN_DOWN(down, h, _down_terms(down, h))
+
+
+_LEAN_DOWN: Any = None
+_LEAN = "_finqa_lean"  # on each lean MLP's down_proj: what its base weight is (_frozen_kind)
+
+
+def lean_mlp_recompute(model: Any) -> int:
+    """Leave each MLP's frozen down projection out of the activation checkpoint's recomputation. The
+    backward of a checkpointed decoder layer needs everything of its forward but the last projection's output:
+    the layer's output goes to the next layer, whose own checkpoint keeps it. Torch stops recomputing once
+    the last tensor kept for the backward is made again; PEFT runs down_proj's base layer before its
+    adapters, which keep tensors, so the whole layer is recomputed. Here the adapters come first and the base
+    layer keeps nothing (`_frozen_linear`): one (tokens x intermediate) @ (intermediate x hidden) matmul less
+    per layer and pass, a twelfth of a Llama 3.2 step's base-layer matmul work under checkpointing. The same
+    operations and the same dropout masks (a CPU test compares the gradients bit for bit). Applies to MLPs
+    with gate_proj, up_proj, act_fn and a down_proj that is a PEFT LoRA layer with plain LoRA adapters (not
+    DoRA, whose forward reads the base weight) over an nn.Linear or a bitsandbytes 4-bit layer. Not under
+    FSDP or ZeRO-3, which free the gathered weight after the forward (train.py refuses it). Returns how many
+    MLPs."""
+    global _LEAN_DOWN
+    import types
+
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    lora_layers: tuple[type, ...] = (LoraLinear,)
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as Lora4bit
+
+        lora_layers += (Lora4bit,)
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        pass
+    if _LEAN_DOWN is None:
+        _LEAN_DOWN = torch.compiler.disable(_lean_down)
+    lean = 0
+    llama = LlamaMLP.forward.__code__
+    for module in model.modules():
+        down = getattr(module, "down_proj", None)
+        code = getattr(type(module).forward, "__code__", None)
+        if not (
+            type(down) in lora_layers  # PEFT's forward as _down_terms and _lean_down repeat it
+            # LlamaMLP's forward or a copy of it (Qwen2's, Mistral's...): the computation _lean_mlp_forward
+            # repeats, and the attributes it reads
+            and code is not None
+            and (code.co_code, code.co_names) == (llama.co_code, llama.co_names)
+            and not getattr(down, "lora_variant", None)  # DoRA (or another variant) on some adapter
+            and not any(getattr(down, "use_dora", {}).values())
+            and _frozen_kind(down.get_base_layer()) is not None
+        ):
+            continue
+        setattr(down, _LEAN, _frozen_kind(down.get_base_layer()))
+        module.forward = types.MethodType(_lean_mlp_forward, module)
+        lean += 1
+    return lean
+
+
 # On each DoRA layer's base layer: how DoRA's forward gets the base weight (see traceable_dora_weights)
 _DORA_BASE = "_finqa_dora_base"
 _PEFT_DORA_WEIGHT: Any = None  # PEFT's own dequantize_module_weight, for every base layer not marked

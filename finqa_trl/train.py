@@ -54,6 +54,7 @@ from .modeling import (
     end_of_turn_token,
     fsdp_safe_adapter_keys,
     import_before_process_group,
+    lean_mlp_recompute,
     load_model,
     load_tokenizer,
     materialize_gguf,
@@ -184,6 +185,22 @@ class FinQAArguments:
             "dropout kernels, but on three H200s, in fresh processes, 1b and 3b LoRA ran 0.97-1.06x the "
             "recipe with it (six pairs; its kernels 1.05-1.36x inductor's time), 0.24-0.40 GiB less at the "
             "worst step (results/speed-notes.md).",
+            "choices": ["auto", "true", "false"],
+        },
+    )
+    lean_recompute: str = field(
+        default="false",
+        metadata={
+            "help": "Leave each MLP's frozen down projection out of the activation checkpoint's "
+            "recomputation (modeling.lean_mlp_recompute). The backward needs everything of a layer's "
+            "forward but that last projection's output, and torch stops recomputing once the last tensor "
+            "kept for the backward is made again: with the adapters computed before the base layer, and the "
+            "base layer keeping nothing, one (tokens x intermediate) @ (intermediate x hidden) matmul per "
+            "layer and pass goes (a twelfth of a Llama 3.2 step's base-layer matmuls). The same operations "
+            "and dropout masks: the gradients are those of PEFT's forward bit for bit (CPU tests). Plain "
+            "LoRA adapters over a 16-bit or bitsandbytes 4-bit base (not DoRA: its forward reads the base "
+            "weight), with activation checkpointing, one process or DDP (FSDP and ZeRO-3 free the gathered "
+            "weight after the forward). auto: wherever it applies; true: refused where it does not.",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -517,6 +534,7 @@ def parse(argv: Sequence[str]) -> Run:
     _auto_true_false(script, "compile_layers")
     _auto_true_false(script, "causal_attention")
     _auto_true_false(script, "lora_dropout_kernel")
+    _auto_true_false(script, "lean_recompute")
     _resolve_liger(script, training)
     # a YAML false/integer arrives as a bool/int: one spelling in the record and in the checks
     script.micro_batch_tokens = str(script.micro_batch_tokens).strip().lower()
@@ -606,6 +624,26 @@ def fuses_lora_dropout(script: FinQAArguments, training: Any) -> bool:
     if script.lora_dropout_kernel == "true":
         return True
     return script.lora_dropout_kernel == "auto" and _auto_triton(training)
+
+
+def _lean_recompute_blocker(run: Run) -> str | None:
+    """Why lean_recompute cannot apply to this run (None: it can)."""
+    if run.model.use_dora:
+        return "is for plain LoRA adapters: DoRA's forward reads the base weight"
+    if not run.model.use_peft:
+        return "is for LoRA adapters (use_peft)"
+    if not run.training.activation_checkpointing:
+        return "needs --activation_checkpointing true: without it nothing is recomputed"
+    if _fsdp_or_deepspeed(run.training):
+        return "is for one process or DDP: FSDP and DeepSpeed manage the base weights the backward reads"
+    return None
+
+
+def leans_recompute(run: Run) -> bool:
+    """Whether this run leaves the MLPs' down projections out of the recomputation: `true` (refused in
+    _validate where it cannot apply), or `auto` wherever it can."""
+    value = run.script.lean_recompute
+    return value == "true" or (value == "auto" and _lean_recompute_blocker(run) is None)
 
 
 def compiles_layers(script: FinQAArguments, training: Any) -> bool:
@@ -796,6 +834,9 @@ def _validate(run: Run) -> None:
             "--lora_dropout_kernel true needs a CUDA GPU (its kernels are Triton kernels; auto leaves CPU "
             "runs to PEFT's dropout)"
         )
+    blocker = _lean_recompute_blocker(run)
+    if s.lean_recompute == "true" and blocker:
+        raise UsageError(f"--lean_recompute true {blocker}")
     blocker = _causal_attention_blocker(run.training, run.model)
     if s.causal_attention == "true" and blocker:
         raise UsageError(f"--causal_attention true {blocker}")
@@ -1316,6 +1357,7 @@ class Prepared:
     hub: Any = None  # the HubPushCallback, when pushing
     compiled_layers: int = 0  # decoder layers whose parts were compiled (compile_layers)
     fused_dropouts: int = 0  # LoRA adapters with their dropout inside A's matmul (lora_dropout_kernel)
+    lean_mlps: int = 0  # MLPs whose down projection the recomputation leaves out (lean_recompute)
 
 
 def prepare(run: Run) -> Prepared:
@@ -1466,6 +1508,16 @@ def prepare(run: Run) -> Prepared:
 
         fused = fuse_lora_dropout(trainer.model)
         logger.info("lora_dropout_kernel: %d adapters with their dropout inside A's matmul", fused)
+    lean = 0
+    if leans_recompute(run):  # before compiling: the compiled MLPs end before the frozen down projection
+        lean = lean_mlp_recompute(trainer.model)
+        if lean:
+            logger.info("lean_recompute: %d MLPs' down projections left out of the recomputation", lean)
+        elif script.lean_recompute == "true":
+            raise UsageError(
+                "--lean_recompute true: no MLP of this model applies (LlamaMLP's forward, its down_proj a "
+                "plain LoRA layer over an nn.Linear or a bitsandbytes 4-bit layer)"
+            )
     compiled = 0
     if compiles_layers(script, training):
         compiled = compile_decoder_layers(trainer.model, script.compile_mode, script.compile_scope)
@@ -1496,7 +1548,7 @@ def prepare(run: Run) -> Prepared:
         _write_recipe(output_dir, run.resolved)
     state.wait_for_everyone()
 
-    return Prepared(run, trainer, resume, hub, compiled, fused)
+    return Prepared(run, trainer, resume, hub, compiled, fused, lean)
 
 
 def _launch(training: Any) -> dict[str, int]:
@@ -1583,6 +1635,7 @@ def train(run: Run) -> int:
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
     metrics["compile_scope"] = run.script.compile_scope if prepared.compiled_layers else None
     metrics["lora_dropout_kernel"] = prepared.fused_dropouts  # adapters fused (0: none, or not asked)
+    metrics["lean_recompute"] = prepared.lean_mlps  # MLPs left out of the recomputation (0: none)
     metrics["causal_attention"] = getattr(trainer.model.config, "_attn_implementation", None) == CAUSAL_SDPA
     metrics["defer_metrics"] = run.script.defer_metrics
     metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches

@@ -34,7 +34,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "no_causal_attention",
         "no_defer_metrics",
     }
-    levers |= {"tokens", "no_tokens", "no_nan_filter", "fused_dropout", "no_fused_dropout"}
+    levers |= {"tokens", "no_tokens", "no_nan_filter", "fused_dropout", "no_fused_dropout", "lean", "no_lean"}
     assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():

@@ -1778,3 +1778,166 @@ def test_lora_dropout_kernel_true_without_a_gpu_is_one_line(tmp_path: Path, monk
         "leaves CPU runs to PEFT's dropout)"
     )
     assert not out.exists()
+
+
+def _tiny_lora_llama(layers: int = 2, dropout: float = 0.2) -> object:
+    """A tiny Llama with LoRA on every linear layer (B not zero: A's gradients and the masks show), trained
+    under the non-reentrant activation checkpoint, as the recipes run it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
+    model = get_peft_model(LlamaForCausalLM(cfg), lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(compiled: bool) -> None:
+    # Each MLP's down projection computes its adapters first and runs its frozen base layer without keeping
+    # a tensor: the checkpoint's recomputation (torch's early stop) ends before that matmul. The loss and
+    # every gradient are PEFT's bit for bit (the same operations, the same dropout masks), eager and with the
+    # parts compiled as the recipes compile them; each step runs exactly one matmul per layer fewer (the
+    # profiler's count of aten::mm, which the compiled graphs call too), and never one of the down weight's
+    # shape in the recomputation.
+    import torch
+    from torch._dynamo.utils import counters
+    from torch.profiler import profile
+
+    from finqa_trl.modeling import compile_decoder_layers, lean_mlp_recompute
+
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+
+    def step(lean: bool) -> tuple[float, dict[str, torch.Tensor], int]:
+        torch._dynamo.reset()
+        counters.clear()
+        model = _tiny_lora_llama(layers=3)
+        if lean:
+            assert lean_mlp_recompute(model) == 3
+        if compiled:
+            assert compile_decoder_layers(model) == 3
+        for _ in range(2):  # the second step: the compiled graphs exist
+            model.zero_grad()
+            torch.manual_seed(5)
+            with profile() as prof:
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+        mms = sum(1 for e in prof.events() if e.name in ("aten::mm", "aten::addmm"))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        if compiled:  # the only break: the frozen down projection, run outside the graph
+            breaks = list(counters["graph_break"])
+            assert len(breaks) == (1 if lean else 0) and all("_lean_down" in b for b in breaks)
+        return loss.item(), grads, mms
+
+    loss, grads, mms = step(lean=False)
+    lean_loss, lean_grads, lean_mms = step(lean=True)
+    assert lean_loss == loss
+    assert grads.keys() == lean_grads.keys() and len(grads) == 3 * 7 * 2
+    assert all(torch.equal(grads[k], lean_grads[k]) for k in grads)
+    assert lean_mms == mms - 3
+
+
+def test_lean_recompute_on_a_4bit_base_matches_bitsandbytes_and_skips_what_it_cannot_take() -> None:
+    # A bitsandbytes 4-bit down projection (nested NF4, as the 4-bit recipes quantize): the output and the
+    # input gradient are those of bitsandbytes' own autograd function bit for bit, the adapters' gradients
+    # too. DoRA, an MLP of another shape of forward and a merged adapter are left to PEFT.
+    import copy
+
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from finqa_trl.modeling import lean_mlp_recompute
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128)
+    torch.manual_seed(0)
+    mlp = LlamaMLP(cfg)
+    four = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    four.weight = bnb.nn.Params4bit(
+        mlp.down_proj.weight.data.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4"
+    )._quantize("cpu")
+    mlp.down_proj = four
+    lora = LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+    plain = get_peft_model(torch.nn.ModuleDict({"mlp": mlp}), lora)
+    lean = copy.deepcopy(plain)
+    assert lean_mlp_recompute(lean) == 1
+    x = torch.randn(2, 5, 64)
+    results = []
+    for model in (plain, lean):
+        xi = x.clone().requires_grad_()
+        out = model.base_model.model["mlp"](xi)
+        out.square().sum().backward()
+        results.append((out, xi.grad, [p.grad for p in model.parameters() if p.requires_grad]))
+    (out, grad, adapters), (lean_out, lean_grad, lean_adapters) = results
+    assert torch.equal(out, lean_out) and torch.equal(grad, lean_grad)
+    assert all(torch.equal(a, b) for a, b in zip(adapters, lean_adapters, strict=True))
+
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    dora = get_peft_model(
+        torch.nn.ModuleDict({"mlp": LlamaMLP(cfg)}), LoraConfig(r=4, use_dora=True, target_modules=targets)
+    )
+    assert lean_mlp_recompute(dora) == 0
+
+    class OtherMLP(LlamaMLP):
+        def forward(self, x):  # another computation under the same attribute names
+            return self.down_proj(self.act_fn(self.gate_proj(x)))
+
+    other = get_peft_model(
+        torch.nn.ModuleDict({"mlp": OtherMLP(cfg)}), LoraConfig(r=4, target_modules=targets)
+    )
+    assert lean_mlp_recompute(other) == 0
+    merged = get_peft_model(
+        torch.nn.ModuleDict({"mlp": LlamaMLP(cfg)}),
+        LoraConfig(r=4, target_modules=targets, init_lora_weights=False),
+    )
+    assert lean_mlp_recompute(merged) == 1
+    layer = merged.base_model.model["mlp"]
+    before = layer(x)
+    merged.merge_adapter()  # the lean forward hands a merged layer back to LlamaMLP's own forward
+    assert torch.allclose(layer(x), before, atol=1e-5)
+
+
+def test_lean_recompute_trains_the_smoke_recipe_to_the_same_losses_and_refuses_what_it_cannot_take(
+    tmp_path: Path, capsys
+) -> None:
+    lean, plain = tmp_path / "lean", tmp_path / "plain"
+    assert main(smoke_args(lean, "--lean_recompute", "true")) == 0
+    assert main(smoke_args(plain, "--lean_recompute", "false")) == 0
+
+    def losses(out: Path) -> list[float]:
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [h["loss"] for h in history if "loss" in h]
+
+    assert losses(lean) == losses(plain) and len(losses(lean)) == 2  # dropout 0.05: the same masks
+    assert adapter_keys(lean) == adapter_keys(plain)
+    four_bit = ["--load_in_4bit", "true"]  # PEFT's bitsandbytes LoRA layer over a 4-bit down projection
+    assert main(smoke_args(tmp_path / "lean4", "--lean_recompute", "true", *four_bit)) == 0
+    assert main(smoke_args(tmp_path / "plain4", "--lean_recompute", "false", *four_bit)) == 0
+    assert losses(tmp_path / "lean4") == losses(tmp_path / "plain4")
+    assert json.loads((tmp_path / "lean4" / "train_results.json").read_text())["lean_recompute"] == 2
+    assert json.loads((lean / "train_results.json").read_text())["lean_recompute"] == 2
+    assert json.loads((plain / "train_results.json").read_text())["lean_recompute"] == 0
+    # auto: wherever it applies (DoRA: not, and no refusal)
+    assert prepare(parse(smoke_args(tmp_path / "auto", "--lean_recompute", "auto"))).lean_mlps == 2
+    dora = smoke_args(tmp_path / "dora", "--lean_recompute", "auto", "--use_dora", "true")
+    assert prepare(parse(dora)).lean_mlps == 0
+    for extra, why in [
+        (["--use_dora", "true"], "is for plain LoRA adapters: DoRA's forward reads the base weight"),
+        (["--activation_checkpointing", "false"], "needs --activation_checkpointing true"),
+    ]:
+        out = tmp_path / "refused"
+        assert main(smoke_args(out, "--lean_recompute", "true", *extra)) == 2
+        assert f"--lean_recompute true {why}" in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not out.exists()
