@@ -785,7 +785,10 @@ def _lean_down(down: Any, h: Any, terms: list[Any]) -> Any:
     out = _frozen_linear().apply(h, down.get_base_layer())
     result, convert = out, _converts(down)
     for term in terms:
-        result = result + (term.to(out.dtype) if convert else term)
+        term = term.to(out.dtype) if convert else term
+        # in place where the dtypes agree (the same values; no second tokens x hidden buffer, which the
+        # compiled graph's add did not have either): nothing kept for a backward reads `out`
+        result = result.add_(term) if term.dtype == result.dtype else result + term
     return result.to(out.dtype)
 
 
