@@ -194,13 +194,13 @@ class FinQAArguments:
             "help": "Leave each MLP's frozen down projection out of the activation checkpoint's "
             "recomputation (modeling.lean_mlp_recompute). The backward needs everything of a layer's "
             "forward but that last projection's output, and torch stops recomputing once the last tensor "
-            "kept for the backward is made again: with the adapters computed before the base layer, and the "
-            "base layer keeping nothing, one (tokens x intermediate) @ (intermediate x hidden) matmul per "
-            "layer and pass goes (a twelfth of a Llama 3.2 step's base-layer matmuls). The same operations "
-            "and dropout masks: the gradients are those of PEFT's forward bit for bit (CPU tests). Plain "
-            "LoRA adapters over a 16-bit or bitsandbytes 4-bit base (not DoRA: its forward reads the base "
-            "weight), with activation checkpointing, one process or DDP (FSDP and ZeRO-3 free the gathered "
-            "weight after the forward). auto: wherever it applies; true: refused where it does not.",
+            "kept for the backward is made again: with the adapters computed first, inside the compiled "
+            "MLP, and the base layer after it outside autograd (its input gradient carried by the adapters' "
+            "term), one (tokens x intermediate) @ (intermediate x hidden) matmul per layer and pass goes "
+            "(a twelfth of a Llama 3.2 step's base-layer matmuls). The same operations and dropout masks: "
+            "the gradients are those of PEFT's forward bit for bit (CPU tests). Plain LoRA adapters over a "
+            "16-bit base (not DoRA: its forward reads the base weight; not a 4-bit base), with activation "
+            "checkpointing, one process or DDP. auto: wherever it applies; true: refused where it does not.",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -630,6 +630,11 @@ def _lean_recompute_blocker(run: Run) -> str | None:
     """Why lean_recompute cannot apply to this run (None: it can)."""
     if run.model.use_dora:
         return "is for plain LoRA adapters: DoRA's forward reads the base weight"
+    if run.model.load_in_4bit:
+        return (
+            "is for 16-bit bases: the recomputation hands the backward a copy of a 4-bit weight without its "
+            "quantization state"
+        )
     if not run.model.use_peft:
         return "is for LoRA adapters (use_peft)"
     if not run.training.activation_checkpointing:
@@ -1516,7 +1521,7 @@ def prepare(run: Run) -> Prepared:
         elif script.lean_recompute == "true":
             raise UsageError(
                 "--lean_recompute true: no MLP of this model applies (LlamaMLP's forward, its down_proj a "
-                "plain LoRA layer over an nn.Linear or a bitsandbytes 4-bit layer)"
+                "plain LoRA layer over a frozen nn.Linear)"
             )
     compiled = 0
     if compiles_layers(script, training):
