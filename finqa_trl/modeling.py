@@ -700,73 +700,121 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
     return len(layers)
 
 
-def _frozen_linear(base: Any) -> bool:
-    """A plain nn.Linear whose weight and bias do not train: lean_mlp_recompute leaves anything else as it is
-    (a bitsandbytes 4-bit layer among them: the checkpoint hands the backward a detached copy of a saved
-    weight, which loses the 4-bit quantization state that dequantizing it needs)."""
+def _frozen_kind(base: Any) -> str | None:
+    """What a frozen base layer's weight is: "weight" (an nn.Linear's own) or "4bit" (bitsandbytes'); None for
+    anything else (8-bit, HQQ, torchao, a weight or bias that trains): lean_mlp_recompute leaves those."""
     import torch
 
-    weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
-    return (
-        type(base) is torch.nn.Linear
-        and type(weight) is torch.nn.Parameter
-        and not weight.requires_grad
-        and (bias is None or not bias.requires_grad)
-    )
+    weight = getattr(base, "weight", None)
+    bias = getattr(base, "bias", None)
+    if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    if type(base) is torch.nn.Linear and type(weight) is torch.nn.Parameter:
+        return "weight"
+    if type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None:
+        return "4bit"
+    return None
+
+
+def _frozen_base_weight(base: Any) -> Any:
+    """The weight of a base layer `_frozen_kind` knows, as a dense (out, in) tensor: a 4-bit one dequantized
+    by the call bitsandbytes' own backward makes."""
+    if _frozen_kind(base) == "4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(base.weight, base.weight.quant_state)
+    return base.weight
 
 
 _BASE_INPUT_GRAD: Any = None
 
 
 def _base_input_grad() -> Any:
-    """The autograd function that carries a frozen base layer's input gradient for a layer run outside
-    autograd: the identity on the adapters' first term (whose gradient is the layer output's), and in the
-    backward it also hands the layer's input the base layer's input gradient, grad @ W, as F.linear's
-    backward does. Applied inside the compiled MLP, its backward runs inside the MLP's compiled backward,
-    after the checkpoint's recomputation (an autograd node of its own that keeps no tensor would run before
-    the recomputation, its tokens x intermediate gradient held beside the recomputed layer)."""
+    """The autograd function that carries the input gradient of a frozen base layer run outside autograd:
+    the identity on the adapters' first term (whose gradient is the layer output's), whose backward also hands
+    the layer's input grad @ W, as F.linear's backward does, the weight read (or dequantized) again. It keeps
+    an empty tensor for its backward, made before the base layer runs: a checkpoint's recomputation replays
+    the forward only until the last kept tensor is made again (torch's early stop), so it ends before the base
+    layer; and the backward, unpacking it, has the recomputation run before it computes grad @ W (a node that
+    keeps nothing runs first, and its tokens x intermediate output would wait beside the recomputed layer:
+    0.07 GiB more at 3b LoRA's worst step on an H200)."""
     global _BASE_INPUT_GRAD
     if _BASE_INPUT_GRAD is None:
         import torch
 
         class BaseInputGrad(torch.autograd.Function):
             @staticmethod
-            def forward(ctx: Any, term: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-                ctx.save_for_backward(weight)  # a frozen parameter: no memory, and made before the base layer
+            def forward(
+                ctx: Any, term: torch.Tensor, h: torch.Tensor, base: Any, dtype: torch.dtype
+            ) -> torch.Tensor:
+                ctx.base, ctx.dtype = (
+                    base,
+                    dtype,
+                )  # not a saved weight: a recomputed 4-bit one loses its state
+                ctx.save_for_backward(term.new_empty(0))
                 return term.view_as(term)
 
             @staticmethod
-            def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-                (weight,) = ctx.saved_tensors
-                # in the gradient's dtype, as autocast ran the forward's matmul
-                return grad, grad.matmul(weight.to(grad.dtype)), None
+            def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+                _ = ctx.saved_tensors  # unpacked: the checkpoint recomputes the layer now, before grad @ W
+                # the base layer's output gradient is the sum's, in the base output's dtype; its input
+                # gradient in that dtype too, as autocast ran the forward's matmul
+                base_grad = grad.to(ctx.dtype)
+                return grad, base_grad.matmul(_frozen_base_weight(ctx.base).to(ctx.dtype)), None, None
 
         _BASE_INPUT_GRAD = BaseInputGrad
     return _BASE_INPUT_GRAD
 
 
+def _converts(down: Any) -> bool:
+    """PEFT's 4-bit LoRA layer casts its input to the adapters' dtype, and each term back to the base
+    output's, only outside autocast; its 16-bit one casts the input always and the sum once at the end."""
+    import torch
+
+    return getattr(down, _LEAN, None) == "4bit" and not torch.is_autocast_enabled()
+
+
 def _down_terms(down: Any, h: Any) -> list[Any]:
-    """The down projection's LoRA terms (input cast, dropout, A, B, scaling), as PEFT's LoRA Linear computes
-    them for its active adapters, in their order, without its base layer; the first one also carries the base
-    layer's input gradient (`_base_input_grad`)."""
+    """The down projection's LoRA terms (input cast, dropout, A, B, scaling), as PEFT's LoRA layer computes
+    them for its active adapters, in their order, without its base layer."""
     terms = []
+    four_bit = getattr(down, _LEAN, None) == "4bit"
     for name in down.active_adapters:
         if name not in down.lora_A:
             continue
-        x = down._cast_input_dtype(h, down.lora_A[name].weight.dtype)
+        x = (
+            h
+            if four_bit and not _converts(down)
+            else down._cast_input_dtype(h, down.lora_A[name].weight.dtype)
+        )
         terms.append(down.lora_B[name](down.lora_A[name](down.lora_dropout[name](x))) * down.scaling[name])
-    terms[0] = _base_input_grad().apply(terms[0], h, down.get_base_layer().weight)
     return terms
 
 
-def _lean_down(down: Any, h: Any, terms: list[Any]) -> Any:
-    """The frozen down projection, outside autograd and outside the compiled graph (torch.compiler.disable:
-    the compiled MLP ends before it, so the recomputation stops there too), plus the adapters' terms, added
-    as PEFT adds them (its result.to(the base output's dtype) at the end)."""
+def _base_output_dtype(down: Any, h: Any) -> Any:
+    """The dtype the frozen base layer will return for input h: bitsandbytes' 4-bit layer returns its input's;
+    nn.Linear autocast's where autocast is on, else its input's (F.linear takes only one)."""
     import torch
 
-    with torch.no_grad():  # its input gradient comes with the first term (_base_input_grad)
-        out = down.get_base_layer()(h)
+    if getattr(down, _LEAN, None) == "4bit" or not torch.is_autocast_enabled(h.device.type):
+        return h.dtype
+    return torch.get_autocast_dtype(h.device.type)
+
+
+def _lean_down(down: Any, h: Any, terms: list[Any]) -> Any:
+    """The frozen down projection run outside autograd, its input gradient carried by the first adapter
+    term (`_base_input_grad`, applied before the base layer runs), plus the adapters' terms added as PEFT
+    adds them; outside the compiled graph (torch.compiler.disable), which so ends before it."""
+    import torch
+
+    base, dtype = down.get_base_layer(), _base_output_dtype(down, h)
+    if _converts(down):  # PEFT's 4-bit layer outside autocast: each term in the base output's dtype
+        terms = [term.to(dtype) for term in terms]
+    terms = [_base_input_grad().apply(terms[0], h, base, dtype), *terms[1:]]
+    with torch.no_grad():
+        out = base(h)
+    if out.dtype != dtype:  # the gradient above would be computed in another dtype than the base layer's
+        raise RuntimeError(f"lean_recompute: the down projection returned {out.dtype}, expected {dtype}")
     result = out
     for term in terms:
         # in place where the dtypes agree (the same values; no second tokens x hidden buffer, which the
@@ -788,6 +836,7 @@ def _lean_mlp_forward(self: Any, x: Any) -> Any:
 
 
 _LEAN_DOWN: Any = None
+_LEAN = "_finqa_lean"  # on each lean MLP's down_proj: what its base weight is (_frozen_kind)
 
 
 def lean_mlp_recompute(model: Any) -> int:
@@ -800,9 +849,9 @@ def lean_mlp_recompute(model: Any) -> int:
     adapter term (`_base_input_grad`): one (tokens x intermediate) @ (intermediate x hidden) matmul less
     per layer and pass, a twelfth of a Llama 3.2 step's base-layer matmul work under checkpointing. The same
     operations and the same dropout masks (a CPU test compares the gradients bit for bit). Applies to MLPs
-    whose forward is LlamaMLP's, with a down_proj that is a PEFT LoRA Linear with plain LoRA adapters (not
-    DoRA, whose forward reads the base weight) over a frozen nn.Linear (not a 4-bit layer: _frozen_linear).
-    Not under FSDP or DeepSpeed, which manage the weights (train.py refuses it). Returns how many MLPs."""
+    with gate_proj, up_proj, act_fn and a down_proj that is a PEFT LoRA layer with plain LoRA adapters (not
+    DoRA, whose forward reads the base weight) over a frozen nn.Linear or a bitsandbytes 4-bit layer. Not
+    under FSDP or DeepSpeed, which manage the weights (train.py refuses it). Returns how many MLPs."""
     global _LEAN_DOWN
     import types
 
@@ -810,6 +859,13 @@ def lean_mlp_recompute(model: Any) -> int:
     from peft.tuners.lora import Linear as LoraLinear
     from transformers.models.llama.modeling_llama import LlamaMLP
 
+    lora_layers: tuple[type, ...] = (LoraLinear,)
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as Lora4bit
+
+        lora_layers += (Lora4bit,)
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        pass
     if _LEAN_DOWN is None:
         _LEAN_DOWN = torch.compiler.disable(_lean_down)
     lean = 0
@@ -818,16 +874,17 @@ def lean_mlp_recompute(model: Any) -> int:
         down = getattr(module, "down_proj", None)
         code = getattr(type(module).forward, "__code__", None)
         if not (
-            type(down) is LoraLinear  # PEFT's forward as _down_terms and _lean_down repeat it
+            type(down) in lora_layers  # PEFT's forward as _down_terms and _lean_down repeat it
             # LlamaMLP's forward or a copy of it (Qwen2's, Mistral's...): the computation _lean_mlp_forward
             # repeats, and the attributes it reads
             and code is not None
             and (code.co_code, code.co_names) == (llama.co_code, llama.co_names)
             and not getattr(down, "lora_variant", None)  # DoRA (or another variant) on some adapter
             and not any(getattr(down, "use_dora", {}).values())
-            and _frozen_linear(down.get_base_layer())
+            and _frozen_kind(down.get_base_layer()) is not None
         ):
             continue
+        setattr(down, _LEAN, _frozen_kind(down.get_base_layer()))
         module.forward = types.MethodType(_lean_mlp_forward, module)
         lean += 1
     return lean

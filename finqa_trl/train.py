@@ -199,8 +199,9 @@ class FinQAArguments:
             "term), one (tokens x intermediate) @ (intermediate x hidden) matmul per layer and pass goes "
             "(a twelfth of a Llama 3.2 step's base-layer matmuls). The same operations and dropout masks: "
             "the gradients are those of PEFT's forward bit for bit (CPU tests). Plain LoRA adapters over a "
-            "16-bit base (not DoRA: its forward reads the base weight; not a 4-bit base), with activation "
-            "checkpointing, one process or DDP. auto: wherever it applies; true: refused where it does not.",
+            "16-bit or bitsandbytes 4-bit base (not DoRA: its forward reads the base weight), with "
+            "activation checkpointing, one process or DDP. auto: wherever it applies; true: refused where it "
+            "does not.",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -630,11 +631,6 @@ def _lean_recompute_blocker(run: Run) -> str | None:
     """Why lean_recompute cannot apply to this run (None: it can)."""
     if run.model.use_dora:
         return "is for plain LoRA adapters: DoRA's forward reads the base weight"
-    if run.model.load_in_4bit:
-        return (
-            "is for 16-bit bases: the recomputation hands the backward a copy of a 4-bit weight without its "
-            "quantization state"
-        )
     if not run.model.use_peft:
         return "is for LoRA adapters (use_peft)"
     if not run.training.activation_checkpointing:
@@ -1521,7 +1517,7 @@ def prepare(run: Run) -> Prepared:
         elif script.lean_recompute == "true":
             raise UsageError(
                 "--lean_recompute true: no MLP of this model applies (LlamaMLP's forward, its down_proj a "
-                "plain LoRA layer over a frozen nn.Linear)"
+                "plain LoRA layer over a frozen nn.Linear or a bitsandbytes 4-bit layer)"
             )
     compiled = 0
     if compiles_layers(script, training):
