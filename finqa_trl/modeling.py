@@ -747,10 +747,9 @@ def _base_input_grad() -> Any:
             def forward(
                 ctx: Any, term: torch.Tensor, h: torch.Tensor, base: Any, dtype: torch.dtype
             ) -> torch.Tensor:
-                ctx.base, ctx.dtype = (
-                    base,
-                    dtype,
-                )  # not a saved weight: a recomputed 4-bit one loses its state
+                # the module, not a saved weight: a recomputed 4-bit weight reaches the backward without its
+                # quantization state
+                ctx.base, ctx.dtype = base, dtype
                 ctx.save_for_backward(term.new_empty(0))
                 return term.view_as(term)
 
