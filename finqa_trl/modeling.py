@@ -701,13 +701,15 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
 
 
 def _frozen_kind(base: Any) -> str | None:
-    """What a frozen base layer's weight is: "weight" (an nn.Linear's own) or "4bit" (bitsandbytes'); None for
-    anything else (8-bit, HQQ, torchao, a weight or bias that trains): lean_mlp_recompute leaves those."""
+    """What a frozen, bias-free base layer's weight is: "weight" (an nn.Linear's own) or "4bit"
+    (bitsandbytes'); None for anything else (8-bit, HQQ, torchao, a weight that trains): lean_mlp_recompute
+    leaves those."""
     import torch
 
     weight = getattr(base, "weight", None)
-    bias = getattr(base, "bias", None)
-    if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):
+    # no bias: F.linear with one returns a view of a 3-D input's product, which _lean_down's in-place
+    # addition (outside autograd) may not change (the recipes' Llama MLPs have none)
+    if weight is None or weight.requires_grad or getattr(base, "bias", None) is not None:
         return None
     if type(base) is torch.nn.Linear and type(weight) is torch.nn.Parameter:
         return "weight"
@@ -736,8 +738,8 @@ def _base_input_grad() -> Any:
     an empty tensor for its backward, made before the base layer runs: a checkpoint's recomputation replays
     the forward only until the last kept tensor is made again (torch's early stop), so it ends before the base
     layer; and the backward, unpacking it, has the recomputation run before it computes grad @ W (a node that
-    keeps nothing runs first, and its tokens x intermediate output would wait beside the recomputed layer:
-    0.07 GiB more at 3b LoRA's worst step on an H200)."""
+    keeps nothing runs first, and its output would wait beside the recomputed layer: a first version so made
+    held 0.05-0.07 GiB more at the worst step on an H200, results/speed-notes.md Next 22)."""
     global _BASE_INPUT_GRAD
     if _BASE_INPUT_GRAD is None:
         import torch
@@ -747,8 +749,8 @@ def _base_input_grad() -> Any:
             def forward(
                 ctx: Any, term: torch.Tensor, h: torch.Tensor, base: Any, dtype: torch.dtype
             ) -> torch.Tensor:
-                # the module, not a saved weight: a recomputed 4-bit weight reaches the backward without its
-                # quantization state
+                # h is an input only so that its gradient comes from here. The module is kept, not a saved
+                # weight: a recomputed 4-bit weight reaches the backward without its quantization state.
                 ctx.base, ctx.dtype = base, dtype
                 ctx.save_for_backward(term.new_empty(0))
                 return term.view_as(term)
@@ -757,9 +759,12 @@ def _base_input_grad() -> Any:
             def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
                 _ = ctx.saved_tensors  # unpacked: the checkpoint recomputes the layer now, before grad @ W
                 # the base layer's output gradient is the sum's, in the base output's dtype; its input
-                # gradient in that dtype too, as autocast ran the forward's matmul
+                # gradient in the dtype its matmul ran in: autocast's (that same dtype), or a 4-bit layer's
+                # compute dtype (bitsandbytes casts the input to it, and the product back)
                 base_grad = grad.to(ctx.dtype)
-                return grad, base_grad.matmul(_frozen_base_weight(ctx.base).to(ctx.dtype)), None, None
+                compute = getattr(ctx.base, "compute_dtype", None) or ctx.dtype
+                weight = _frozen_base_weight(ctx.base).to(compute)
+                return grad, base_grad.to(compute).matmul(weight), None, None
 
         _BASE_INPUT_GRAD = BaseInputGrad
     return _BASE_INPUT_GRAD
@@ -835,7 +840,8 @@ def _lean_mlp_forward(self: Any, x: Any) -> Any:
 
 
 _LEAN_DOWN: Any = None
-_LEAN = "_finqa_lean"  # on each lean MLP's down_proj: what its base weight is (_frozen_kind)
+# on each lean MLP's down_proj: what its base layer is (_frozen_kind), so which of PEFT's LoRA layers it is
+_LEAN = "_finqa_lean"
 
 
 def lean_mlp_recompute(model: Any) -> int:
@@ -847,10 +853,12 @@ def lean_mlp_recompute(model: Any) -> int:
     compiled MLP, and the base layer runs after it outside autograd, its input gradient carried by the first
     adapter term (`_base_input_grad`): one (tokens x intermediate) @ (intermediate x hidden) matmul less
     per layer and pass, a twelfth of a Llama 3.2 step's base-layer matmul work under checkpointing. The same
-    operations and the same dropout masks (a CPU test compares the gradients bit for bit). Applies to MLPs
-    with gate_proj, up_proj, act_fn and a down_proj that is a PEFT LoRA layer with plain LoRA adapters (not
-    DoRA, whose forward reads the base weight) over a frozen nn.Linear or a bitsandbytes 4-bit layer. Not
-    under FSDP or DeepSpeed, which manage the weights (train.py refuses it). Returns how many MLPs."""
+    operations and the same dropout masks: with one adapter (the recipes'), the gradients bit for bit (CPU
+    tests; with several, h's gradient sums its parts in another order). Applies to MLPs whose forward is
+    LlamaMLP's, with a down_proj that is PEFT's LoRA layer with plain LoRA adapters (not DoRA, whose forward
+    reads the base weight) over a frozen, bias-free nn.Linear or bitsandbytes 4-bit layer. Not under FSDP or
+    DeepSpeed, which manage the weights, nor with the checkpoint inside a compiled layer (train.py refuses
+    those). Returns how many MLPs."""
     global _LEAN_DOWN
     import types
 
@@ -858,11 +866,12 @@ def lean_mlp_recompute(model: Any) -> int:
     from peft.tuners.lora import Linear as LoraLinear
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    lora_layers: tuple[type, ...] = (LoraLinear,)
+    # PEFT's LoRA layer for each kind of base layer, whose forward _down_terms and _lean_down repeat
+    layers: dict[str, type] = {"weight": LoraLinear}
     try:
         from peft.tuners.lora.bnb import Linear4bit as Lora4bit
 
-        lora_layers += (Lora4bit,)
+        layers["4bit"] = Lora4bit
     except ImportError:  # no bitsandbytes: no 4-bit layers either
         pass
     if _LEAN_DOWN is None:
@@ -872,18 +881,20 @@ def lean_mlp_recompute(model: Any) -> int:
     for module in model.modules():
         down = getattr(module, "down_proj", None)
         code = getattr(type(module).forward, "__code__", None)
+        kind = _frozen_kind(down.get_base_layer()) if hasattr(down, "get_base_layer") else None
         if not (
-            type(down) in lora_layers  # PEFT's forward as _down_terms and _lean_down repeat it
+            kind in layers
+            and type(down) is layers[kind]
             # LlamaMLP's forward or a copy of it (Qwen2's, Mistral's...): the computation _lean_mlp_forward
-            # repeats, and the attributes it reads
+            # repeats, and the attributes it reads; not one set on the instance (Liger's SwiGLU)
             and code is not None
             and (code.co_code, code.co_names) == (llama.co_code, llama.co_names)
+            and "forward" not in vars(module)
             and not getattr(down, "lora_variant", None)  # DoRA (or another variant) on some adapter
             and not any(getattr(down, "use_dora", {}).values())
-            and _frozen_kind(down.get_base_layer()) is not None
         ):
             continue
-        setattr(down, _LEAN, _frozen_kind(down.get_base_layer()))
+        setattr(down, _LEAN, kind)
         module.forward = types.MethodType(_lean_mlp_forward, module)
         lean += 1
     return lean

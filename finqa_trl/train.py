@@ -198,10 +198,11 @@ class FinQAArguments:
             "MLP, and the base layer after it outside autograd (its input gradient carried by the adapters' "
             "term), one (tokens x intermediate) @ (intermediate x hidden) matmul per layer and pass goes "
             "(a twelfth of a Llama 3.2 step's base-layer matmuls). The same operations and dropout masks: "
-            "the gradients are those of PEFT's forward bit for bit (CPU tests). Plain LoRA adapters over a "
-            "16-bit or bitsandbytes 4-bit base (not DoRA: its forward reads the base weight), with "
-            "activation checkpointing, one process or DDP. auto: wherever it applies; true: refused where it "
-            "does not.",
+            "with one adapter the gradients are those of PEFT's forward bit for bit (CPU tests). Plain LoRA "
+            "adapters over a bias-free 16-bit or bitsandbytes 4-bit base (not DoRA: its forward reads the "
+            "base weight), with the non-reentrant activation checkpoint, one process or DDP, compiled parts "
+            "or eager (not --compile_scope layer). auto: where it applies and the layers compile; true: "
+            "refused where it does not apply. Off in the recipes until timed on a GPU in this form.",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -635,16 +636,24 @@ def _lean_recompute_blocker(run: Run) -> str | None:
         return "is for LoRA adapters (use_peft)"
     if not run.training.activation_checkpointing:
         return "needs --activation_checkpointing true: without it nothing is recomputed"
+    kwargs = run.training.activation_checkpointing_kwargs
+    if kwargs is not None and kwargs.get("use_reentrant", True) is not False:
+        return "needs the non-reentrant checkpoint (use_reentrant: false), whose recomputation stops early"
     if _fsdp_or_deepspeed(run.training):
         return "is for one process or DDP: FSDP and DeepSpeed manage the base weights the backward reads"
+    if run.script.compile_scope == "layer":
+        return "is for --compile_scope parts: a compiled layer holds its checkpoint inside the graph"
     return None
 
 
 def leans_recompute(run: Run) -> bool:
     """Whether this run leaves the MLPs' down projections out of the recomputation: `true` (refused in
-    _validate where it cannot apply), or `auto` wherever it can."""
+    _validate where it cannot apply), or `auto` where it can and the layers compile (eager, it holds a
+    tokens x hidden buffer more at the peak: results/lean-recompute-2026-11-27/cpu-peak-output.txt)."""
     value = run.script.lean_recompute
-    return value == "true" or (value == "auto" and _lean_recompute_blocker(run) is None)
+    if value == "auto":
+        return _lean_recompute_blocker(run) is None and compiles_layers(run.script, run.training)
+    return value == "true"
 
 
 def compiles_layers(script: FinQAArguments, training: Any) -> bool:
@@ -1517,7 +1526,7 @@ def prepare(run: Run) -> Prepared:
         elif script.lean_recompute == "true":
             raise UsageError(
                 "--lean_recompute true: no MLP of this model applies (LlamaMLP's forward, its down_proj a "
-                "plain LoRA layer over a frozen nn.Linear or a bitsandbytes 4-bit layer)"
+                "plain LoRA layer over a frozen, bias-free nn.Linear or bitsandbytes 4-bit layer)"
             )
     compiled = 0
     if compiles_layers(script, training):

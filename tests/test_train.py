@@ -1847,15 +1847,22 @@ def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(
     assert lean_mms == mms - 3
 
 
-def test_lean_recompute_on_a_4bit_base_matches_bitsandbytes_and_skips_what_it_cannot_take() -> None:
-    # A bitsandbytes 4-bit down projection (nested NF4, as the 4-bit recipes quantize): the output and the
-    # input gradient are those of bitsandbytes' own autograd function bit for bit, the adapters' gradients
-    # too. DoRA, an MLP of another shape of forward and a merged adapter are left to PEFT.
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_lean_recompute_on_a_4bit_base_matches_bitsandbytes_and_skips_what_it_cannot_take(
+    compute: str,
+) -> None:
+    # PEFT's LoRA layer for a bitsandbytes 4-bit down projection (nested NF4, as the 4-bit recipes quantize),
+    # fp32 inputs, the 4-bit layer computing in fp32 or in bf16 (its input cast, its product cast back, as
+    # under --kbit_fp32_upcast true): the output, the input gradient and the adapters' gradients are those of
+    # PEFT's forward over bitsandbytes' own autograd function bit for bit. DoRA, an MLP of another forward, a
+    # base layer with a bias and an instance's own forward (Liger's) are left to PEFT; a merged adapter goes
+    # back to LlamaMLP's forward.
     import copy
 
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.bnb import Linear4bit as Lora4bit
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -1864,13 +1871,17 @@ def test_lean_recompute_on_a_4bit_base_matches_bitsandbytes_and_skips_what_it_ca
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128)
     torch.manual_seed(0)
     mlp = LlamaMLP(cfg)
-    four = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    dtype = getattr(torch, compute)
+    four = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=dtype, quant_type="nf4")
     four.weight = bnb.nn.Params4bit(
         mlp.down_proj.weight.data.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4"
     )._quantize("cpu")
     mlp.down_proj = four
+    holder = torch.nn.ModuleDict({"mlp": mlp})
+    holder.is_loaded_in_4bit = True  # what PEFT reads to give a 4-bit layer its bitsandbytes LoRA layer
     lora = LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
-    plain = get_peft_model(torch.nn.ModuleDict({"mlp": mlp}), lora)
+    plain = get_peft_model(holder, lora)
+    assert type(plain.base_model.model["mlp"].down_proj) is Lora4bit
     lean = copy.deepcopy(plain)
     assert lean_mlp_recompute(lean) == 1
     x = torch.randn(2, 5, 64)
@@ -1898,6 +1909,16 @@ def test_lean_recompute_on_a_4bit_base_matches_bitsandbytes_and_skips_what_it_ca
         torch.nn.ModuleDict({"mlp": OtherMLP(cfg)}), LoraConfig(r=4, target_modules=targets)
     )
     assert lean_mlp_recompute(other) == 0
+    biased = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=128, mlp_bias=True))
+    assert (
+        lean_mlp_recompute(
+            get_peft_model(torch.nn.ModuleDict({"mlp": biased}), LoraConfig(r=4, target_modules=targets))
+        )
+        == 0
+    )
+    own = get_peft_model(torch.nn.ModuleDict({"mlp": LlamaMLP(cfg)}), LoraConfig(r=4, target_modules=targets))
+    own.base_model.model["mlp"].forward = lambda x: x  # an instance's own forward, as Liger sets one
+    assert lean_mlp_recompute(own) == 0
     merged = get_peft_model(
         torch.nn.ModuleDict({"mlp": LlamaMLP(cfg)}),
         LoraConfig(r=4, target_modules=targets, init_lora_weights=False),
@@ -1929,13 +1950,19 @@ def test_lean_recompute_trains_the_smoke_recipe_to_the_same_losses_and_refuses_w
     assert json.loads((tmp_path / "lean4" / "train_results.json").read_text())["lean_recompute"] == 2
     assert json.loads((lean / "train_results.json").read_text())["lean_recompute"] == 2
     assert json.loads((plain / "train_results.json").read_text())["lean_recompute"] == 0
-    # auto: wherever it applies (DoRA: not, and no refusal)
-    assert prepare(parse(smoke_args(tmp_path / "auto", "--lean_recompute", "auto"))).lean_mlps == 2
-    dora = smoke_args(tmp_path / "dora", "--lean_recompute", "auto", "--use_dora", "true")
-    assert prepare(parse(dora)).lean_mlps == 0
+    # auto: where it applies and the layers compile (DoRA: not, and no refusal; eager: not)
+    auto = ["--lean_recompute", "auto", "--compile_layers", "true"]
+    assert prepare(parse(smoke_args(tmp_path / "auto", *auto))).lean_mlps == 2
+    assert prepare(parse(smoke_args(tmp_path / "eager", "--lean_recompute", "auto"))).lean_mlps == 0
+    assert prepare(parse(smoke_args(tmp_path / "dora", *auto, "--use_dora", "true"))).lean_mlps == 0
     for extra, why in [
         (["--use_dora", "true"], "is for plain LoRA adapters: DoRA's forward reads the base weight"),
         (["--activation_checkpointing", "false"], "needs --activation_checkpointing true"),
+        (
+            ["--activation_checkpointing_kwargs", '{"use_reentrant": true}'],
+            "needs the non-reentrant checkpoint",
+        ),
+        (["--compile_layers", "true", "--compile_scope", "layer"], "is for --compile_scope parts"),
     ]:
         out = tmp_path / "refused"
         assert main(smoke_args(out, "--lean_recompute", "true", *extra)) == 2
