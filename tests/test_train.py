@@ -1972,9 +1972,9 @@ def test_lean_recompute_trains_the_smoke_recipe_to_the_same_losses_and_refuses_w
 
 def test_lean_recompute_computes_the_base_input_gradient_after_the_recomputation(monkeypatch) -> None:
     # The base layer's input gradient (tokens x intermediate) is computed only once the checkpoint has
-    # recomputed the layer: computed before it, it waits beside the recomputed layer (one such buffer more at
-    # the worst step on an H200, 0.07 GiB for 3b). The backward of each layer: its MLP recomputed, then the
-    # gradient; and the recomputation never runs the base layer.
+    # recomputed the layer: computed before it, it waits beside the recomputed layer (the first version did
+    # so: 0.07 GiB more at 3b's worst step on an H200). The backward of each layer: its MLP recomputed, then
+    # the gradient; and the recomputation never runs the base layer.
     import torch
 
     from finqa_trl import modeling
