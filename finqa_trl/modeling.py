@@ -700,32 +700,49 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
     return len(layers)
 
 
-def _frozen_kind(base: Any) -> str | None:
-    """What a frozen, bias-free base layer's weight is: "weight" (an nn.Linear's own) or "4bit"
-    (bitsandbytes'); None for anything else (8-bit, HQQ, torchao, a weight that trains): lean_mlp_recompute
-    leaves those."""
+def _weight_kind(base: Any) -> str | None:
+    """What a base layer's weight is, for the two places that read it without PEFT's
+    `dequantize_module_weight` (DoRA's traced forward, lean_recompute's backward): "weight" (a plain
+    parameter) or "4bit" (a bitsandbytes 4-bit one); None for anything else (HQQ, 8-bit, torchao...)."""
     import torch
 
     weight = getattr(base, "weight", None)
-    # no bias: F.linear with one returns a view of a 3-D input's product, which _lean_down's in-place
-    # addition (outside autograd) may not change (the recipes' Llama MLPs have none)
-    if weight is None or weight.requires_grad or getattr(base, "bias", None) is not None:
+    if hasattr(base, "W_q"):  # HQQ: PEFT's function dequantizes it
         return None
-    if type(base) is torch.nn.Linear and type(weight) is torch.nn.Parameter:
+    if type(weight) is torch.nn.Parameter:
         return "weight"
     if type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None:
         return "4bit"
     return None
 
 
-def _frozen_base_weight(base: Any) -> Any:
-    """The weight of a base layer `_frozen_kind` knows, as a dense (out, in) tensor: a 4-bit one dequantized
-    by the call bitsandbytes' own backward makes."""
-    if _frozen_kind(base) == "4bit":
+def _dense_weight(base: Any, kind: str) -> Any:
+    """The weight of a base layer of `_weight_kind` `kind` as a dense (out, in) tensor: a 4-bit one
+    dequantized as PEFT's dequantize_bnb_weight and bitsandbytes' own backward do, but from the parameter
+    itself, not its `.data`, whose read dynamo does not trace on a Params4bit."""
+    if kind == "4bit":
         import bitsandbytes.functional as bnb_functional
 
         return bnb_functional.dequantize_4bit(base.weight, base.weight.quant_state)
     return base.weight
+
+
+def _frozen_kind(base: Any) -> str | None:
+    """`_weight_kind` of a base layer lean_recompute can run outside autograd: an nn.Linear or a bitsandbytes
+    4-bit layer whose weight does not train, without a bias; None for anything else."""
+    import torch
+
+    kind = _weight_kind(base)
+    # no bias: F.linear with one returns a view of a 3-D input's product, which _lean_down's in-place
+    # addition (outside autograd) may not change (the recipes' Llama MLPs have none)
+    if kind is None or base.weight.requires_grad or getattr(base, "bias", None) is not None:
+        return None
+    return None if kind == "weight" and type(base) is not torch.nn.Linear else kind
+
+
+def _frozen_base_weight(base: Any) -> Any:
+    """A lean down projection's base weight as a dense (out, in) tensor (`_dense_weight`)."""
+    return _dense_weight(base, _frozen_kind(base))
 
 
 _BASE_INPUT_GRAD: Any = None
@@ -909,15 +926,7 @@ def _dora_base_weight(module: Any) -> Any:
     """PEFT's `dequantize_module_weight` for the base layers marked by `traceable_dora_weights`, without its
     checks of the weight's class (which dynamo cannot trace): the same tensor, the same dequantization."""
     how = getattr(module, _DORA_BASE, None)
-    if how == "weight":
-        return module.weight
-    if how == "4bit":
-        import bitsandbytes.functional as bnb_functional
-
-        # what PEFT's dequantize_bnb_weight computes, but from the parameter itself, not its `.data`, whose
-        # read dynamo does not trace on a Params4bit either
-        return bnb_functional.dequantize_4bit(module.weight, module.weight.quant_state)
-    return _PEFT_DORA_WEIGHT(module)
+    return _dense_weight(module, how) if how else _PEFT_DORA_WEIGHT(module)
 
 
 def traceable_dora_weights(model: Any) -> int:
@@ -930,22 +939,16 @@ def traceable_dora_weights(model: Any) -> int:
     module is pointed at a function that reads the mark; unmarked layers (another quantization, another
     model) still go through PEFT's function. Returns how many base layers were marked."""
     global _PEFT_DORA_WEIGHT
-    import torch
 
     marked = 0
     for module in model.modules():
         if not getattr(module, "lora_magnitude_vector", None):  # not a LoRA layer, or no DoRA adapter on it
             continue
         base = module.get_base_layer()
-        weight = getattr(base, "weight", None)
-        if hasattr(base, "W_q"):  # HQQ: PEFT's function dequantizes it
+        kind = _weight_kind(base)
+        if kind is None:  # unmarked: PEFT's own function
             continue
-        if type(weight) is torch.nn.Parameter:
-            setattr(base, _DORA_BASE, "weight")
-        elif type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None:
-            setattr(base, _DORA_BASE, "4bit")
-        else:
-            continue
+        setattr(base, _DORA_BASE, kind)
         marked += 1
     if marked:
         import peft.tuners.lora.dora as peft_dora
