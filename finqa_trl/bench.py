@@ -761,11 +761,18 @@ def profiled(dest: Path | None, holder: dict[str, Any] | None = None) -> Iterato
     if holder is not None:
         holder["prof"] = prof
     key = "self_device_time_total" if _cuda() else "self_cpu_time_total"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(
+    table = prof.key_averages().table
+    text = (
         f"torch {torch.__version__}, {torch.cuda.get_device_name(0) if _cuda() else 'cpu'}; sorted by {key}\n"
-        + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
     )
+    text += table(sort_by=key, row_limit=40, max_name_column_width=70)
+    if _cuda():
+        # The host's side: where a step whose GPU sits idle spends its time (Python-heavy ops, CUDA runtime
+        # calls such as cudaStreamSynchronize or cudaMemcpy, each a wait for the GPU)
+        text += "\nThe host: sorted by self_cpu_time_total\n"
+        text += table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(text)
 
 
 def eval_split(records: list[dict], dest: Path) -> Path:
