@@ -201,8 +201,11 @@ class FinQAArguments:
             "with one adapter the gradients are those of PEFT's forward bit for bit (CPU tests). Plain LoRA "
             "adapters over a bias-free 16-bit or bitsandbytes 4-bit base (not DoRA: its forward reads the "
             "base weight), with the non-reentrant activation checkpoint, one process or DDP, compiled parts "
-            "or eager (not --compile_scope layer). auto: where it applies and the layers compile; true: "
-            "refused where it does not apply. Off in the recipes until timed on a GPU in this form.",
+            "or eager (not --compile_scope layer). auto (the recipes'): where it applies, the layers compile "
+            "and the base is 16-bit; true: also on a 4-bit base, refused where it does not apply. One "
+            "H200: 3B LoRA 1.05x in both orders, 1B LoRA 1.00x and 1.06x, at the recipe's worst-step memory; "
+            "a 4-bit base's eager bitsandbytes forward left 1B QLoRA at 0.86-0.87x (3B QLoRA 1.04x) "
+            "(results/speed-notes.md).",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -648,11 +651,18 @@ def _lean_recompute_blocker(run: Run) -> str | None:
 
 def leans_recompute(run: Run) -> bool:
     """Whether this run leaves the MLPs' down projections out of the recomputation: `true` (refused in
-    _validate where it cannot apply), or `auto` where it can and the layers compile (eager, it holds a
-    tokens x hidden buffer more at the peak: results/lean-recompute-2026-11-27/cpu-peak-output.txt)."""
+    _validate where it cannot apply), or `auto` where it can, the layers compile (eager, it holds a tokens x
+    hidden buffer more at the peak: results/lean-recompute-2026-11-27/cpu-peak-output.txt) and the base is
+    16-bit. On a 4-bit base the frozen layer's bitsandbytes forward runs eagerly, outside the compiled graph:
+    on one H200, 1B QLoRA ran 0.86x and 0.87x the recipe without it (its step there is bound by the host),
+    3B QLoRA 1.04x (results/speed-notes.md, Next 23)."""
     value = run.script.lean_recompute
     if value == "auto":
-        return _lean_recompute_blocker(run) is None and compiles_layers(run.script, run.training)
+        return (
+            _lean_recompute_blocker(run) is None
+            and compiles_layers(run.script, run.training)
+            and not run.model.load_in_4bit
+        )
     return value == "true"
 
 

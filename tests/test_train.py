@@ -1950,11 +1950,13 @@ def test_lean_recompute_trains_the_smoke_recipe_to_the_same_losses_and_refuses_w
     assert json.loads((tmp_path / "lean4" / "train_results.json").read_text())["lean_recompute"] == 2
     assert json.loads((lean / "train_results.json").read_text())["lean_recompute"] == 2
     assert json.loads((plain / "train_results.json").read_text())["lean_recompute"] == 0
-    # auto: where it applies and the layers compile (DoRA: not, and no refusal; eager: not)
+    # auto: where it applies, the layers compile and the base is 16-bit (DoRA: not, and no refusal; eager:
+    # not; a 4-bit base: not, though true applies there)
     auto = ["--lean_recompute", "auto", "--compile_layers", "true"]
     assert prepare(parse(smoke_args(tmp_path / "auto", *auto))).lean_mlps == 2
     assert prepare(parse(smoke_args(tmp_path / "eager", "--lean_recompute", "auto"))).lean_mlps == 0
     assert prepare(parse(smoke_args(tmp_path / "dora", *auto, "--use_dora", "true"))).lean_mlps == 0
+    assert prepare(parse(smoke_args(tmp_path / "auto4", *auto, *four_bit))).lean_mlps == 0
     for extra, why in [
         (["--use_dora", "true"], "is for plain LoRA adapters: DoRA's forward reads the base weight"),
         (["--activation_checkpointing", "false"], "needs --activation_checkpointing true"),
