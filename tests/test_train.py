@@ -1970,6 +1970,17 @@ def test_lean_recompute_trains_the_smoke_recipe_to_the_same_losses_and_refuses_w
         assert main(smoke_args(out, "--lean_recompute", "true", *extra)) == 2
         assert f"--lean_recompute true {why}" in capsys.readouterr().err.strip().splitlines()[-1]
         assert not out.exists()
+    # adapters that leave down_proj out: no MLP applies; true is refused (after loading the model, before any
+    # training or saving), auto runs without it
+    no_down = ["--lora_target_modules", "q_proj", "v_proj"]
+    out = tmp_path / "no_down"
+    assert main(smoke_args(out, "--lean_recompute", "true", *no_down)) == 2
+    assert (
+        "--lean_recompute true: no MLP of this model applies"
+        in capsys.readouterr().err.strip().splitlines()[-1]
+    )
+    assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
+    assert prepare(parse(smoke_args(tmp_path / "no_down_auto", *auto, *no_down))).lean_mlps == 0
 
 
 def test_lean_recompute_computes_the_base_input_gradient_after_the_recomputation(monkeypatch) -> None:
