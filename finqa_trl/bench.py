@@ -162,7 +162,8 @@ LEVERS: dict[str, list[str]] = {
     "fused_dropout": ["--lora_dropout_kernel", "true"],
     "no_fused_dropout": ["--lora_dropout_kernel", "false"],
     # each MLP's frozen down projection left out of the checkpoint's recomputation (one matmul per layer and
-    # pass fewer: modeling.lean_mlp_recompute)
+    # pass fewer: modeling.lean_mlp_recompute); the 16-bit LoRA recipes' default since cc37261
+    # (`recipe:no_lean` times without), so `lean` matters for 4-bit bases, which auto leaves out
     "lean": ["--lean_recompute", "true"],
     "no_lean": ["--lean_recompute", "false"],
 }

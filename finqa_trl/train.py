@@ -204,8 +204,8 @@ class FinQAArguments:
             "or eager (not --compile_scope layer). auto (the recipes'): where it applies, the layers compile "
             "and the base is 16-bit; true: also on a 4-bit base, refused where it does not apply. One "
             "H200: 3B LoRA 1.05x in both orders, 1B LoRA 1.00x and 1.06x, at the recipe's worst-step memory; "
-            "a 4-bit base's eager bitsandbytes forward left 1B QLoRA at 0.86-0.87x (3B QLoRA 1.04x) "
-            "(results/speed-notes.md).",
+            "on a 4-bit base 1B QLoRA ran 0.86-0.87x (the GPU waiting on the host; cause not established), "
+            "3B QLoRA 1.04x (results/speed-notes.md).",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -653,9 +653,9 @@ def leans_recompute(run: Run) -> bool:
     """Whether this run leaves the MLPs' down projections out of the recomputation: `true` (refused in
     _validate where it cannot apply), or `auto` where it can, the layers compile (eager, it holds a tokens x
     hidden buffer more at the peak: results/lean-recompute-2026-11-27/cpu-peak-output.txt) and the base is
-    16-bit. On a 4-bit base the frozen layer's bitsandbytes forward runs eagerly, outside the compiled graph:
-    on one H200, 1B QLoRA ran 0.86x and 0.87x the recipe without it (its step there is bound by the host),
-    3B QLoRA 1.04x (results/speed-notes.md, Next 23)."""
+    16-bit. On a 4-bit base, 1B QLoRA ran 0.86x and 0.87x the recipe without it on one H200 (its GPU waited on
+    the host more; the cause is not established: its kernels took less time), 3B QLoRA 1.04x on two
+    (results/speed-notes.md, Next 23)."""
     value = run.script.lean_recompute
     if value == "auto":
         return (

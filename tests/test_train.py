@@ -1042,6 +1042,8 @@ def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Pa
     results = json.loads((out / "train_results.json").read_text())
     assert results["train_runtime"] > 0 and results["liger_kernel"] is False  # what ran (no GPU here)
     assert results["compile_layers"] is ("--compile_layers" in extra)
+    # the recipes' lean_recompute auto: on around DDP where the layers compile over a 16-bit base (both MLPs)
+    assert results["lean_recompute"] == (2 if extra == ["--compile_layers", "true"] else 0)
     # auto:0.92: 0.92 x 2 rows x the fixture's longest example (711 tokens)
     budget = {"1408": 1408, "auto:0.92": 1308}
     assert results["micro_batch_tokens"] == next((budget[a] for a in extra if a in budget), None)
