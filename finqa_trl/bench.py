@@ -542,14 +542,13 @@ def longest_batch_peak(trainer: Any) -> dict[str, Any]:
 PROFILE_STEPS = 3  # profiled micro-steps per training variant, after 2 unprofiled ones on the same batch
 
 
-def profile_training(trainer: Any, dest: Path, stacks: int = 0) -> dict[str, Any]:
+def profile_training(trainer: Any, dest: Path) -> dict[str, Any]:
     """Where a micro-step's time goes: forward + backward (no optimizer step) on the micro-batch of
     median-length examples (length-grouped batches are near uniform; with micro_batch_tokens, a step's
     examples in their passes: the times are then per step, not per pass), run after the timed window so the
     throughput is not touched. Writes the busiest ops to `dest` and returns per micro-step the wall time
     (timed without the profiler, whose overhead is large), the time the GPU spent in kernels (a wall time far
-    above it means the step waits on the CPU: launches, Python, casts) and the number of kernels launched.
-    `stacks` > 0 adds the host's time by Python call site (`profiled`)."""
+    above it means the step waits on the CPU: launches, Python, casts) and the number of kernels launched."""
     from torch.autograd import DeviceType
 
     data = trainer.train_dataset
@@ -569,7 +568,7 @@ def profile_training(trainer: Any, dest: Path, stacks: int = 0) -> dict[str, Any
         plain = time.perf_counter() - t  # the second pass's: the wall time to set against the kernels
     holder: dict[str, Any] = {}
     t = time.perf_counter()
-    with profiled(dest, holder, stacks):
+    with profiled(dest, holder):
         for _ in range(PROFILE_STEPS):
             trainer.training_step(model, batch)
         _sync()
@@ -598,7 +597,6 @@ def bench_training(
     warmup_examples: int,
     limit: int | None = None,
     profile: Path | None = None,
-    profile_stacks: int = 0,
 ) -> dict[str, Any]:
     import torch
 
@@ -645,7 +643,7 @@ def bench_training(
                 res["longest_batch_peak_gib"] = _error_text(err)
             if profile is not None:
                 try:  # likewise: a failed profile loses only itself
-                    res.update(profile_training(trainer, profile, profile_stacks))
+                    res.update(profile_training(trainer, profile))
                 except Exception as err:
                     res["profile"] = _error_text(err)
             # compiled layers (a GPU's recipe): more than 6 graphs means recompilation
@@ -684,7 +682,6 @@ def bench_training_in_fresh_process(
             "--workdir", str(work), "--out", tmp,
             *(["--max_examples", str(args.max_examples)] if args.max_examples else []),
             *(["--profile"] if profile else []),
-            *(["--profile_stacks", str(args.profile_stacks)] if profile and args.profile_stacks else []),
         ]  # fmt: skip
         rc = subprocess.run(cmd, check=False).returncode
         found = sorted(Path(tmp).glob("bench-*.json"))
@@ -748,12 +745,11 @@ def bench_eval(
 
 
 @contextlib.contextmanager
-def profiled(dest: Path | None, holder: dict[str, Any] | None = None, stacks: int = 0) -> Iterator[None]:
+def profiled(dest: Path | None, holder: dict[str, Any] | None = None) -> Iterator[None]:
     """Run the body under torch.profiler (CPU + CUDA) and write the ops that took the most GPU time to `dest`:
-    where generation or a training step spends its time (GEMMs, attention, casts, copies, ...). `stacks` > 0
-    records Python stacks too and adds the ops' host time grouped by their innermost `stacks` Python frames:
-    which code a host-bound step spends its time in (the recording slows the profiled steps further). The
-    profiler object is left in `holder["prof"]` for callers that summarise its events."""
+    where generation or a training step spends its time (GEMMs, attention, casts, copies, ...), and on a GPU
+    also the ops that took the most host time. The profiler object is left in `holder["prof"]` for callers
+    that summarise its events."""
     if dest is None:
         yield
         return
@@ -761,7 +757,7 @@ def profiled(dest: Path | None, holder: dict[str, Any] | None = None, stacks: in
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if _cuda() else [])
-    with profile(activities=activities, with_stack=stacks > 0) as prof:
+    with profile(activities=activities) as prof:
         yield
     _sync()
     if holder is not None:
@@ -777,13 +773,6 @@ def profiled(dest: Path | None, holder: dict[str, Any] | None = None, stacks: in
         # calls such as cudaStreamSynchronize or cudaMemcpy, each a wait for the GPU)
         text += "\nThe host: sorted by self_cpu_time_total\n"
         text += table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
-    if stacks > 0:
-        text += (
-            f"\nThe host by call site (the innermost {stacks} Python frames): sorted by self_cpu_time_total\n"
-        )
-        text += prof.key_averages(group_by_stack_n=stacks).table(
-            sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70
-        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(text)
 
@@ -907,14 +896,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="profile each variant: a training variant for a few extra micro-steps after its timed window, "
         "an eval variant for its whole run (its times are then not its speed)",
     )
-    ap.add_argument(
-        "--profile_stacks",
-        type=int,
-        default=0,
-        metavar="N",
-        help="with --profile, a training variant's profile also groups the host's time by the innermost N "
-        "Python frames of each op (torch.profiler's with_stack): which code a host-bound step spends it in",
-    )
     ap.add_argument("--workdir", default=None, help="where the random-weight models are saved")
     ap.add_argument("--out", default="results")
     ap.add_argument("--max_examples", type=int, default=None, help="use only the first N examples (dry runs)")
@@ -928,8 +909,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if min(args.examples, args.warmup_examples, 1 if args.max_examples is None else args.max_examples) < 1:
         ap.error("--examples, --warmup_examples and --max_examples must be at least 1")
-    if args.profile_stacks < 0 or (args.profile_stacks and not args.profile):
-        ap.error("--profile_stacks takes a number of frames (at least 1) and needs --profile")
     for flag, path in (("--data_dir", args.data_dir), ("--tokenizer", args.tokenizer)):
         if not Path(path).is_dir():
             print(f"error: {flag} {path}: no such directory", file=sys.stderr)
@@ -1003,7 +982,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args.warmup_examples,
                         args.max_examples,
                         prof,
-                        args.profile_stacks,
                     )
                 else:
                     r = bench_training_in_fresh_process(args, shape, method, variant, work, prof)
