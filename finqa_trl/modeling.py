@@ -740,11 +740,6 @@ def _frozen_kind(base: Any) -> str | None:
     return None if kind == "weight" and type(base) is not torch.nn.Linear else kind
 
 
-def _frozen_base_weight(base: Any) -> Any:
-    """A lean down projection's base weight as a dense (out, in) tensor (`_dense_weight`)."""
-    return _dense_weight(base, _frozen_kind(base))
-
-
 _BASE_INPUT_GRAD: Any = None
 
 
@@ -764,24 +759,25 @@ def _base_input_grad() -> Any:
         class BaseInputGrad(torch.autograd.Function):
             @staticmethod
             def forward(
-                ctx: Any, term: torch.Tensor, h: torch.Tensor, base: Any, dtype: torch.dtype
+                ctx: Any, term: torch.Tensor, h: torch.Tensor, base: Any, kind: str, dtype: torch.dtype
             ) -> torch.Tensor:
                 # h is an input only so that its gradient comes from here. The module is kept, not a saved
                 # weight: a recomputed 4-bit weight reaches the backward without its quantization state.
-                ctx.base, ctx.dtype = base, dtype
+                # `kind` is the base layer's _frozen_kind, classified once when the MLP was made lean.
+                ctx.base, ctx.kind, ctx.dtype = base, kind, dtype
                 ctx.save_for_backward(term.new_empty(0))
                 return term.view_as(term)
 
             @staticmethod
-            def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+            def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
                 _ = ctx.saved_tensors  # unpacked: the checkpoint recomputes the layer now, before grad @ W
                 # the base layer's output gradient is the sum's, in the base output's dtype; its input
                 # gradient in the dtype its matmul ran in: autocast's (that same dtype), or a 4-bit layer's
                 # compute dtype (bitsandbytes casts the input to it, and the product back)
                 base_grad = grad.to(ctx.dtype)
                 compute = getattr(ctx.base, "compute_dtype", None) or ctx.dtype
-                weight = _frozen_base_weight(ctx.base).to(compute)
-                return grad, base_grad.to(compute).matmul(weight), None, None
+                weight = _dense_weight(ctx.base, ctx.kind).to(compute)
+                return grad, base_grad.to(compute).matmul(weight), None, None, None
 
         _BASE_INPUT_GRAD = BaseInputGrad
     return _BASE_INPUT_GRAD
@@ -831,7 +827,7 @@ def _lean_down(down: Any, h: Any, terms: list[Any]) -> Any:
     base, dtype = down.get_base_layer(), _base_output_dtype(down, h)
     if _converts(down):  # PEFT's 4-bit layer outside autocast: each term in the base output's dtype
         terms = [term.to(dtype) for term in terms]
-    terms = [_base_input_grad().apply(terms[0], h, base, dtype), *terms[1:]]
+    terms = [_base_input_grad().apply(terms[0], h, base, getattr(down, _LEAN), dtype), *terms[1:]]
     with torch.no_grad():
         out = base(h)
     if out.dtype != dtype:  # the gradient above would be computed in another dtype than the base layer's

@@ -2008,10 +2008,10 @@ def test_lean_recompute_computes_the_base_input_gradient_after_the_recomputation
         )
         base = mlp.down_proj.get_base_layer()
         base.register_forward_hook(lambda *_, i=i: events.append(("base", i)))
-    weight = modeling._frozen_base_weight
+    weight = modeling._dense_weight
     owner = {id(mlp.down_proj.get_base_layer()): i for i, mlp in enumerate(mlps)}
     monkeypatch.setattr(
-        modeling, "_frozen_base_weight", lambda b: events.append(("grad", owner[id(b)])) or weight(b)
+        modeling, "_dense_weight", lambda b, kind: events.append(("grad", owner[id(b)])) or weight(b, kind)
     )
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids, labels=ids).loss.backward()
