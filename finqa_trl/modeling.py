@@ -682,7 +682,9 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
     attention, MLP and norm at a first and a dynamic length); DoRA too, its base weights read traceably.
     `mode` is torch.compile's (reduce-overhead: CUDA graphs), or cpp-wrapper (inductor's C++ wrapper).
     `scope` layer compiles each whole layer instead, its checkpoint inside the graph (torch 2.13 on the CPU
-    partitions it, recomputing inside the compiled backward with the dropout masks replayed)."""
+    partitions it, recomputing inside the compiled backward with the dropout masks replayed). `scope` body
+    compiles each layer's own forward beneath its checkpoint (`_compile_layer_bodies`): one graph per layer
+    call instead of one per part, the checkpoint eager around it as with the parts."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     # cpp-wrapper is an inductor option, not a torch.compile mode (torch.compile takes one or the other): the
@@ -694,10 +696,48 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
     )
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     traceable_dora_weights(model)
-    for target in layers if scope == "layer" else [part for layer in layers for part in layer.children()]:
-        target.compile(**how)
+    if scope == "body":
+        _compile_layer_bodies(layers, how)
+    else:
+        for target in layers if scope == "layer" else [part for layer in layers for part in layer.children()]:
+            target.compile(**how)
     # 0 for a model whose layers are not transformers' checkpointing layers: nothing compiled
     return len(layers)
+
+
+def _compile_layer_bodies(layers: list[Any], how: dict[str, Any]) -> None:
+    """Compile each layer's own forward (attention, MLP, norms and residual adds: one graph) beneath its
+    activation checkpoint. transformers 5 wraps every GradientCheckpointingLayer subclass's forward in a
+    checkpointing wrapper when the class is defined, keeping the layer's own forward as `__wrapped__`; a
+    subclass whose forward is that function compiled gets the same wrapper around the compiled function. So
+    each layer's class is swapped for such a subclass (one per class, with the class's name, so that all
+    layers share one code object and its graphs): the checkpoint stays eager and recomputes by calling the
+    graph again, with the same RNG state, so the dropout masks are drawn again as in the forward. Parameter
+    names, and so saved adapters, do not change. The parts make three or four compiled calls per layer call
+    instead (each with its guards and autograd function), the residual adds left in Python between them."""
+    import torch
+
+    made: dict[type, type] = {}
+    for layer in layers:
+        cls = type(layer)
+        if getattr(cls, "_compiled_body", False):  # compiled before (a second call): nothing to wrap again
+            continue
+        if cls not in made:
+            own = getattr(cls.forward, "__wrapped__", None)
+            if own is None:  # not transformers' checkpointing wrapper: compiling around it would hold the
+                # checkpoint inside the graph (scope layer), which is not what was asked
+                raise RuntimeError(f"{cls.__name__}.forward is not transformers' checkpointing wrapper")
+            made[cls] = type(
+                cls.__name__,
+                (cls,),
+                {
+                    "forward": torch.compile(own, **how),
+                    "_compiled_body": True,
+                    "__module__": cls.__module__,
+                    "__qualname__": cls.__qualname__,
+                },
+            )
+        layer.__class__ = made[cls]
 
 
 def _weight_kind(base: Any) -> str | None:

@@ -201,11 +201,11 @@ class FinQAArguments:
             "with one adapter the gradients are those of PEFT's forward bit for bit (CPU tests). Plain LoRA "
             "adapters over a bias-free 16-bit or bitsandbytes 4-bit base (not DoRA: its forward reads the "
             "base weight), with the non-reentrant activation checkpoint, one process or DDP, compiled parts "
-            "or eager (not --compile_scope layer). auto (the recipes'): where it applies, the layers compile "
-            "and the base is 16-bit; true: also on a 4-bit base, refused where it does not apply. One "
-            "H200: 3B LoRA 1.05x in both orders, 1B LoRA 1.00x and 1.06x, at the recipe's worst-step memory; "
-            "on a 4-bit base 1B QLoRA ran 0.86-0.87x (the GPU waiting on the host; cause not established), "
-            "3B QLoRA 1.04x (results/speed-notes.md).",
+            "or eager (not --compile_scope layer or body). auto (the recipes'): where it applies, the layers "
+            "compile and the base is 16-bit; true: also on a 4-bit base, refused where it does not apply. "
+            "One H200: 3B LoRA 1.05x in both orders, 1B LoRA 1.00x and 1.06x, at the recipe's worst-step "
+            "memory; on a 4-bit base 1B QLoRA ran 0.86-0.87x (the GPU waiting on the host; cause not "
+            "established), 3B QLoRA 1.04x (results/speed-notes.md).",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -299,8 +299,15 @@ class FinQAArguments:
             "which dynamo cannot replay inside a checkpoint, so the whole layer would run eager. A speed "
             "lever that torch 2.11 (the GPU image's) fails to partition on a GPU once dynamo makes the "
             "lengths dynamic (an H100 and two H200s, 1b LoRA; the one shape that ran: 1.08x the parts at "
-            "1.2 GiB more; results/speed-notes.md).",
-            "choices": ["parts", "layer"],
+            "1.2 GiB more; results/speed-notes.md). body: each decoder layer's own forward (attention, "
+            "MLP, norms and residual adds) as one graph beneath its activation checkpoint, which stays eager "
+            "around it as with the parts and recomputes by calling the graph again, drawing the same "
+            "dropout masks: one compiled call per layer call instead of three or four (fewer guards, "
+            "autograd functions and Python between them, for a pass bound by the host). DoRA too. Not with "
+            "lean_recompute (the whole graph runs again in the recomputation). A speed lever, not yet timed "
+            "on a GPU; on this repository's 2-core CPU a 16-layer toy model's step took 0.80-0.87x the "
+            "parts' time.",
+            "choices": ["parts", "layer", "body"],
         },
     )
     micro_batch_tokens: str = field(
@@ -646,6 +653,10 @@ def _lean_recompute_blocker(run: Run) -> str | None:
         return "is for one process or DDP: FSDP and DeepSpeed manage the base weights the backward reads"
     if run.script.compile_scope == "layer":
         return "is for --compile_scope parts: a compiled layer holds its checkpoint inside the graph"
+    if run.script.compile_scope == "body":
+        return (
+            "is for --compile_scope parts: the recomputation runs a compiled layer body's whole graph again"
+        )
     return None
 
 
@@ -830,15 +841,15 @@ def _validate(run: Run) -> None:
             f"--compile_mode {s.compile_mode} applies where the layers are compiled (--compile_layers true, "
             "or auto on a CUDA GPU for one process or DDP)"
         )
-    if s.compile_scope not in ("parts", "layer"):  # a YAML value skips the parser's choices
-        raise UsageError(f"compile_scope must be parts or layer, got {s.compile_scope!r}")
+    if s.compile_scope not in ("parts", "layer", "body"):  # a YAML value skips the parser's choices
+        raise UsageError(f"compile_scope must be parts, layer or body, got {s.compile_scope!r}")
     if s.compile_scope != "parts":
         if not compiles_layers(s, run.training):
             raise UsageError(
                 f"--compile_scope {s.compile_scope} applies where the layers are compiled (--compile_layers "
                 "true, or auto on a CUDA GPU for one process or DDP)"
             )
-        if run.model.use_dora:
+        if run.model.use_dora and s.compile_scope == "layer":
             raise UsageError(
                 "--compile_scope layer is not for DoRA: PEFT's DoRA forward writes to a dict outside the "
                 "layer, which dynamo cannot replay inside the layer's checkpoint, so the layer would run "
@@ -1542,7 +1553,7 @@ def prepare(run: Run) -> Prepared:
     if compiles_layers(script, training):
         compiled = compile_decoder_layers(trainer.model, script.compile_mode, script.compile_scope)
         if compiled:
-            what = "the parts of" if script.compile_scope == "parts" else "whole"
+            what = {"parts": "the parts of", "layer": "whole", "body": "the bodies of"}[script.compile_scope]
             logger.info("compiling %s %d decoder layers (torch.compile, in place)", what, compiled)
         else:
             logger.warning(

@@ -91,6 +91,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     assert waits.causal_attention == "false" and not waits.defer_metrics
     assert train.parse(lora).script.compile_scope == "parts"
     assert train.parse([*lora, *bench.lever_args("recipe:whole_layer")]).script.compile_scope == "layer"
+    assert train.parse([*lora, *bench.lever_args("recipe:body")]).script.compile_scope == "body"
     # Liger's kernels: a recipe default where installed on a GPU (faked here) and the layers run eager (they
     # are off under the compiled layers of one GPU), which no_liger turns off
     monkeypatch.setattr("finqa_trl.modeling.cuda_available", lambda: True)

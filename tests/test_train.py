@@ -1330,8 +1330,9 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
 
     graphs, runs = {}, {}
     # LoRA also with inductor's C++ wrapper (the kernels launched from C++) and compiled as whole layers
-    # (their checkpoint inside the graph): the same losses
-    for compiled in ("false", "true", *(["cpp-wrapper", "layer"] if not method else [])):
+    # (their checkpoint inside the graph); both methods with each layer's body one graph beneath its eager
+    # checkpoint: the same losses
+    for compiled in ("false", "true", "body", *(["cpp-wrapper", "layer"] if not method else [])):
         torch._dynamo.reset()
         counters.clear()
         out = tmp_path / compiled
@@ -1342,7 +1343,7 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
             how += ["--causal_attention", "false"]
         if compiled == "cpp-wrapper":
             how = ["--compile_layers", "true", "--compile_mode", compiled]
-        if compiled == "layer":
+        if compiled in ("layer", "body"):
             how = ["--compile_layers", "true", "--compile_scope", compiled]
         assert main(smoke_args(out, *args, *how)) == 0
         graphs[compiled] = counters["stats"]["unique_graphs"]
@@ -1357,6 +1358,11 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
     assert fused == pytest.approx(eager, rel=1e-4)
     assert fused_keys == eager_keys
     assert results["true"]["compile_scope"] == "parts" and results["false"]["compile_scope"] is None
+    # one graph per layer call at a first length, then the length dynamic (the parts: 3 of each); no
+    # graph break (a break would split the body into more graphs)
+    assert results["body"]["compile_scope"] == "body" and 1 <= graphs["body"] <= 3
+    assert runs["body"][0] == pytest.approx(eager, rel=1e-4)
+    assert runs["body"][1] == eager_keys
     if "layer" in runs:
         # one graph per layer call at a first length, then the length dynamic (the parts: 3 of each)
         assert results["layer"]["compile_scope"] == "layer" and 1 <= graphs["layer"] <= 3
@@ -1501,14 +1507,16 @@ def test_lora_dropout_kernel_auto_follows_compile_layers_auto(monkeypatch) -> No
     assert not fuses()
 
 
-def test_whole_layer_compile_recomputes_with_the_same_dropout_masks_and_keeps_what_the_checkpoint_keeps() -> (
-    None
-):
+@pytest.mark.parametrize("scope", ["layer", "body"])
+def test_compiled_layer_recomputes_with_the_same_dropout_masks_and_keeps_what_the_checkpoint_keeps(
+    scope: str,
+) -> None:
     # --compile_scope layer: the activation checkpoint goes inside the compiled layer, so the compiler, not
-    # Python, recomputes the layer in the backward. With LoRA dropout on, the recomputation must draw the
-    # forward's masks again: the gradients equal those of the same layers compiled without recomputation
-    # (which keep the masks). And it keeps for the backward what the eager checkpoint keeps (each layer's
-    # inputs), not the layer's activations.
+    # Python, recomputes the layer in the backward; body: the layer's own forward is one graph beneath the
+    # eager checkpoint, which calls it again. With LoRA dropout on, the recomputation must draw the forward's
+    # masks again: the gradients equal those of the same layers compiled without recomputation (which keep
+    # the masks). And it keeps for the backward what the eager checkpoint keeps (each layer's inputs), not
+    # the layer's activations.
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -1558,8 +1566,8 @@ def test_whole_layer_compile_recomputes_with_the_same_dropout_masks_and_keeps_wh
         big = [t for t in kept.values() if t.is_floating_point() and t.numel() >= ids.numel() * 64]
         return loss.item(), grads, sum(t.untyped_storage().nbytes() for t in kept.values()), big
 
-    kept_loss, kept_grads, kept_bytes, _ = step(checkpoint=False, scope="layer")
-    loss, grads, nbytes, big = step(checkpoint=True, scope="layer")
+    kept_loss, kept_grads, kept_bytes, _ = step(checkpoint=False, scope=scope)
+    loss, grads, nbytes, big = step(checkpoint=True, scope=scope)
     _, _, _, eager_big = step(checkpoint=True, scope=None)
     assert (
         loss == pytest.approx(kept_loss, rel=1e-6)
@@ -1711,6 +1719,11 @@ def test_compile_scope_layer_is_refused_where_it_would_do_nothing() -> None:
     # a DoRA layer would run eager whole (dynamo cannot replay its dict write inside the checkpoint)
     with pytest.raises(UsageError, match="--compile_scope layer is not for DoRA"):
         _validate(parse([*lora, "--compile_layers", "true", "--use_dora", "true"]))
+    # body: the checkpoint stays eager around the graph, so DoRA compiles as its parts do
+    body = ["--config", "recipes/lora-1b.yaml", "--compile_scope", "body"]
+    with pytest.raises(UsageError, match="--compile_scope body applies where the layers are compiled"):
+        _validate(parse(body))
+    _validate(parse([*body, "--compile_layers", "true", "--use_dora", "true"]))
 
 
 def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatch) -> None:
@@ -1959,6 +1972,8 @@ def test_lean_recompute_trains_the_smoke_recipe_to_the_same_losses_and_refuses_w
     assert prepare(parse(smoke_args(tmp_path / "eager", "--lean_recompute", "auto"))).lean_mlps == 0
     assert prepare(parse(smoke_args(tmp_path / "dora", *auto, "--use_dora", "true"))).lean_mlps == 0
     assert prepare(parse(smoke_args(tmp_path / "auto4", *auto, *four_bit))).lean_mlps == 0
+    body = [*auto, "--compile_scope", "body"]  # the recomputation runs the layer's whole graph: no gain
+    assert prepare(parse(smoke_args(tmp_path / "body", *body))).lean_mlps == 0
     for extra, why in [
         (["--use_dora", "true"], "is for plain LoRA adapters: DoRA's forward reads the base weight"),
         (["--activation_checkpointing", "false"], "needs --activation_checkpointing true"),
@@ -1967,6 +1982,7 @@ def test_lean_recompute_trains_the_smoke_recipe_to_the_same_losses_and_refuses_w
             "needs the non-reentrant checkpoint",
         ),
         (["--compile_layers", "true", "--compile_scope", "layer"], "is for --compile_scope parts"),
+        (["--compile_layers", "true", "--compile_scope", "body"], "is for --compile_scope parts"),
     ]:
         out = tmp_path / "refused"
         assert main(smoke_args(out, "--lean_recompute", "true", *extra)) == 2
