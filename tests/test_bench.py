@@ -29,6 +29,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "autotune",
         "cpp_wrapper",
         "whole_layer",
+        "body",
         "causal_attention",
         "defer_metrics",
         "no_causal_attention",
