@@ -714,7 +714,9 @@ def _compile_layer_bodies(layers: list[Any], how: dict[str, Any]) -> None:
     layers share one code object and its graphs): the checkpoint stays eager and recomputes by calling the
     graph again, with the same RNG state, so the dropout masks are drawn again as in the forward. Parameter
     names, and so saved adapters, do not change. The parts make three or four compiled calls per layer call
-    instead (each with its guards and autograd function), the residual adds left in Python between them."""
+    instead (each with its guards and autograd function), the residual adds left in Python between them.
+    lean_mlp_recompute's down projection, run outside the graph, splits the body in two, and the
+    recomputation still ends before it (the graph before it keeps the last tensor kept for the backward)."""
     import torch
 
     made: dict[type, type] = {}

@@ -201,7 +201,7 @@ class FinQAArguments:
             "with one adapter the gradients are those of PEFT's forward bit for bit (CPU tests). Plain LoRA "
             "adapters over a bias-free 16-bit or bitsandbytes 4-bit base (not DoRA: its forward reads the "
             "base weight), with the non-reentrant activation checkpoint, one process or DDP, compiled parts "
-            "or eager (not --compile_scope layer or body). auto (the recipes'): where it applies, the layers "
+            "or eager (not --compile_scope layer). auto (the recipes'): where it applies, the layers "
             "compile and the base is 16-bit; true: also on a 4-bit base, refused where it does not apply. "
             "One H200: 3B LoRA 1.05x in both orders, 1B LoRA 1.00x and 1.06x, at the recipe's worst-step "
             "memory; on a 4-bit base 1B QLoRA ran 0.86-0.87x (the GPU waiting on the host; cause not "
@@ -303,10 +303,10 @@ class FinQAArguments:
             "MLP, norms and residual adds) as one graph beneath its activation checkpoint, which stays eager "
             "around it as with the parts and recomputes by calling the graph again, drawing the same "
             "dropout masks: one compiled call per layer call instead of three or four (fewer guards, "
-            "autograd functions and Python between them, for a pass bound by the host). DoRA too. Not with "
-            "lean_recompute (the whole graph runs again in the recomputation). A speed lever, not yet timed "
-            "on a GPU; on this repository's 2-core CPU a 16-layer toy model's step took 0.80-0.87x the "
-            "parts' time.",
+            "autograd functions and Python between them, for a pass bound by the host). DoRA too. With "
+            "lean_recompute, whose frozen down projection runs outside the graph, two graphs per layer call. "
+            "A speed lever, not yet timed on a GPU; on this repository's 2-core CPU a 16-layer toy model's "
+            "step (without lean_recompute) took 0.80-0.87x the parts' time.",
             "choices": ["parts", "layer", "body"],
         },
     )
@@ -652,11 +652,7 @@ def _lean_recompute_blocker(run: Run) -> str | None:
     if _fsdp_or_deepspeed(run.training):
         return "is for one process or DDP: FSDP and DeepSpeed manage the base weights the backward reads"
     if run.script.compile_scope == "layer":
-        return "is for --compile_scope parts: a compiled layer holds its checkpoint inside the graph"
-    if run.script.compile_scope == "body":
-        return (
-            "is for --compile_scope parts: the recomputation runs a compiled layer body's whole graph again"
-        )
+        return "is for --compile_scope parts or body: a compiled layer holds its checkpoint inside the graph"
     return None
 
 

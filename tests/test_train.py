@@ -1817,14 +1817,15 @@ def _tiny_lora_llama(layers: int = 2, dropout: float = 0.2) -> object:
     return model
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(compiled: bool) -> None:
+@pytest.mark.parametrize("compiled", [None, "parts", "body"], ids=["eager", "parts", "body"])
+def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(compiled: str | None) -> None:
     # Each MLP's down projection computes its adapters first and runs its frozen base layer without keeping
     # a tensor: the checkpoint's recomputation (torch's early stop) ends before that matmul. The loss and
-    # every gradient are PEFT's bit for bit (the same operations, the same dropout masks), eager and with the
-    # parts compiled as the recipes compile them; each step runs exactly one matmul per layer fewer (the
-    # profiler's count of aten::mm, which the compiled graphs call too), and never one of the down weight's
-    # shape in the recomputation.
+    # every gradient are PEFT's bit for bit (the same operations, the same dropout masks), eager, with the
+    # parts compiled as the recipes compile them, and with each layer's body one graph (which the frozen
+    # down projection, run outside the graph, splits in two); each step runs exactly one matmul per layer
+    # fewer (the profiler's count of aten::mm, which the compiled graphs call too), and never one of the
+    # down weight's shape in the recomputation.
     import torch
     from torch._dynamo.utils import counters
     from torch.profiler import profile
@@ -1840,7 +1841,7 @@ def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(
         if lean:
             assert lean_mlp_recompute(model) == 3
         if compiled:
-            assert compile_decoder_layers(model) == 3
+            assert compile_decoder_layers(model, scope=compiled) == 3
         for _ in range(2):  # the second step: the compiled graphs exist
             model.zero_grad()
             torch.manual_seed(5)
@@ -1972,8 +1973,8 @@ def test_lean_recompute_trains_the_smoke_recipe_to_the_same_losses_and_refuses_w
     assert prepare(parse(smoke_args(tmp_path / "eager", "--lean_recompute", "auto"))).lean_mlps == 0
     assert prepare(parse(smoke_args(tmp_path / "dora", *auto, "--use_dora", "true"))).lean_mlps == 0
     assert prepare(parse(smoke_args(tmp_path / "auto4", *auto, *four_bit))).lean_mlps == 0
-    body = [*auto, "--compile_scope", "body"]  # the recomputation runs the layer's whole graph: no gain
-    assert prepare(parse(smoke_args(tmp_path / "body", *body))).lean_mlps == 0
+    body = [*auto, "--compile_scope", "body"]  # the graph before the frozen down projection, and one after
+    assert prepare(parse(smoke_args(tmp_path / "body", *body))).lean_mlps == 2
     for extra, why in [
         (["--use_dora", "true"], "is for plain LoRA adapters: DoRA's forward reads the base weight"),
         (["--activation_checkpointing", "false"], "needs --activation_checkpointing true"),
@@ -1981,8 +1982,7 @@ def test_lean_recompute_trains_the_smoke_recipe_to_the_same_losses_and_refuses_w
             ["--activation_checkpointing_kwargs", '{"use_reentrant": true}'],
             "needs the non-reentrant checkpoint",
         ),
-        (["--compile_layers", "true", "--compile_scope", "layer"], "is for --compile_scope parts"),
-        (["--compile_layers", "true", "--compile_scope", "body"], "is for --compile_scope parts"),
+        (["--compile_layers", "true", "--compile_scope", "layer"], "is for --compile_scope parts or body"),
     ]:
         out = tmp_path / "refused"
         assert main(smoke_args(out, "--lean_recompute", "true", *extra)) == 2
