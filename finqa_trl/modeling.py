@@ -726,9 +726,15 @@ def _compile_layer_bodies(layers: list[Any], how: dict[str, Any]) -> None:
             continue
         if cls not in made:
             own = getattr(cls.forward, "__wrapped__", None)
-            if own is None:  # not transformers' checkpointing wrapper: compiling around it would hold the
+            wrapper = getattr(cls.forward, "__code__", None)
+            if own is None or wrapper is None or wrapper.co_name != "forward_with_checkpointing":
+                # another transformers version's layers: compiling around what is there could hold the
                 # checkpoint inside the graph (scope layer), which is not what was asked
-                raise RuntimeError(f"{cls.__name__}.forward is not transformers' checkpointing wrapper")
+                raise ModelError(
+                    f"--compile_scope body: {cls.__name__}.forward is not transformers' checkpointing "
+                    "wrapper (this transformers version wraps layers otherwise); --compile_scope parts "
+                    "compiles them"
+                )
             made[cls] = type(
                 cls.__name__,
                 (cls,),

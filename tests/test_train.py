@@ -1755,6 +1755,47 @@ def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatc
     assert seen == [("LlamaDecoderLayer", "{'mode': None}")] * 2
 
 
+def test_compile_scope_body_shares_one_compiled_forward_and_refuses_layers_it_cannot_reach(
+    monkeypatch,
+) -> None:
+    # body: every layer of a class gets one subclass (the same name, module and parameter names) whose forward
+    # is the class's own forward compiled once, inside transformers' checkpointing wrapper; a second call
+    # wraps nothing again. A layer class whose forward is not that wrapper is refused in one line.
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from finqa_trl.modeling import ModelError, compile_decoder_layers
+
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64
+    )
+    model = LlamaForCausalLM(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    compiled: list[object] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    assert compile_decoder_layers(model, scope="body") == 2
+    assert compiled == [LlamaDecoderLayer.forward.__wrapped__]
+    classes = {type(layer) for layer in model.model.layers}
+    assert len(classes) == 1 and (cls := classes.pop()) is not LlamaDecoderLayer
+    assert issubclass(cls, LlamaDecoderLayer) and cls.__name__ == "LlamaDecoderLayer"
+    assert (
+        cls.forward.__code__.co_name == "forward_with_checkpointing"
+        and cls.forward.__wrapped__ is compiled[0]
+    )
+    assert [n for n, _ in model.named_parameters()] == names
+    assert compile_decoder_layers(model, scope="body") == 2 and len(compiled) == 1
+
+    class Unwrapped(LlamaDecoderLayer):
+        pass
+
+    Unwrapped.forward = LlamaDecoderLayer.forward.__wrapped__  # set after the class: no wrapper around it
+    layer = model.model.layers[0]
+    layer.__class__ = Unwrapped
+    with pytest.raises(ModelError, match="--compile_scope body: Unwrapped.forward is not transformers'"):
+        compile_decoder_layers(model, scope="body")
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter (no GPU)")
 def test_lora_dropout_kernel_trains_with_the_fused_adapters_and_saves_the_same_adapter(
     tmp_path: Path,
