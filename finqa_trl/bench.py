@@ -131,8 +131,8 @@ LEVERS: dict[str, list[str]] = {
     # to partition it once the lengths are dynamic: speed-notes Next 9)
     "whole_layer": ["--compile_scope", "layer"],
     # each decoder layer's own forward compiled as one graph beneath its checkpoint (eager around it, as
-    # with the parts): one compiled call per layer call instead of three or four (two with lean_recompute,
-    # whose frozen down projection runs outside the graph)
+    # with the parts): one compiled call per layer call instead of four (three with lean_recompute, whose
+    # frozen down projection runs outside the graph)
     "body": ["--compile_scope", "body"],
     # host waits for the GPU inside each pass: transformers' check of the padding mask before the forward
     # (causal_attention: right-padded rows need only the causal mask), TRL's metric reads between the forward

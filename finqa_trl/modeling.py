@@ -713,15 +713,23 @@ def _compile_layer_bodies(layers: list[Any], how: dict[str, Any]) -> None:
     each layer's class is swapped for such a subclass (one per class, with the class's name, so that all
     layers share one code object and its graphs): the checkpoint stays eager and recomputes by calling the
     graph again, with the same RNG state, so the dropout masks are drawn again as in the forward. Parameter
-    names, and so saved adapters, do not change. The parts make three or four compiled calls per layer call
-    instead (each with its guards and autograd function), the residual adds left in Python between them.
-    lean_mlp_recompute's down projection, run outside the graph, splits the body in two, and the
-    recomputation still ends before it (the graph before it keeps the last tensor kept for the backward)."""
+    names, and so saved adapters, do not change. The parts make four compiled calls per layer call instead
+    (each with its guards and autograd function), the residual adds left in Python between them.
+    lean_mlp_recompute's down projection, run outside the graph, splits the body into three graphs (the
+    layer's up to the MLP, the MLP's up to the down projection, the layer's rest after it), and the
+    recomputation still ends before it (the graph before it keeps the last tensor kept for the backward).
+    The swapped class has the original's name and qualified name, so pickling a layer (`torch.save` of the
+    whole model) fails; state dicts, and so saved adapters and checkpoints, are unaffected."""
     import torch
 
     made: dict[type, type] = {}
     for layer in layers:
         cls = type(layer)
+        if "forward" in vars(layer):  # set on the instance (a hook's wrapper): it would hide the class's
+            raise ModelError(
+                f"--compile_scope body: a {cls.__name__} has its own forward (a hook's wrapper), which "
+                "would hide the compiled one; --compile_scope parts compiles its parts"
+            )
         if getattr(cls, "_compiled_body", False):  # compiled before (a second call): nothing to wrap again
             continue
         if cls not in made:

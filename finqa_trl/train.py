@@ -192,20 +192,20 @@ class FinQAArguments:
         default="false",
         metadata={
             "help": "Leave each MLP's frozen down projection out of the activation checkpoint's "
-            "recomputation (modeling.lean_mlp_recompute). The backward needs everything of a layer's "
-            "forward but that last projection's output, and torch stops recomputing once the last tensor "
-            "kept for the backward is made again: with the adapters computed first, inside the compiled "
-            "MLP, and the base layer after it outside autograd (its input gradient carried by the adapters' "
-            "term), one (tokens x intermediate) @ (intermediate x hidden) matmul per layer and pass goes "
-            "(a twelfth of a Llama 3.2 step's base-layer matmuls). The same operations and dropout masks: "
-            "with one adapter the gradients are those of PEFT's forward bit for bit (CPU tests). Plain LoRA "
-            "adapters over a bias-free 16-bit or bitsandbytes 4-bit base (not DoRA: its forward reads the "
-            "base weight), with the non-reentrant activation checkpoint, one process or DDP, compiled parts "
-            "or eager (not --compile_scope layer). auto (the recipes'): where it applies, the layers "
-            "compile and the base is 16-bit; true: also on a 4-bit base, refused where it does not apply. "
-            "One H200: 3B LoRA 1.05x in both orders, 1B LoRA 1.00x and 1.06x, at the recipe's worst-step "
-            "memory; on a 4-bit base 1B QLoRA ran 0.86-0.87x (the GPU waiting on the host; cause not "
-            "established), 3B QLoRA 1.04x (results/speed-notes.md).",
+            "recomputation (modeling.lean_mlp_recompute). The backward needs everything of a layer's forward "
+            "but that last projection's output, and torch stops recomputing once the last tensor kept for "
+            "the backward is made again: with the adapters computed first, inside the compiled MLP, and the "
+            "base layer after it outside autograd (its input gradient carried by the adapters' term), one "
+            "(tokens x intermediate) @ (intermediate x hidden) matmul per layer and pass goes (a twelfth of "
+            "a Llama 3.2 step's base-layer matmuls). The same operations and dropout masks: with one adapter "
+            "the gradients are those of PEFT's forward bit for bit (CPU tests). Plain LoRA adapters over a "
+            "bias-free 16-bit or bitsandbytes 4-bit base (not DoRA: its forward reads the base weight), with "
+            "the non-reentrant activation checkpoint, one process or DDP, compiled parts or bodies or eager "
+            "(not --compile_scope layer). auto (the recipes'): where it applies, the layers compile and the "
+            "base is 16-bit; true: also on a 4-bit base, refused where it does not apply. One H200: 3B LoRA "
+            "1.05x in both orders, 1B LoRA 1.00x and 1.06x, at the recipe's worst-step memory; on a 4-bit "
+            "base 1B QLoRA ran 0.86-0.87x (the GPU waiting on the host; cause not established), 3B QLoRA "
+            "1.04x (results/speed-notes.md).",
             "choices": ["auto", "true", "false"],
         },
     )
@@ -289,24 +289,24 @@ class FinQAArguments:
     compile_scope: str = field(
         default="parts",
         metadata={
-            "help": "What compile_layers compiles: parts (each decoder layer's attention, MLP and norms; "
-            "the activation checkpoint stays eager around them and recomputes by calling them again) or "
-            "layer (the whole decoder layer with its activation checkpoint inside the graph: the compiler "
+            "help": "What compile_layers compiles: parts (each decoder layer's attention, MLP and norms; the "
+            "activation checkpoint stays eager around them and recomputes by calling them again) or layer "
+            "(the whole decoder layer with its activation checkpoint inside the graph: the compiler "
             "recomputes the layer inside the compiled backward, replaying its dropout masks, and fuses "
             "across the parts and the residual adds; fewer calls from Python per layer). Same objective: on "
             "the CPU it gives the gradients of the layer compiled without recomputation, and keeps what the "
             "eager checkpoint keeps. Not for DoRA: PEFT's DoRA forward writes to a dict outside the layer, "
             "which dynamo cannot replay inside a checkpoint, so the whole layer would run eager. A speed "
             "lever that torch 2.11 (the GPU image's) fails to partition on a GPU once dynamo makes the "
-            "lengths dynamic (an H100 and two H200s, 1b LoRA; the one shape that ran: 1.08x the parts at "
-            "1.2 GiB more; results/speed-notes.md). body: each decoder layer's own forward (attention, "
-            "MLP, norms and residual adds) as one graph beneath its activation checkpoint, which stays eager "
-            "around it as with the parts and recomputes by calling the graph again, drawing the same "
-            "dropout masks: one compiled call per layer call instead of three or four (fewer guards, "
-            "autograd functions and Python between them, for a pass bound by the host). DoRA too. With "
-            "lean_recompute, whose frozen down projection runs outside the graph, two graphs per layer call. "
-            "A speed lever, not yet timed on a GPU; on this repository's 2-core CPU a 16-layer toy model's "
-            "step (without lean_recompute) took 0.80-0.87x the parts' time.",
+            "lengths dynamic (an H100 and two H200s, 1b LoRA; the one shape that ran: 1.08x the parts at 1.2 "
+            "GiB more; results/speed-notes.md). body: each decoder layer's own forward (attention, MLP, "
+            "norms and residual adds) as one graph beneath its activation checkpoint, which stays eager "
+            "around it as with the parts and recomputes by calling the graph again, drawing the same dropout "
+            "masks: one compiled call per layer call instead of four (fewer guards, autograd functions and "
+            "Python between them, for a pass bound by the host). DoRA too. With lean_recompute, whose frozen "
+            "down projection runs outside the graph, three graphs per layer call. A speed lever, not yet "
+            "timed on a GPU (host time per step on this repository's 2-core CPU: "
+            "results/compile-scope-body-cpu/).",
             "choices": ["parts", "layer", "body"],
         },
     )

@@ -1777,15 +1777,15 @@ def test_compile_scope_body_shares_one_compiled_forward_and_refuses_layers_it_ca
     model = LlamaForCausalLM(cfg)
     names = [n for n, _ in model.named_parameters()]
     compiled: list[object] = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
-    assert compile_decoder_layers(model, scope="body") == 2
-    assert compiled == [LlamaDecoderLayer.forward.__wrapped__]
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append((fn, kw)) or fn)
+    assert compile_decoder_layers(model, "max-autotune-no-cudagraphs", scope="body") == 2
+    assert compiled == [(LlamaDecoderLayer.forward.__wrapped__, {"mode": "max-autotune-no-cudagraphs"})]
     classes = {type(layer) for layer in model.model.layers}
     assert len(classes) == 1 and (cls := classes.pop()) is not LlamaDecoderLayer
     assert issubclass(cls, LlamaDecoderLayer) and cls.__name__ == "LlamaDecoderLayer"
     assert (
         cls.forward.__code__.co_name == "forward_with_checkpointing"
-        and cls.forward.__wrapped__ is compiled[0]
+        and cls.forward.__wrapped__ is compiled[0][0]
     )
     assert [n for n, _ in model.named_parameters()] == names
     assert compile_decoder_layers(model, scope="body") == 2 and len(compiled) == 1
@@ -1797,6 +1797,11 @@ def test_compile_scope_body_shares_one_compiled_forward_and_refuses_layers_it_ca
     layer = model.model.layers[0]
     layer.__class__ = Unwrapped
     with pytest.raises(ModelError, match="--compile_scope body: Unwrapped.forward is not transformers'"):
+        compile_decoder_layers(model, scope="body")
+    # a forward set on the layer itself (a hook's wrapper) would hide the compiled class's
+    layer.__class__ = LlamaDecoderLayer
+    layer.forward = lambda *args, **kwargs: None
+    with pytest.raises(ModelError, match="--compile_scope body: a LlamaDecoderLayer has its own forward"):
         compile_decoder_layers(model, scope="body")
 
 
@@ -1898,6 +1903,10 @@ def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(
         if compiled:  # the only break: the frozen down projection, run outside the graph
             breaks = list(counters["graph_break"])
             assert len(breaks) == (1 if lean else 0) and all("_lean_down" in b for b in breaks)
+            # the three layers share their graphs: the parts' attention, MLP and norm; one body, or with
+            # the frozen down projection outside it, the layer's up to the MLP, the MLP's up to the down
+            # projection, and the layer's rest after it
+            assert counters["stats"]["unique_graphs"] == (3 if compiled == "parts" or lean else 1)
         return loss.item(), grads, mms
 
     loss, grads, mms = step(lean=False)
