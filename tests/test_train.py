@@ -1873,7 +1873,7 @@ def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(
     # a tensor: the checkpoint's recomputation (torch's early stop) ends before that matmul. The loss and
     # every gradient are PEFT's bit for bit (the same operations, the same dropout masks), eager, with the
     # parts compiled as the recipes compile them, and with each layer's body one graph (which the frozen
-    # down projection, run outside the graph, splits in two); each step runs exactly one matmul per layer
+    # down projection, run outside the graph, splits into three); each step runs exactly one matmul per layer
     # fewer (the profiler's count of aten::mm, which the compiled graphs call too), and never one of the
     # down weight's shape in the recomputation.
     import torch
@@ -2027,7 +2027,7 @@ def test_lean_recompute_trains_the_smoke_recipe_to_the_same_losses_and_refuses_w
     assert prepare(parse(smoke_args(tmp_path / "eager", "--lean_recompute", "auto"))).lean_mlps == 0
     assert prepare(parse(smoke_args(tmp_path / "dora", *auto, "--use_dora", "true"))).lean_mlps == 0
     assert prepare(parse(smoke_args(tmp_path / "auto4", *auto, *four_bit))).lean_mlps == 0
-    body = [*auto, "--compile_scope", "body"]  # the graph before the frozen down projection, and one after
+    body = [*auto, "--compile_scope", "body"]  # the graphs before the frozen down projection, and one after
     assert prepare(parse(smoke_args(tmp_path / "body", *body))).lean_mlps == 2
     for extra, why in [
         (["--use_dora", "true"], "is for plain LoRA adapters: DoRA's forward reads the base weight"),
