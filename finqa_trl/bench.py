@@ -132,8 +132,10 @@ LEVERS: dict[str, list[str]] = {
     "whole_layer": ["--compile_scope", "layer"],
     # each decoder layer's own forward compiled as one graph beneath its checkpoint (eager around it, as
     # with the parts): one compiled call per layer call instead of four (three with lean_recompute, whose
-    # frozen down projection runs outside the graph)
+    # frozen down projection runs outside the graph). The LoRA and QLoRA recipes' default since machine TT
+    # (compile_scope auto), so `body` matters for DoRA; `parts` times the four compiled parts as before
     "body": ["--compile_scope", "body"],
+    "parts": ["--compile_scope", "parts"],
     # host waits for the GPU inside each pass: transformers' check of the padding mask before the forward
     # (causal_attention: right-padded rows need only the causal mask), TRL's metric reads between the forward
     # and the backward (defer_metrics: read once per log). The recipes' defaults since machine AA (session 17:
@@ -167,7 +169,8 @@ LEVERS: dict[str, list[str]] = {
     "no_fused_dropout": ["--lora_dropout_kernel", "false"],
     # each MLP's frozen down projection left out of the checkpoint's recomputation (one matmul per layer and
     # pass fewer: modeling.lean_mlp_recompute); the 16-bit LoRA recipes' default since cc37261
-    # (`recipe:no_lean` times without), so `lean` matters for 4-bit bases, which auto leaves out
+    # (`recipe:no_lean` times without) but lora-1b's, off since machine TT (`lean` times it there and on
+    # 4-bit bases, which auto leaves out)
     "lean": ["--lean_recompute", "true"],
     "no_lean": ["--lean_recompute", "false"],
 }

@@ -705,6 +705,36 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
     return len(layers)
 
 
+def body_blocker(model: Any) -> str | None:
+    """Why this model's decoder layers cannot compile as bodies (`_compile_layer_bodies`); None: they can.
+    The recipes' compile_scope auto falls back to the parts where it says why."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return _body_blocker([m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)])
+
+
+def _body_blocker(layers: list[Any]) -> str | None:
+    for layer in layers:
+        cls = type(layer)
+        if "forward" in vars(layer):  # set on the instance (a hook's wrapper): it would hide the class's
+            return (
+                f"a {cls.__name__} has its own forward (a hook's wrapper), which would hide the compiled one"
+            )
+        if getattr(cls, "_compiled_body", False):
+            continue
+        wrapper = getattr(cls.forward, "__code__", None)
+        if getattr(cls.forward, "__wrapped__", None) is None or getattr(wrapper, "co_name", None) != (
+            "forward_with_checkpointing"
+        ):
+            # another transformers version's layers: compiling around what is there could hold the
+            # checkpoint inside the graph (scope layer), which is not what was asked
+            return (
+                f"{cls.__name__}.forward is not transformers' checkpointing wrapper (this transformers "
+                "version wraps layers otherwise)"
+            )
+    return None
+
+
 def _compile_layer_bodies(layers: list[Any], how: dict[str, Any]) -> None:
     """Compile each layer's own forward (attention, MLP, norms and residual adds: one graph) beneath its
     activation checkpoint. transformers 5 wraps every GradientCheckpointingLayer subclass's forward in a
@@ -722,32 +752,20 @@ def _compile_layer_bodies(layers: list[Any], how: dict[str, Any]) -> None:
     whole model) fails; state dicts, and so saved adapters and checkpoints, are unaffected."""
     import torch
 
+    why = _body_blocker(layers)
+    if why:
+        raise ModelError(f"--compile_scope body: {why}; --compile_scope parts compiles their parts")
     made: dict[type, type] = {}
     for layer in layers:
         cls = type(layer)
-        if "forward" in vars(layer):  # set on the instance (a hook's wrapper): it would hide the class's
-            raise ModelError(
-                f"--compile_scope body: a {cls.__name__} has its own forward (a hook's wrapper), which "
-                "would hide the compiled one; --compile_scope parts compiles its parts"
-            )
         if getattr(cls, "_compiled_body", False):  # compiled before (a second call): nothing to wrap again
             continue
         if cls not in made:
-            own = getattr(cls.forward, "__wrapped__", None)
-            wrapper = getattr(cls.forward, "__code__", None)
-            if own is None or wrapper is None or wrapper.co_name != "forward_with_checkpointing":
-                # another transformers version's layers: compiling around what is there could hold the
-                # checkpoint inside the graph (scope layer), which is not what was asked
-                raise ModelError(
-                    f"--compile_scope body: {cls.__name__}.forward is not transformers' checkpointing "
-                    "wrapper (this transformers version wraps layers otherwise); --compile_scope parts "
-                    "compiles them"
-                )
             made[cls] = type(
                 cls.__name__,
                 (cls,),
                 {
-                    "forward": torch.compile(own, **how),
+                    "forward": torch.compile(cls.forward.__wrapped__, **how),
                     "_compiled_body": True,
                     "__module__": cls.__module__,
                     "__qualname__": cls.__qualname__,

@@ -30,6 +30,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "cpp_wrapper",
         "whole_layer",
         "body",
+        "parts",
         "causal_attention",
         "defer_metrics",
         "no_causal_attention",
@@ -90,7 +91,8 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     assert train.parse(lora).script.causal_attention == "auto" and train.parse(lora).script.defer_metrics
     waits = train.parse([*lora, *bench.lever_args("recipe:no_causal_attention+no_defer_metrics")]).script
     assert waits.causal_attention == "false" and not waits.defer_metrics
-    assert train.parse(lora).script.compile_scope == "parts"
+    assert train.parse(lora).script.compile_scope == "auto"
+    assert train.parse([*lora, *bench.lever_args("recipe:parts")]).script.compile_scope == "parts"
     assert train.parse([*lora, *bench.lever_args("recipe:whole_layer")]).script.compile_scope == "layer"
     assert train.parse([*lora, *bench.lever_args("recipe:body")]).script.compile_scope == "body"
     # Liger's kernels: a recipe default where installed on a GPU (faked here) and the layers run eager (they

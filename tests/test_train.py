@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -993,7 +994,7 @@ ACCELERATE = ["-m", "accelerate.commands.launch", "--config_file", "accelerate_c
         (TORCHRUN, []),
         # what `make train ACCELERATE_CONFIG=cpu_ddp NUM_GPUS=2` runs
         ([*ACCELERATE, "--num_processes", "2", "-m", "finqa_trl.train"], []),
-        # DDP around compiled layer parts: what compile_layers auto does on several GPUs
+        # DDP around compiled layer bodies: what compile_layers and compile_scope auto do on several GPUs
         (TORCHRUN, ["--compile_layers", "true"]),
         # each step's 2 x 2 examples per process in token-budgeted passes, as many on both processes
         (TORCHRUN, ["--gradient_accumulation_steps", "2", "--micro_batch_tokens", "1408"]),
@@ -1042,6 +1043,9 @@ def test_two_process_cpu_run(launcher: list[str], extra: list[str], tmp_path: Pa
     results = json.loads((out / "train_results.json").read_text())
     assert results["train_runtime"] > 0 and results["liger_kernel"] is False  # what ran (no GPU here)
     assert results["compile_layers"] is ("--compile_layers" in extra)
+    # compile_scope auto: LoRA's layers compile as bodies, DoRA's as parts
+    scope = None if "--compile_layers" not in extra else "parts" if "--use_dora" in extra else "body"
+    assert results["compile_scope"] == scope
     # the recipes' lean_recompute auto: on around DDP where the layers compile over a 16-bit base (both MLPs)
     assert results["lean_recompute"] == (2 if extra == ["--compile_layers", "true"] else 0)
     # auto:0.92: 0.92 x 2 rows x the fixture's longest example (711 tokens)
@@ -1340,7 +1344,7 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
         how = ["--compile_layers", compiled]
         # the compiled parts with sdpa's padding mask too (the recipes run causal only)
         if compiled == "true":
-            how += ["--causal_attention", "false"]
+            how += ["--causal_attention", "false", "--compile_scope", "parts"]
         if compiled == "cpp-wrapper":
             how = ["--compile_layers", "true", "--compile_mode", compiled]
         if compiled in ("layer", "body"):
@@ -1730,6 +1734,40 @@ def test_compile_scope_layer_is_refused_where_it_would_do_nothing() -> None:
     _validate(parse([*body, "--compile_layers", "true", "--use_dora", "true"]))
 
 
+def test_compile_scope_auto_compiles_lora_as_bodies_and_dora_as_parts(monkeypatch, tmp_path, caplog) -> None:
+    # auto (the recipes'): bodies for plain LoRA adapters on a 16-bit or 4-bit base, parts for DoRA; an
+    # explicit scope as asked. It is not refused where nothing compiles (the CPU's auto): it chooses nothing.
+    from finqa_trl.train import _validate, layer_compile_scope
+
+    for recipe, scope in [
+        ("lora-3b", "body"),
+        ("qlora-1b", "body"),
+        ("dora-1b", "parts"),
+        ("qdora-3b", "parts"),
+    ]:
+        run = parse(["--config", f"recipes/{recipe}.yaml"])
+        assert run.script.compile_scope == "auto" and layer_compile_scope(run) == scope
+        _validate(run)
+    for scope in ("parts", "layer", "body"):
+        asked = ["--config", "recipes/lora-1b.yaml", "--compile_layers", "true", "--compile_scope", scope]
+        assert layer_compile_scope(parse(asked)) == scope
+    # a layer that cannot compile as a body (modeling.body_blocker: a hook's forward on it, another
+    # transformers version's wrapper) compiles as parts under auto, said in the log (body, asked, refuses it)
+    compile_ = ["--compile_layers", "true", "--lean_recompute", "false"]
+    monkeypatch.setattr(
+        "finqa_trl.train.body_blocker", lambda model: "a LlamaDecoderLayer has its own forward"
+    )
+    with caplog.at_level(logging.INFO, logger="finqa_trl"):
+        prepared = prepare(parse(smoke_args(tmp_path / "auto", *compile_)))
+    assert prepared.compile_scope == "parts" and prepared.compiled_layers == 2
+    assert (
+        "compile_scope auto: compiling the layers' parts, not their bodies: a LlamaDecoderLayer"
+        in caplog.text
+    )
+    monkeypatch.undo()
+    assert prepare(parse(smoke_args(tmp_path / "body", *compile_))).compile_scope == "body"
+
+
 def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatch) -> None:
     # --compile_mode reaches torch.compile for each part of each layer (CUDA graphs exist only on a GPU, so
     # the mode itself is timed there, by the bench's cudagraphs lever); `default` leaves torch's own default
@@ -2023,12 +2061,13 @@ def test_lean_recompute_trains_the_smoke_recipe_to_the_same_losses_and_refuses_w
     # auto: where it applies, the layers compile and the base is 16-bit (DoRA: not, and no refusal; eager:
     # not; a 4-bit base: not, though true applies there)
     auto = ["--lean_recompute", "auto", "--compile_layers", "true"]
-    assert prepare(parse(smoke_args(tmp_path / "auto", *auto))).lean_mlps == 2
+    compiled = prepare(parse(smoke_args(tmp_path / "auto", *auto)))  # as bodies (compile_scope auto)
+    assert compiled.lean_mlps == 2 and compiled.compile_scope == "body"
     assert prepare(parse(smoke_args(tmp_path / "eager", "--lean_recompute", "auto"))).lean_mlps == 0
     assert prepare(parse(smoke_args(tmp_path / "dora", *auto, "--use_dora", "true"))).lean_mlps == 0
     assert prepare(parse(smoke_args(tmp_path / "auto4", *auto, *four_bit))).lean_mlps == 0
-    body = [*auto, "--compile_scope", "body"]  # the graphs before the frozen down projection, and one after
-    assert prepare(parse(smoke_args(tmp_path / "body", *body))).lean_mlps == 2
+    parts = prepare(parse(smoke_args(tmp_path / "parts", *auto, "--compile_scope", "parts")))
+    assert parts.lean_mlps == 2 and parts.compile_scope == "parts"
     for extra, why in [
         (["--use_dora", "true"], "is for plain LoRA adapters: DoRA's forward reads the base weight"),
         (["--activation_checkpointing", "false"], "needs --activation_checkpointing true"),
