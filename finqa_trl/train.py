@@ -203,10 +203,12 @@ class FinQAArguments:
             "bias-free 16-bit or bitsandbytes 4-bit base (not DoRA: its forward reads the base weight), with "
             "the non-reentrant activation checkpoint, one process or DDP, compiled parts or bodies or eager "
             "(not --compile_scope layer). auto (the recipes'): where it applies, the layers compile and the "
-            "base is 16-bit; true: also on a 4-bit base, refused where it does not apply. One H200: 3B LoRA "
-            "1.05x in both orders, 1B LoRA 1.00x and 1.06x, at the recipe's worst-step memory; on a 4-bit "
-            "base 1B QLoRA ran 0.86-0.87x (the GPU waiting on the host; cause not established), 3B QLoRA "
-            "1.04x (results/speed-notes.md).",
+            "base is 16-bit; true: also on a 4-bit base, refused where it does not apply. One H200, with "
+            "compiled parts: 3B LoRA 1.05x in both orders, 1B LoRA 1.00x and 1.06x, at the recipe's "
+            "worst-step memory; on a 4-bit base 1B QLoRA ran 0.86-0.87x (the GPU waiting on the host; cause "
+            "not established), 3B QLoRA 1.04x. With compiled bodies (compile_scope auto), 1B LoRA ran "
+            "without it at 1.00x and 1.11x its speed with it, so lora-1b turns it off; 3B LoRA keeps it "
+            "(results/speed-notes.md).",
             "choices": ["auto", "true", "false"],
         },
     )
