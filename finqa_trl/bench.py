@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from . import OneLineError, one_line
+from .report import bench_chart, bench_table
 from .score import write_json_atomic
 
 METHODS = ("lora", "dora", "qlora", "qdora")
@@ -796,90 +797,6 @@ def eval_split(records: list[dict], dest: Path) -> Path:
     return dest
 
 
-# A row's machine or run, where rows of several bench files are shown together (finqa_trl.report --bench):
-# ratios pair rows of one source only
-SOURCE = "source"
-
-
-def _pair(r: dict[str, Any]) -> tuple[Any, ...]:
-    return r.get("shape"), r.get("method"), r.get(SOURCE)
-
-
-def vs_plain_trl(rows: Sequence[dict[str, Any]]) -> list[float | None]:
-    """Each row's tokens/s over plain TRL's for the same (shape, method) and source in these rows; None where
-    either is missing. Where plain TRL was timed twice for one pair, its first row is the base (the chart
-    draws the first bar of each variant)."""
-    base: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for r in rows:
-        if r.get("variant") == "trl" and "tokens_per_s" in r:
-            base.setdefault(_pair(r), r)
-    out: list[float | None] = []
-    for r in rows:
-        b = base.get(_pair(r)) if "tokens_per_s" in r else None
-        out.append(None if b is None else r["tokens_per_s"] / b["tokens_per_s"])
-    return out
-
-
-def table(rows: Sequence[dict[str, Any]]) -> str:
-    """One row per (shape, method, variant); speed-up and memory relative to plain TRL of the same pair (and
-    source: a source column where the rows have one)."""
-    sourced = any(SOURCE in r for r in rows)
-    lines = [
-        "| shape | method | variant | tokens/s | peak GiB (run) | peak GiB (worst step) | vs plain TRL |"
-        + (" source |" if sourced else ""),
-        "|---|---|---|---:|---:|---:|---:|" + ("---|" if sourced else ""),
-    ]
-    for r, ratio in zip(rows, vs_plain_trl(rows), strict=True):
-        if "variant" not in r:
-            continue
-        tail = f" {r.get(SOURCE, '')} |" if sourced else ""
-        if "tokens_per_s" not in r:
-            lines.append(
-                f"| {r['shape']} | {r['method']} | {r['variant']} | {r.get('error', '–')} | | | |" + tail
-            )
-            continue
-        rel = "–" if ratio is None else f"{ratio:.2f}x"
-        name = f"| {r['shape']} | {r['method']} | {r['variant']} |"
-        worst = r.get("longest_batch_peak_gib", "–")
-        lines.append(f"{name} {r['tokens_per_s']:,.0f} | {r['peak_gib']} | {worst} | {rel} |" + tail)
-    return "\n".join(lines)
-
-
-def chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
-    """The timed training rows as a PNG: a group of bars per (shape, method, source), a bar of tokens/s per
-    variant, each noted with its ratio to plain TRL (plain TRL's own bars: none) and its worst step's peak GiB
-    (where measured: none on a CPU). False, and nothing written, where no row was timed. A variant timed
-    twice for one pair (an order check) keeps its first bar; the table lists both."""
-    from .report import grouped_bars
-
-    pairs = zip(rows, vs_plain_trl(rows), strict=True)
-    timed = [(r, ratio) for r, ratio in pairs if "tokens_per_s" in r and "variant" in r]
-    if not timed:
-        return False
-    groups = list(dict.fromkeys(_pair(r) for r, _ in timed))
-    variants = list(dict.fromkeys(r["variant"] for r, _ in timed))
-    first: dict[tuple[Any, ...], tuple[dict[str, Any], float | None]] = {}
-    for r, ratio in timed:
-        first.setdefault((*_pair(r), r["variant"]), (r, ratio))
-    series = []
-    for variant in variants:
-        values: list[float | None] = []
-        notes: list[str] = []
-        for group in groups:
-            r, ratio = first.get((*group, variant), (None, None))
-            values.append(None if r is None else r["tokens_per_s"])
-            worst = None if r is None else r.get("longest_batch_peak_gib")  # a number, None or an error text
-            rel = "" if ratio is None or variant == "trl" else f"{ratio:.2f}x"  # trl: the 1.00x itself
-            peak = f"{worst:g} GiB" if isinstance(worst, int | float) and not isinstance(worst, bool) else ""
-            notes.append("\n".join(x for x in (rel, peak) if x))
-        series.append((variant, values, notes))
-    labels = [
-        f"{shape} {method}" + ("" if source is None else f"\n{source}") for shape, method, source in groups
-    ]
-    grouped_bars(labels, series, path, ylabel="training tokens/s", title=title)
-    return True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finqa_trl.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data_dir", required=True, help="FinQA folder with train/dev/test (real prompts)")
@@ -1003,11 +920,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(r)
             write_json_atomic(out_file, {**header, "results": results})
     print(f"\n{device}, {args.examples} timed examples after {args.warmup_examples} untimed; {out_file}\n")
-    print(table(results))
+    print(bench_table(results))
     png = out_file.with_suffix(".png")
     title = f"{device}: {args.examples} timed examples after {args.warmup_examples}"
     try:  # the JSON above is the record: a chart that fails loses only itself
-        if chart(results, png, title):
+        if bench_chart(results, png, title):
             print(f"chart: {png}")
     except Exception as err:
         print(f"chart not written: {_error_text(err)}", file=sys.stderr)

@@ -301,13 +301,93 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+# A row's machine or run, where rows of several bench files are shown together (--bench):
+# ratios pair rows of one source only
+SOURCE = "source"
+
+
+def _pair(r: dict[str, Any]) -> tuple[Any, ...]:
+    return r.get("shape"), r.get("method"), r.get(SOURCE)
+
+
+def vs_plain_trl(rows: Sequence[dict[str, Any]]) -> list[float | None]:
+    """Each row's tokens/s over plain TRL's for the same (shape, method) and source in these rows; None where
+    either is missing. Where plain TRL was timed twice for one pair, its first row is the base (the chart
+    draws the first bar of each variant)."""
+    base: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("variant") == "trl" and "tokens_per_s" in r:
+            base.setdefault(_pair(r), r)
+    out: list[float | None] = []
+    for r in rows:
+        b = base.get(_pair(r)) if "tokens_per_s" in r else None
+        out.append(None if b is None else r["tokens_per_s"] / b["tokens_per_s"])
+    return out
+
+
+def bench_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per (shape, method, variant); speed-up and memory relative to plain TRL of the same pair (and
+    source: a source column where the rows have one)."""
+    sourced = any(SOURCE in r for r in rows)
+    lines = [
+        "| shape | method | variant | tokens/s | peak GiB (run) | peak GiB (worst step) | vs plain TRL |"
+        + (" source |" if sourced else ""),
+        "|---|---|---|---:|---:|---:|---:|" + ("---|" if sourced else ""),
+    ]
+    for r, ratio in zip(rows, vs_plain_trl(rows), strict=True):
+        if "variant" not in r:
+            continue
+        tail = f" {r.get(SOURCE, '')} |" if sourced else ""
+        if "tokens_per_s" not in r:
+            lines.append(
+                f"| {r['shape']} | {r['method']} | {r['variant']} | {r.get('error', '–')} | | | |" + tail
+            )
+            continue
+        rel = "–" if ratio is None else f"{ratio:.2f}x"
+        name = f"| {r['shape']} | {r['method']} | {r['variant']} |"
+        worst = r.get("longest_batch_peak_gib", "–")
+        lines.append(f"{name} {r['tokens_per_s']:,.0f} | {r['peak_gib']} | {worst} | {rel} |" + tail)
+    return "\n".join(lines)
+
+
+def bench_chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
+    """The timed training rows as a PNG: a group of bars per (shape, method, source), a bar of tokens/s per
+    variant, each noted with its ratio to plain TRL (plain TRL's own bars: none) and its worst step's peak GiB
+    (where measured: none on a CPU). False, and nothing written, where no row was timed. A variant timed
+    twice for one pair (an order check) keeps its first bar; the table lists both."""
+    pairs = zip(rows, vs_plain_trl(rows), strict=True)
+    timed = [(r, ratio) for r, ratio in pairs if "tokens_per_s" in r and "variant" in r]
+    if not timed:
+        return False
+    groups = list(dict.fromkeys(_pair(r) for r, _ in timed))
+    variants = list(dict.fromkeys(r["variant"] for r, _ in timed))
+    first: dict[tuple[Any, ...], tuple[dict[str, Any], float | None]] = {}
+    for r, ratio in timed:
+        first.setdefault((*_pair(r), r["variant"]), (r, ratio))
+    series = []
+    for variant in variants:
+        values: list[float | None] = []
+        notes: list[str] = []
+        for group in groups:
+            r, ratio = first.get((*group, variant), (None, None))
+            values.append(None if r is None else r["tokens_per_s"])
+            worst = None if r is None else r.get("longest_batch_peak_gib")  # a number, None or an error text
+            rel = "" if ratio is None or variant == "trl" else f"{ratio:.2f}x"  # trl: the 1.00x itself
+            peak = f"{worst:g} GiB" if isinstance(worst, int | float) and not isinstance(worst, bool) else ""
+            notes.append("\n".join(x for x in (rel, peak) if x))
+        series.append((variant, values, notes))
+    labels = [
+        f"{shape} {method}" + ("" if source is None else f"\n{source}") for shape, method, source in groups
+    ]
+    grouped_bars(labels, series, path, ylabel="training tokens/s", title=title)
+    return True
+
+
 def bench_rows(specs: Sequence[str]) -> list[dict[str, Any]]:
     """The training rows of bench result files given as [SOURCE=]FILE, each marked with its source (the
     file's name without its suffix where none is given), in the order given.
     A row that is not a bench row (shape, method, and where timed a positive tokens/s and a peak) is refused
     in one line."""
-    from .bench import SOURCE
-
     rows: list[dict[str, Any]] = []
     for spec in specs:
         source, sep, name = spec.partition("=")
@@ -347,8 +427,6 @@ def _not_a_bench_row(r: dict[str, Any]) -> str | None:
 
 
 def report_bench(args: argparse.Namespace) -> int:
-    from .bench import chart, table
-
     try:
         held = bench_rows(args.bench)
     except OneLineError as err:
@@ -363,7 +441,7 @@ def report_bench(args: argparse.Namespace) -> int:
             return 2
         print("nothing to report: no training rows in those bench files", file=sys.stderr)
         return 0
-    text = table(rows) + "\n"
+    text = bench_table(rows) + "\n"
     print(text, end="")
     if args.markdown not in (None, "-"):
         write_atomic(Path(args.markdown), lambda f: f.write(text))
@@ -373,7 +451,7 @@ def report_bench(args: argparse.Namespace) -> int:
         devices = sorted({str(r.get("device")) for r in rows if r.get("device")})
         title = "training tokens/s" + (f" ({', '.join(devices)})" if devices else "")
         title += "\nabove each bar: its ratio to plain TRL, its worst step's peak GiB"
-        if chart(rows, Path(plot_path), title):
+        if bench_chart(rows, Path(plot_path), title):
             print(f"chart written to {plot_path}", file=sys.stderr)
         else:
             print("no chart: no timed training rows", file=sys.stderr)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finqa_trl import bench, train
+from finqa_trl import bench, report, train
 
 
 def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
@@ -132,7 +132,7 @@ def test_table_compares_each_variant_with_plain_trl():
         {"variant": "recipe", "shape": "3b", "method": "dora", "error": "out of memory"},
         {"shape": "1b", "examples": 1147, "wall_seconds": 9.0},
     ]
-    lines = bench.table(rows).splitlines()
+    lines = report.bench_table(rows).splitlines()
     assert lines[2] == "| 1b | lora | trl | 1,000 | 4.8 | – | 1.00x |"
     assert lines[3] == "| 1b | lora | recipe:bs16 | 2,500 | 5.1 | 6.2 | 2.50x |"
     assert lines[4] == "| 3b | dora | recipe | out of memory | | | |"
@@ -455,12 +455,12 @@ def test_the_table_and_chart_share_each_rows_ratio_to_plain_trl(tmp_path) -> Non
         {"shape": "3b", "method": "qlora", "variant": "trl", "error": "exited with code 1"},
         {"shape": "1b", "eval": "recipe", "examples": 4, "eval_seconds": 1.0},
     ]  # fmt: skip
-    assert bench.vs_plain_trl(rows) == [3.0, 1.0, 3.3, None, None, None]
-    table = bench.table(rows)
+    assert report.vs_plain_trl(rows) == [3.0, 1.0, 3.3, None, None, None]
+    table = report.bench_table(rows)
     assert "| 1b | lora | recipe | 300 | 5.0 | 5.1 | 3.00x |" in table
     assert "| 1b | lora | recipe | 330 | 5.0 | – | 3.30x |" in table  # the second of an order check
     assert "| 3b | qlora | recipe | 90 | 6.0 | – | – |" in table  # plain TRL failed: no ratio
     png = tmp_path / "bench.png"
-    assert bench.chart(rows, png, "test") and png.read_bytes().startswith(b"\x89PNG")
-    assert not bench.chart(rows[4:], tmp_path / "none.png", "test")  # nothing timed: no chart
+    assert report.bench_chart(rows, png, "test") and png.read_bytes().startswith(b"\x89PNG")
+    assert not report.bench_chart(rows[4:], tmp_path / "none.png", "test")  # nothing timed: no chart
     assert not (tmp_path / "none.png").exists()
