@@ -103,10 +103,11 @@ LEVERS: dict[str, list[str]] = {
     # layers run eager (FSDP, DeepSpeed, no_compile)
     "liger": ["--liger_kernel", "true"],
     "no_liger": ["--liger_kernel", "false"],
-    # torch.compile of each decoder layer's parts in place (regional: the layers share the graphs); the
-    # micro-step is bound by launching kernels (1b LoRA: ~5,000 launches, 146 ms of kernels in ~320 ms per
-    # pass). The recipes' default on one GPU or DDP since 2026-11-26 (`compile_layers: auto`), for QDoRA too
-    # since machine BB (2026-11-27, with 0.92 of auto's token budget); `no_compile` times eager.
+    # torch.compile of each decoder layer's parts (bodies for LoRA since TT) in place (regional: the layers
+    # share the graphs); the micro-step is bound by launching kernels (1b LoRA: ~5,000 launches, 146 ms of
+    # kernels in ~320 ms per pass). The recipes' default on one GPU or DDP since 2026-11-26 (`compile_layers:
+    # auto`), for QDoRA too since machine BB (2026-11-27, with 0.92 of auto's token budget);
+    # `no_compile` times eager.
     "compile": ["--compile_layers", "true"],
     "no_compile": ["--compile_layers", "false"],
     # each step's 16 examples in passes of at most 4 x the longest example's unpadded length (each pass
@@ -134,7 +135,8 @@ LEVERS: dict[str, list[str]] = {
     # each decoder layer's own forward compiled as one graph beneath its checkpoint (eager around it, as
     # with the parts): one compiled call per layer call instead of four (three with lean_recompute, whose
     # frozen down projection runs outside the graph). The LoRA and QLoRA recipes' default since machine TT
-    # (compile_scope auto), so `body` matters for DoRA; `parts` times the four compiled parts as before
+    # (compile_scope auto), so `body` matters for DoRA; `parts` times the four compiled parts (lora-1b's
+    # recipe as before TT: `recipe:parts+lean`, lora-1b having lean_recompute off since)
     "body": ["--compile_scope", "body"],
     "parts": ["--compile_scope", "parts"],
     # host waits for the GPU inside each pass: transformers' check of the padding mask before the forward

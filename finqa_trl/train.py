@@ -309,7 +309,7 @@ class FinQAArguments:
             "Python between them, for a pass bound by the host). DoRA too. With lean_recompute, whose frozen "
             "down projection runs outside the graph, three graphs per layer call. One H200 (machine TT), "
             "fresh processes, the first half epoch, both orders, against the parts: 1B QLoRA 1.13x and "
-            "1.32x, 3B LoRA 1.07x and 1.04x, 1B LoRA 1.08x and 1.00x (1.08x and 1.12x without "
+            "1.32x, 3B LoRA 1.07x and 1.04x, 1B LoRA 1.08x and 1.00x (1.08x and 1.11x without "
             "lean_recompute), the same worst-step memory; 1B DoRA 1.05x in one order, at 0.09 GiB more. "
             "auto (the recipes'): body for plain LoRA adapters (16-bit or 4-bit base), parts for DoRA, and "
             "parts where a layer cannot compile as a body (said in the log).",
@@ -681,9 +681,10 @@ def leans_recompute(run: Run) -> bool:
 
 def layer_compile_scope(run: Run) -> str:
     """What compile_layers compiles of each decoder layer: --compile_scope, `auto` resolved. auto: the bodies
-    for plain LoRA adapters, which ran faster as bodies than as parts in both orders on one H200 for every
-    row timed (machine TT: 1B QLoRA 1.13x and 1.32x, 3B LoRA 1.07x and 1.04x, 1B LoRA 1.08x and 1.00x) at
-    the same worst-step memory; the parts for DoRA (1B DoRA 1.05x in one order only, at 0.09 GiB more).
+    for plain LoRA adapters, which ran at least as fast as bodies as parts in both orders on one H200 for
+    every row timed (machine TT: 1B QLoRA 1.13x and 1.32x, 3B LoRA 1.07x and 1.04x, 1B LoRA 1.08x and 1.00x,
+    and 1.08x and 1.11x with lora-1b's lean_recompute off) at the same worst-step memory; the parts for DoRA
+    (1B DoRA 1.05x in one order only, at 0.09 GiB more).
     prepare falls back to the parts where a layer cannot compile as a body (modeling.body_blocker)."""
     scope = run.script.compile_scope
     if scope == "auto":
@@ -692,9 +693,9 @@ def layer_compile_scope(run: Run) -> str:
 
 
 def compiles_layers(script: FinQAArguments, training: Any) -> bool:
-    """Whether this run compiles the decoder layers' parts: `true`, or `auto` on a CUDA GPU for one process or
-    DDP (`true` under FSDP or DeepSpeed is refused in _validate: their module hooks would be traced with the
-    parts)."""
+    """Whether this run compiles the decoder layers (parts or bodies: layer_compile_scope): `true`, or `auto`
+    on a CUDA GPU for one process or DDP (`true` under FSDP or DeepSpeed is refused in _validate: their module
+    hooks would be traced with the layers)."""
     if training.torch_compile:  # the Trainer compiles the whole model (the bench's compile_model): not twice
         return False
     if script.compile_layers == "true":
@@ -1400,7 +1401,7 @@ class Prepared:
     trainer: Any  # trl.SFTTrainer
     resume: str | None  # the checkpoint training resumes from
     hub: Any = None  # the HubPushCallback, when pushing
-    compiled_layers: int = 0  # decoder layers whose parts were compiled (compile_layers)
+    compiled_layers: int = 0  # decoder layers compiled (compile_layers), their parts or bodies
     fused_dropouts: int = 0  # LoRA adapters with their dropout inside A's matmul (lora_dropout_kernel)
     lean_mlps: int = 0  # MLPs whose down projection the recomputation leaves out (lean_recompute)
     compile_scope: str | None = None  # what of each layer compiled (parts, layer, body); None: nothing
@@ -1681,7 +1682,7 @@ def train(run: Run) -> int:
     metrics["liger_kernel"] = bool(run.training.use_liger_kernel)
     # likewise `auto` in the recipes: whether PEFT copied each adapter input to fp32 (None: no such copy here)
     metrics["adapter_input_cast"] = not skips_input_cast(run) if _input_cast_skippable(run) else None
-    metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer's parts compiled
+    metrics["compile_layers"] = prepared.compiled_layers > 0  # likewise: whether any layer compiled
     metrics["compile_mode"] = run.script.compile_mode if prepared.compiled_layers else None
     metrics["compile_scope"] = prepared.compile_scope  # auto resolved: what compiled (None: nothing)
     metrics["lora_dropout_kernel"] = prepared.fused_dropouts  # adapters fused (0: none, or not asked)

@@ -139,7 +139,9 @@ def test_checkpoint_recomputation_draws_the_same_masks(compiled: bool) -> None:
     model = _toy_peft()
     fused.fuse_lora_dropout(model)
     model.train()
-    if compiled:  # as the recipes run it: compiled parts, called again by an eager checkpoint's recomputation
+    if (
+        compiled
+    ):  # compiled parts (the recipes' scope before TT), called again by an eager checkpoint's recomputation
         for part in model.base_model.model:
             part.compile()
     x = torch.randn(2, 9, 32, requires_grad=True)

@@ -1346,7 +1346,7 @@ def test_compile_layers_trains_as_eager_with_shared_graphs_and_the_same_saved_ad
         if compiled == "true":
             how += ["--causal_attention", "false", "--compile_scope", "parts"]
         if compiled == "cpp-wrapper":
-            how = ["--compile_layers", "true", "--compile_mode", compiled]
+            how = ["--compile_layers", "true", "--compile_mode", compiled, "--compile_scope", "parts"]
         if compiled in ("layer", "body"):
             how = ["--compile_layers", "true", "--compile_scope", compiled]
         assert main(smoke_args(out, *args, *how)) == 0
@@ -1737,7 +1737,7 @@ def test_compile_scope_layer_is_refused_where_it_would_do_nothing() -> None:
 def test_compile_scope_auto_compiles_lora_as_bodies_and_dora_as_parts(monkeypatch, tmp_path, caplog) -> None:
     # auto (the recipes'): bodies for plain LoRA adapters on a 16-bit or 4-bit base, parts for DoRA; an
     # explicit scope as asked. It is not refused where nothing compiles (the CPU's auto): it chooses nothing.
-    from finqa_trl.train import _validate, layer_compile_scope
+    from finqa_trl.train import _validate, layer_compile_scope, leans_recompute
 
     for recipe, scope in [
         ("lora-3b", "body"),
@@ -1751,6 +1751,14 @@ def test_compile_scope_auto_compiles_lora_as_bodies_and_dora_as_parts(monkeypatc
     for scope in ("parts", "layer", "body"):
         asked = ["--config", "recipes/lora-1b.yaml", "--compile_layers", "true", "--compile_scope", scope]
         assert layer_compile_scope(parse(asked)) == scope
+    run = parse(["--config", "recipes/lora-1b.yaml"])
+    run.script.compile_scope = "whole"  # a YAML value skips the parser's choices
+    with pytest.raises(UsageError, match="compile_scope must be auto, parts, layer or body, got 'whole'"):
+        _validate(run)
+    # with bodies, 1B LoRA ran faster without lean_recompute and 3B LoRA with it: lora-1b turns it off
+    compiled = ["--compile_layers", "true"]
+    assert not leans_recompute(parse(["--config", "recipes/lora-1b.yaml", *compiled]))
+    assert leans_recompute(parse(["--config", "recipes/lora-3b.yaml", *compiled]))
     # a layer that cannot compile as a body (modeling.body_blocker: a hook's forward on it, another
     # transformers version's wrapper) compiles as parts under auto, said in the log (body, asked, refuses it)
     compile_ = ["--compile_layers", "true", "--lean_recompute", "false"]
@@ -1764,8 +1772,16 @@ def test_compile_scope_auto_compiles_lora_as_bodies_and_dora_as_parts(monkeypatc
         "compile_scope auto: compiling the layers' parts, not their bodies: a LlamaDecoderLayer"
         in caplog.text
     )
+
+    def layer_classes(prepared) -> set[bool]:  # whether each layer's class is a compiled body's
+        layers = [m for m in prepared.trainer.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+        assert len(layers) == 2
+        return {getattr(type(layer), "_compiled_body", False) for layer in layers}
+
+    assert layer_classes(prepared) == {False}
     monkeypatch.undo()
-    assert prepare(parse(smoke_args(tmp_path / "body", *compile_))).compile_scope == "body"
+    bodies = prepare(parse(smoke_args(tmp_path / "body", *compile_)))
+    assert bodies.compile_scope == "body" and layer_classes(bodies) == {True}
 
 
 def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatch) -> None:

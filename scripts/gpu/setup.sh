@@ -1,6 +1,8 @@
 #!/bin/bash
 # Copied into .gpu/tools by scripts/gpu/kit.sh; runs on the GPU host.
 # On the GPU host, from the repo root: link the carried shared/ as ../shared and install carried wheels.
+# It replaces ../shared and installs wheels: only where the device tool sets $OUT, never on a checkout.
+if [ -z "${OUT:-}" ]; then echo "setup.sh is for the GPU host (the device tool sets \$OUT there)" >&2; exit 2; fi
 t0=$(date +%s)
 if [ -d .gpu/shared ]; then rm -rf ../shared; cp -r .gpu/shared ../shared; fi
 for d in .gpu/wheels .gpu/bnb; do
