@@ -681,10 +681,10 @@ def leans_recompute(run: Run) -> bool:
 
 def layer_compile_scope(run: Run) -> str:
     """What compile_layers compiles of each decoder layer: --compile_scope, `auto` resolved. auto: the bodies
-    for plain LoRA adapters, which ran at least as fast as bodies as parts in both orders on one H200 for
-    every row timed (machine TT: 1B QLoRA 1.13x and 1.32x, 3B LoRA 1.07x and 1.04x, 1B LoRA 1.08x and 1.00x,
-    and 1.08x and 1.11x with lora-1b's lean_recompute off) at the same worst-step memory; the parts for DoRA
-    (1B DoRA 1.05x in one order only, at 0.09 GiB more).
+    for plain LoRA adapters, which ran at least as fast as bodies as they did as parts in both orders on one
+    H200 in every row timed (machine TT: 1B QLoRA 1.13x and 1.32x, 3B LoRA 1.07x and 1.04x, 1B LoRA 1.08x
+    and 1.00x, and 1.08x and 1.11x with lora-1b's lean_recompute off) at the same worst-step memory; the
+    parts for DoRA (1B DoRA 1.05x in one order only, at 0.09 GiB more).
     prepare falls back to the parts where a layer cannot compile as a body (modeling.body_blocker)."""
     scope = run.script.compile_scope
     if scope == "auto":
