@@ -139,9 +139,8 @@ def test_checkpoint_recomputation_draws_the_same_masks(compiled: bool) -> None:
     model = _toy_peft()
     fused.fuse_lora_dropout(model)
     model.train()
-    if (
-        compiled
-    ):  # compiled parts (the recipes' scope before TT), called again by an eager checkpoint's recomputation
+    # compiled parts (the recipes' scope before TT), called again by an eager checkpoint's recomputation
+    if compiled:
         for part in model.base_model.model:
             part.compile()
     x = torch.randn(2, 9, 32, requires_grad=True)
