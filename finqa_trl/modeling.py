@@ -685,8 +685,6 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
     partitions it, recomputing inside the compiled backward with the dropout masks replayed). `scope` body
     compiles each layer's own forward beneath its checkpoint (`_compile_layer_bodies`): one graph per layer
     call instead of one per part, the checkpoint eager around it as with the parts."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     # cpp-wrapper is an inductor option, not a torch.compile mode (torch.compile takes one or the other): the
     # generated wrapper that launches the kernels is C++ instead of Python
     how = (
@@ -694,7 +692,7 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
         if mode == "cpp-wrapper"
         else {"mode": None if mode == "default" else mode}
     )
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = _decoder_layers(model)
     traceable_dora_weights(model)
     if scope == "body":
         _compile_layer_bodies(layers, how)
@@ -705,12 +703,17 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
     return len(layers)
 
 
+def _decoder_layers(model: Any) -> list[Any]:
+    """The model's transformers decoder layers (those that checkpoint themselves), in module order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def body_blocker(model: Any) -> str | None:
     """Why this model's decoder layers cannot compile as bodies (`_compile_layer_bodies`); None: they can.
     The recipes' compile_scope auto falls back to the parts where it says why."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return _body_blocker([m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)])
+    return _body_blocker(_decoder_layers(model))
 
 
 def _body_blocker(layers: list[Any]) -> str | None:
@@ -720,11 +723,12 @@ def _body_blocker(layers: list[Any]) -> str | None:
             return (
                 f"a {cls.__name__} has its own forward (a hook's wrapper), which would hide the compiled one"
             )
-        if getattr(cls, "_compiled_body", False):
+        if getattr(cls, "_compiled_body", False):  # compiled before: its wrapper holds the compiled body
             continue
-        wrapper = getattr(cls.forward, "__code__", None)
-        if getattr(cls.forward, "__wrapped__", None) is None or getattr(wrapper, "co_name", None) != (
-            "forward_with_checkpointing"
+        code = getattr(cls.forward, "__code__", None)
+        if (
+            not hasattr(cls.forward, "__wrapped__")
+            or getattr(code, "co_name", "") != "forward_with_checkpointing"
         ):
             # another transformers version's layers: compiling around what is there could hold the
             # checkpoint inside the graph (scope layer), which is not what was asked
