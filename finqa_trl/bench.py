@@ -34,8 +34,11 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
+import importlib.metadata
 import json
 import lzma
+import os
+import platform
 import re
 import shutil
 import sys
@@ -799,6 +802,25 @@ def eval_split(records: list[dict], dest: Path) -> Path:
     return dest
 
 
+def host_info() -> dict[str, Any]:
+    """The machine around the card: its CPU and the library versions. Plain TRL's 1B rows ran 1.21-1.31x as
+    fast on machine UU as on earlier H200 machines, its 3B row 0.88x. A likely cause is the host (eager
+    batches of 4 launch many small kernels), so every ratio to plain TRL needs to say which host ran it."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):  # Linux names the model here; platform.processor() often does not
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions: dict[str, str | None] = {}
+    for package in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "versions": versions}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finqa_trl.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data_dir", required=True, help="FinQA folder with train/dev/test (real prompts)")
@@ -872,6 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_file = Path(args.out) / f"bench-{now:%Y-%m-%d-%H%M%S}.json"  # one file per run: runs never clobber
     header = {
         "device": device,
+        "host": host_info(),
         "date": stamp,
         "examples": args.examples,
         "warmup_examples": args.warmup_examples,

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import trl
 
 from finqa_trl import bench, report, train
 
@@ -440,8 +442,15 @@ def test_the_bench_times_a_variant_in_a_real_child_process(
     assert bench.main(argv) == 0
     (result_file,) = out.glob("bench-*.json")
     assert result_file.with_suffix(".png").read_bytes().startswith(b"\x89PNG")  # the chart beside it
-    (row,) = json.loads(result_file.read_text())["results"]
+    run = json.loads(result_file.read_text())
+    (row,) = run["results"]
     assert row["process"] == "fresh" and "error" not in row, row
+    # which host ran it: plain TRL's speed moves with the CPU, so every ratio needs it beside the card
+    assert run["host"]["cpu"] and run["host"]["cpus"] >= 1
+    assert (
+        run["host"]["versions"]["torch"] == torch.__version__
+        and run["host"]["versions"]["trl"] == trl.__version__
+    )
     assert row["variant"] == "recipe" and row["tokens_per_s"] > 0 and row["train_examples"] == 1
 
 
