@@ -310,7 +310,8 @@ class FinQAArguments:
             "down projection runs outside the graph, three graphs per layer call. One H200 (machine TT), "
             "fresh processes, the first half epoch, both orders, against the parts: 1B QLoRA 1.13x and "
             "1.32x, 3B LoRA 1.07x and 1.04x, 1B LoRA 1.08x and 1.00x (1.08x and 1.11x without "
-            "lean_recompute), the same worst-step memory; 1B DoRA 1.05x in one order, at 0.09 GiB more. "
+            "lean_recompute), the same worst-step memory; UU: 3B QLoRA 1.05x and 0.99x; 1B DoRA 1.05x and "
+            "0.97x (TT, UU) at 0.09 GiB more. "
             "auto (the recipes'): body for plain LoRA adapters (16-bit or 4-bit base), parts for DoRA, and "
             "parts where a layer cannot compile as a body (said in the log).",
             "choices": ["auto", "parts", "layer", "body"],
@@ -681,10 +682,11 @@ def leans_recompute(run: Run) -> bool:
 
 def layer_compile_scope(run: Run) -> str:
     """What compile_layers compiles of each decoder layer: --compile_scope, `auto` resolved. auto: the bodies
-    for plain LoRA adapters, which ran at least as fast as bodies as they did as parts in both orders on one
-    H200 in every row timed (machine TT: 1B QLoRA 1.13x and 1.32x, 3B LoRA 1.07x and 1.04x, 1B LoRA 1.08x
-    and 1.00x, and 1.08x and 1.11x with lora-1b's lean_recompute off) at the same worst-step memory; the
-    parts for DoRA (1B DoRA 1.05x in one order only, at 0.09 GiB more).
+    for plain LoRA adapters, which as bodies ran faster than as parts in at least one order, and no slower
+    than 0.99x in the other, at the same worst-step memory (one H200 each, both orders; machine TT: 1B QLoRA
+    1.13x and 1.32x, 3B LoRA 1.07x and 1.04x, 1B LoRA 1.08x and 1.00x, and 1.08x and 1.11x with lora-1b's
+    lean_recompute off; UU: 3B QLoRA 1.05x and 0.99x); the parts for DoRA (1B DoRA 1.05x and 0.97x on TT
+    and UU, at 0.09 GiB more; 1B QDoRA 1.07x in one order on UU, at 0.04 GiB more).
     prepare falls back to the parts where a layer cannot compile as a body (modeling.body_blocker)."""
     scope = run.script.compile_scope
     if scope == "auto":
