@@ -15,4 +15,5 @@ python3 -c "
 import importlib
 print(' '.join(f'{m} {getattr(importlib.import_module(m), \"__version__\", \"?\")}' if importlib.util.find_spec(m) else f'{m} missing' for m in ('torch','transformers','peft','trl','datasets','bitsandbytes')))"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+echo "host: $(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2- | sed "s/^ //"), $(nproc) CPUs"  # plain TRL's 1B speed may follow the host
 echo "setup $(( $(date +%s) - t0 )) s; pwd $(pwd); ls .. : $(ls .. | tr '\n' ' ')"
