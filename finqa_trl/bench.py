@@ -804,8 +804,9 @@ def eval_split(records: list[dict], dest: Path) -> Path:
 
 def host_info() -> dict[str, Any]:
     """The machine around the card: its CPU and the library versions. Plain TRL's 1B rows ran 1.21-1.31x as
-    fast on machine UU as on earlier H200 machines, its 3B row 0.88x. A likely cause is the host (eager
-    batches of 4 launch many small kernels), so every ratio to plain TRL needs to say which host ran it."""
+    fast on machine UU as on QQ and SS (H200s too), its 3B row 0.88x QQ's. The host may be the cause (eager
+    batches of 4 launch many small kernels), so every ratio to plain TRL needs to say which host ran it.
+    `cpus` counts the CPUs this process may run on (a container's share), `cpus_host` the machine's."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):  # Linux names the model here; platform.processor() often does not
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -818,7 +819,8 @@ def host_info() -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    return {"cpu": cpu, "cpus": os.cpu_count(), "versions": versions}
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cpus": usable, "cpus_host": os.cpu_count(), "versions": versions}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-import trl
 
 from finqa_trl import bench, report, train
 
@@ -446,12 +444,46 @@ def test_the_bench_times_a_variant_in_a_real_child_process(
     (row,) = run["results"]
     assert row["process"] == "fresh" and "error" not in row, row
     # which host ran it: plain TRL's speed moves with the CPU, so every ratio needs it beside the card
-    assert run["host"]["cpu"] and run["host"]["cpus"] >= 1
+    import torch
+    import trl
+
+    assert run["host"] == bench.host_info()  # the parent's host, as the rows' children ran on it
     assert (
         run["host"]["versions"]["torch"] == torch.__version__
         and run["host"]["versions"]["trl"] == trl.__version__
     )
     assert row["variant"] == "recipe" and row["tokens_per_s"] > 0 and row["train_examples"] == 1
+
+
+def test_host_info_names_the_cpu_and_tolerates_what_a_machine_lacks(monkeypatch, tmp_path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t: x\n")
+    real_path = bench.Path
+    monkeypatch.setattr(bench, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    host = bench.host_info()
+    assert host["cpu"] == "Some CPU @ 2.0GHz" and 1 <= host["cpus"] <= host["cpus_host"]
+    assert host["versions"]["peft"] and set(host["versions"]) >= {
+        "torch",
+        "transformers",
+        "trl",
+        "bitsandbytes",
+    }
+
+    # no /proc/cpuinfo (macOS) and a package not installed: the platform's name and None, never an error
+    monkeypatch.setattr(
+        bench, "Path", lambda p: tmp_path / "missing" if p == "/proc/cpuinfo" else real_path(p)
+    )
+    real_version = bench.importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name == "bitsandbytes":
+            raise bench.importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(bench.importlib.metadata, "version", version)
+    monkeypatch.setattr(bench.platform, "processor", lambda: "arm")
+    host = bench.host_info()
+    assert host["cpu"] == "arm" and host["versions"]["bitsandbytes"] is None and host["versions"]["peft"]
 
 
 def test_the_table_and_chart_share_each_rows_ratio_to_plain_trl(tmp_path) -> None:
