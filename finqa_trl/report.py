@@ -408,8 +408,22 @@ def bench_rows(specs: Sequence[str]) -> list[dict[str, Any]]:
             why = _not_a_bench_row(r)
             if why:
                 raise OneLineError(f"--bench {spec}: result {i} {why}")
-            rows.append({"device": run.get("device"), **r, SOURCE: source})
+            rows.append({"device": run.get("device"), "host": run.get("host"), **r, SOURCE: source})
     return rows
+
+
+def bench_machines(rows: Sequence[dict[str, Any]]) -> str:
+    """Which card and host each source ran on, one line per source: plain TRL's speed, and so every ratio to
+    it, may move with the host's CPU (bench.host_info), which files before 2026-11-28 did not record."""
+    seen: dict[str, list[str]] = {}
+    for r in rows:
+        host = r.get("host") if isinstance(r.get("host"), dict) else None
+        where = f"host {host.get('cpu')} ({host.get('cpus')} CPUs)" if host else "host not recorded"
+        what = f"{r.get('device') or 'device not recorded'}, {where}"
+        kinds = seen.setdefault(str(r.get(SOURCE, "")), [])
+        if what not in kinds:
+            kinds.append(what)
+    return "\n".join(f"- {source}: {'; '.join(kinds)}" for source, kinds in seen.items())
 
 
 def _not_a_bench_row(r: dict[str, Any]) -> str | None:
@@ -441,7 +455,7 @@ def report_bench(args: argparse.Namespace) -> int:
             return 2
         print("nothing to report: no training rows in those bench files", file=sys.stderr)
         return 0
-    text = bench_table(rows) + "\n"
+    text = bench_table(rows) + "\n\nWhere each source ran:\n" + bench_machines(rows) + "\n"
     print(text, end="")
     if args.markdown not in (None, "-"):
         write_atomic(Path(args.markdown), lambda f: f.write(text))

@@ -148,8 +148,10 @@ def test_loss_curves_one_per_run(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def bench_file(path: Path, rows: list[dict]) -> Path:
-    write(path, {"device": "NVIDIA H200", "examples": 512, "results": rows})
+def bench_file(path: Path, rows: list[dict], host: dict | None = None) -> Path:
+    write(
+        path, {"device": "NVIDIA H200", "examples": 512, "results": rows} | ({"host": host} if host else {})
+    )
     return path
 
 
@@ -163,7 +165,9 @@ def test_bench_files_are_reported_side_by_side_with_ratios_inside_each_source(tm
     a = bench_file(tmp_path / "a.json", [speed("1b", "lora", "recipe", 300.0), speed("1b", "lora", "x", 1.0)])
     b = bench_file(tmp_path / "b.json", [speed("1b", "lora", "trl", 100.0)])
     evaluation = {"eval": "recipe", "shape": "1b"}
-    c = bench_file(tmp_path / "c.json", [speed("1b", "lora", "trl", 150.0), evaluation])
+    c = bench_file(
+        tmp_path / "c.json", [speed("1b", "lora", "trl", 150.0), evaluation], {"cpu": "EPYC X", "cpus": 16}
+    )
     png, md = tmp_path / "bench.png", tmp_path / "bench.md"
     argv = ["--bench", f"M={a}", f"M={b}", str(c), "--variants", "recipe", "trl", "--plot", str(png)]
     assert report.main([*argv, "--markdown", str(md)]) == 0
@@ -171,6 +175,8 @@ def test_bench_files_are_reported_side_by_side_with_ratios_inside_each_source(tm
     assert "| 1b | lora | recipe | 300 | 1.0 | – | 3.00x | M |" in out
     assert "| 1b | lora | trl | 150 | 1.0 | – | 1.00x | c |" in out and "| x |" not in out
     assert md.read_text() == out and png.read_bytes().startswith(b"\x89PNG")
+    # each source's card and host under the table: c's file names its host, M's two files do not
+    assert out.endswith("- M: NVIDIA H200, host not recorded\n- c: NVIDIA H200, host EPYC X (16 CPUs)\n")
     rows = report.bench_rows([f"M={a}", str(c)])
     assert [(r["variant"], r["source"]) for r in rows] == [("recipe", "M"), ("x", "M"), ("trl", "c")]
 
