@@ -443,7 +443,7 @@ def test_the_bench_times_a_variant_in_a_real_child_process(
     run = json.loads(result_file.read_text())
     (row,) = run["results"]
     assert row["process"] == "fresh" and "error" not in row, row
-    # which host ran it: plain TRL's speed moves with the CPU, so every ratio needs it beside the card
+    # which host ran it: plain TRL's speed may move with the CPU, so every ratio needs it beside the card
     import torch
     import trl
 
