@@ -1,7 +1,8 @@
 #!/bin/bash
 # Copied into .gpu/tools by scripts/gpu/kit.sh; runs on the GPU host.
 # Runs queue file $Q (lines NAME|EST_SECONDS|COMMAND; $B expands to the bench) while BUDGET seconds last.
-# Each line's new files in $S go to $OUT/NAME*. Prints a short table last.
+# Each line's new files in $S go to $OUT/NAME*. Prints their table last (finqa_trl.report --bench).
+: "${OUT:?job.sh is for the GPU host, where the device tool sets OUT}"
 S=${S:-/tmp/q}; BUDGET=${BUDGET:-540}; start=$(date +%s); mkdir -p "$S"
 export B="python3 -m finqa_trl.bench --data_dir ../shared/data/finqa-sample --tokenizer ../shared/models/llama-3-tokenizer --examples 96 --warmup_examples 32 --out $S --workdir /tmp/w0"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -20,11 +21,5 @@ while IFS='|' read -r name est cmd; do
   grep -E "Traceback|Error|error:" "$S/$name.log" | tail -3
 done < "$Q"
 cat "$S"/*.log > "$OUT/all.log" 2>/dev/null
-python3 - "$OUT" <<'PY'
-import json, sys, pathlib
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-    d = json.load(open(f))
-    for r in d.get("results", []):
-        if "tokens_per_s" in r:
-            print(f"{f.stem:28s} {r['shape']} {r['method']:6s} {r['variant']:22s} {r['tokens_per_s']:>9,.0f} tok/s peak {r.get('peak_gib')} worst {max(r.get('longest_batch_peak_gib') or 0, r.get('biggest_pass_peak_gib') or 0)} ex {d.get('examples')}")
-PY
+# the project's own table of the call's files (source = file name), and the card and host under it
+ls "$OUT"/*.json >/dev/null 2>&1 && python3 -m finqa_trl.report --plot none --bench "$OUT"/*.json
