@@ -119,7 +119,8 @@ LEVERS: dict[str, list[str]] = {
     # (`micro_batch_tokens: auto`; padded to 64 until machine W); `no_tokens` times the fixed micro-batches
     "tokens": ["--micro_batch_tokens", "auto"],
     "no_tokens": ["--micro_batch_tokens", "false"],
-    # (`tokens<N>`, e.g. `tokens12544`: a budget of N tokens; lever_args reads the number.)
+    # (`tokens<N>`, e.g. `tokens12544`: a budget of N tokens; lever_args reads the number. `keep<N>`: the last
+    # N decoder layers without their activation checkpoint, e.g. `tokens4096+keep8`.)
     # The Trainer's check of each training_step's loss for NaN/inf (once a step with the recipes' token
     # passes), which only decides what the logged loss shows (the last good one instead), reads the loss on
     # the host after the backward: a wait for the GPU
@@ -237,8 +238,12 @@ def lever_args(variant: str) -> list[str]:
         if budget:
             out += ["--micro_batch_tokens", budget[1]]
             continue
+        keep = re.fullmatch(r"keep([1-9][0-9]*)", name)
+        if keep:
+            out += ["--uncheckpointed_layers", keep[1]]
+            continue
         if name not in LEVERS:
-            raise SystemExit(f"error: unknown lever {name!r}; known: {', '.join(LEVERS)}, tokens<N>")
+            raise SystemExit(f"error: unknown lever {name!r}; known: {', '.join(LEVERS)}, tokens<N>, keep<N>")
         out += LEVERS[name]
     return out
 
@@ -834,7 +839,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="*",
         default=["trl", "recipe"],
         help="trl, trl:full_length, recipe, or recipe:LEVER[+LEVER] with LEVER in "
-        f"{', '.join(LEVERS)}, tokens<N> (a budget of N tokens); none: eval only",
+        f"{', '.join(LEVERS)}, tokens<N> (a budget of N tokens), keep<N> (the last N layers without their "
+        "checkpoint); none: eval only",
     )
     ap.add_argument("--examples", type=int, default=192, help="timed training examples per variant")
     ap.add_argument("--warmup_examples", type=int, default=48, help="untimed training examples first")

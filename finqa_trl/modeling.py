@@ -692,7 +692,7 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
         if mode == "cpp-wrapper"
         else {"mode": None if mode == "default" else mode}
     )
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     traceable_dora_weights(model)
     if scope == "body":
         _compile_layer_bodies(layers, how)
@@ -703,7 +703,7 @@ def compile_decoder_layers(model: Any, mode: str = "default", scope: str = "part
     return len(layers)
 
 
-def _decoder_layers(model: Any) -> list[Any]:
+def decoder_layers(model: Any) -> list[Any]:
     """The model's transformers decoder layers (those that checkpoint themselves), in module order."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -713,7 +713,7 @@ def _decoder_layers(model: Any) -> list[Any]:
 def body_blocker(model: Any) -> str | None:
     """Why this model's decoder layers cannot compile as bodies (`_compile_layer_bodies`); None: they can.
     The recipes' compile_scope auto falls back to the parts where it says why."""
-    return _body_blocker(_decoder_layers(model))
+    return _body_blocker(decoder_layers(model))
 
 
 def _body_blocker(layers: list[Any]) -> str | None:

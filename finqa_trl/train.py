@@ -51,6 +51,7 @@ from .modeling import (
     body_blocker,
     check_4bit_supported,
     compile_decoder_layers,
+    decoder_layers,
     default_dtype,
     end_of_turn_token,
     fsdp_safe_adapter_keys,
@@ -315,6 +316,17 @@ class FinQAArguments:
             "auto (the recipes'): body for plain LoRA adapters (16-bit or 4-bit base), parts for DoRA, and "
             "parts where a layer cannot compile as a body (said in the log).",
             "choices": ["auto", "parts", "layer", "body"],
+        },
+    )
+    uncheckpointed_layers: int = field(
+        default=0,
+        metadata={
+            "help": "The last N decoder layers run without their activation checkpoint in every training "
+            "pass: their activations stay alive for the backward instead of being recomputed (no second "
+            "forward of those layers, their dropout masks drawn once). The same operations, masks and "
+            "gradients; more memory per token of each pass. Where the memory is there, a lever to time with "
+            "smaller passes (micro_batch_tokens N): the biggest pass of the token budget sets the peak. One "
+            "process or DDP, with activation checkpointing on. 0 (the recipes'): every layer checkpointed."
         },
     )
     micro_batch_tokens: str = field(
@@ -768,6 +780,29 @@ def _check_micro_batch_tokens(run: Run) -> None:
         raise UsageError(why)
 
 
+def _check_uncheckpointed_layers(run: Run) -> None:
+    n = run.script.uncheckpointed_layers
+    if n < 0:
+        raise UsageError(f"uncheckpointed_layers must be 0 or more, got {n}")
+    if not n:
+        return
+    if not run.training.activation_checkpointing:
+        raise UsageError(
+            "--uncheckpointed_layers N needs --activation_checkpointing true: without it no layer is "
+            "checkpointed"
+        )
+    if _fsdp_or_deepspeed(run.training):
+        raise UsageError(
+            "--uncheckpointed_layers N is for one process or DDP: FSDP and DeepSpeed wrap the layers' "
+            "checkpoints themselves"
+        )
+    if layer_compile_scope(run) == "layer" and compiles_layers(run.script, run.training):
+        raise UsageError(
+            "--uncheckpointed_layers N is for --compile_scope parts or body: a compiled layer holds its "
+            "checkpoint inside the graph"
+        )
+
+
 def _round_up(length: int, multiple: int | None) -> int:
     return length if not multiple else -(-length // multiple) * multiple
 
@@ -889,6 +924,7 @@ def _validate(run: Run) -> None:
     if s.causal_attention == "true" and blocker:
         raise UsageError(f"--causal_attention true {blocker}")
     _check_micro_batch_tokens(run)
+    _check_uncheckpointed_layers(run)
     if run.training.push_to_hub and not run.training.hub_model_id:
         raise UsageError("push_to_hub needs --hub_model_id USER/NAME")
 
@@ -1178,6 +1214,8 @@ def _trainer_class() -> type:
         # most this many padded tokens; the forward + backward passes this process ran, counted
         micro_batch_tokens: int | None = None
         passes: int = 0
+        # set by prepare (--uncheckpointed_layers): the decoder layers that run without their checkpoint
+        uncheckpointed: tuple[Any, ...] = ()
         # set by prepare (--defer_metrics): each training pass's metric sums, read once per log
         defer_metrics: bool = False
         pending_metrics: list[torch.Tensor] | None = None
@@ -1244,6 +1282,10 @@ def _trainer_class() -> type:
         def training_step(
             self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
         ) -> torch.Tensor:
+            # The Trainer switches checkpointing on for every layer when training starts (and again on a
+            # resume); transformers' layers read the flag at each call
+            for layer in self.uncheckpointed:
+                layer.gradient_checkpointing = False
             mask = inputs.get("attention_mask")
             if not self.micro_batch_tokens or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
                 return super().training_step(model, inputs, num_items_in_batch)
@@ -1581,6 +1623,19 @@ def prepare(run: Run) -> Prepared:
             logger.warning(
                 "compile_layers: no transformers decoder layers found in this model: it runs eager"
             )
+    if script.uncheckpointed_layers:
+        layers = decoder_layers(trainer.model)
+        if script.uncheckpointed_layers > len(layers):
+            raise UsageError(
+                f"--uncheckpointed_layers {script.uncheckpointed_layers}: this model has {len(layers)} "
+                "decoder layers"
+            )
+        trainer.uncheckpointed = tuple(layers[-script.uncheckpointed_layers :])
+        logger.info(
+            "uncheckpointed_layers: the last %d of %d decoder layers keep their activations (not recomputed)",
+            len(trainer.uncheckpointed),
+            len(layers),
+        )
     _keep_adapter_dtypes_on_resume(trainer)
     dropped = len(train_ds) - len(trainer.train_dataset)
     if dropped:
@@ -1692,6 +1747,7 @@ def train(run: Run) -> int:
     metrics["causal_attention"] = getattr(trainer.model.config, "_attn_implementation", None) == CAUSAL_SDPA
     metrics["defer_metrics"] = run.script.defer_metrics
     metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches
+    metrics["uncheckpointed_layers"] = len(trainer.uncheckpointed)  # run without their checkpoint
     if trainer.micro_batch_tokens:  # each process's passes (a collective): how much the steps were regrouped
         from accelerate.utils import gather_object
 

@@ -62,7 +62,10 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     assert train.parse([*lora, *bench.lever_args("recipe:no_tokens")]).script.micro_batch_tokens == "false"
     assert train.parse([*lora, *bench.lever_args("recipe:no_pad64")]).training.pad_to_multiple_of is None
     assert train.parse([*lora, *bench.lever_args("recipe:tokens12544")]).script.micro_batch_tokens == "12544"
-    for bad in ("tokens0", "tokens012", "tokens²", "tokens-5"):
+    kept = train.parse([*lora, *bench.lever_args("recipe:tokens4096+keep8")]).script
+    assert (kept.micro_batch_tokens, kept.uncheckpointed_layers) == ("4096", 8)
+    assert train.parse(lora).script.uncheckpointed_layers == 0  # every layer checkpointed by default
+    for bad in ("tokens0", "tokens012", "tokens²", "tokens-5", "keep0", "keep"):
         with pytest.raises(SystemExit, match=f"unknown lever '{bad}'"):
             bench.lever_args(f"recipe:{bad}")
     assert train.parse(lora).training.logging_nan_inf_filter  # on by default, which no_nan_filter undoes

@@ -1971,6 +1971,98 @@ def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(
     assert lean_mms == mms - 3
 
 
+@pytest.mark.parametrize("compiled", [None, "body"], ids=["eager", "body"])
+def test_uncheckpointed_layers_give_the_same_gradients_without_their_recomputation(
+    compiled: str | None,
+) -> None:
+    # The trainer turns the last N layers' checkpoints off (transformers' layers read the flag at each call):
+    # those layers run once per pass, not again in the backward, with the same dropout masks, so the loss and
+    # every gradient are the checkpointed model's bit for bit; eager, and compiled as bodies with
+    # lean_recompute (3B LoRA's recipe). Each layer left unchecked takes the same number of matmuls off.
+    import torch
+    from torch.profiler import profile
+
+    from finqa_trl.modeling import compile_decoder_layers, decoder_layers, lean_mlp_recompute
+
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+
+    def step(uncheckpointed: int) -> tuple[float, dict[str, torch.Tensor], int]:
+        torch._dynamo.reset()
+        model = _tiny_lora_llama(layers=3)
+        if compiled:
+            assert lean_mlp_recompute(model) == 3
+            assert compile_decoder_layers(model, scope=compiled) == 3
+        layers = decoder_layers(model)
+        for layer in layers[len(layers) - uncheckpointed :]:
+            layer.gradient_checkpointing = False
+        for _ in range(2):  # the second step: the compiled graphs exist
+            model.zero_grad()
+            torch.manual_seed(5)
+            with profile() as prof:
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+        mms = sum(1 for e in prof.events() if e.name in ("aten::mm", "aten::addmm"))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.item(), grads, mms
+
+    loss, grads, mms = step(0)
+    for n in (2, 3):
+        kept_loss, kept_grads, kept_mms = step(n)
+        assert kept_loss == loss
+        assert kept_grads.keys() == grads.keys() and len(grads) == 3 * 7 * 2
+        assert all(torch.equal(grads[k], kept_grads[k]) for k in grads)
+        assert kept_mms < mms
+        if n == 2:
+            two = mms - kept_mms
+        else:
+            assert 2 * (mms - kept_mms) == 3 * two  # the same matmuls off for each layer left unchecked
+
+
+def test_uncheckpointed_layers_train_the_smoke_recipe_to_the_same_losses_and_refuse_what_they_cannot(
+    tmp_path: Path, capsys
+) -> None:
+    kept, plain = tmp_path / "kept", tmp_path / "plain"
+    assert main(smoke_args(kept, "--uncheckpointed_layers", "1")) == 0
+    assert main(smoke_args(plain)) == 0
+
+    def losses(out: Path) -> list[float]:
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [h["loss"] for h in history if "loss" in h]
+
+    assert losses(kept) == losses(plain) and len(losses(kept)) == 2  # dropout 0.05: the same masks
+    assert json.loads((kept / "train_results.json").read_text())["uncheckpointed_layers"] == 1
+    assert json.loads((plain / "train_results.json").read_text())["uncheckpointed_layers"] == 0
+    # through the Trainer, which switches every layer's checkpoint on as training starts: the first layer
+    # runs its MLP twice per pass (forward, recomputation), the last once
+    from finqa_trl.modeling import decoder_layers
+
+    prepared = prepare(parse(smoke_args(tmp_path / "counted", "--uncheckpointed_layers", "1")))
+    first, last = decoder_layers(prepared.trainer.model)
+    calls = {id(first.mlp): 0, id(last.mlp): 0}
+    for layer in (first, last):
+        # before the MLP runs: the recomputation stops inside it, once it has made what the backward keeps
+        layer.mlp.register_forward_pre_hook(lambda m, _: calls.__setitem__(id(m), calls[id(m)] + 1))
+    prepared.trainer.train()
+    assert first.gradient_checkpointing and not last.gradient_checkpointing
+    assert calls[id(first.mlp)] == 2 * calls[id(last.mlp)] > 0
+    for extra, why in [
+        (["--uncheckpointed_layers", "-1"], "uncheckpointed_layers must be 0 or more, got -1"),
+        (
+            ["--uncheckpointed_layers", "1", "--activation_checkpointing", "false"],
+            "--uncheckpointed_layers N needs --activation_checkpointing true",
+        ),
+        (
+            ["--uncheckpointed_layers", "1", "--compile_layers", "true", "--compile_scope", "layer"],
+            "--uncheckpointed_layers N is for --compile_scope parts or body",
+        ),
+        (["--uncheckpointed_layers", "3"], "--uncheckpointed_layers 3: this model has 2 decoder layers"),
+    ]:
+        out = tmp_path / "refused"
+        assert main(smoke_args(out, *extra)) == 2
+        assert why in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 def test_lean_recompute_on_a_4bit_base_matches_bitsandbytes_and_skips_what_it_cannot_take(
     compute: str,
