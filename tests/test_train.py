@@ -1718,7 +1718,7 @@ def test_causal_attention_is_refused_where_rows_share_a_sequence_or_attention_is
 
 
 def test_compile_scope_layer_is_refused_where_it_would_do_nothing() -> None:
-    from finqa_trl.train import UsageError, _validate
+    from finqa_trl.train import UsageError, _validate, layer_compile_scope
 
     lora = ["--config", "recipes/lora-1b.yaml", "--compile_scope", "layer"]
     with pytest.raises(UsageError, match="--compile_scope layer applies where the layers are compiled"):
@@ -1732,6 +1732,22 @@ def test_compile_scope_layer_is_refused_where_it_would_do_nothing() -> None:
     with pytest.raises(UsageError, match="--compile_scope body applies where the layers are compiled"):
         _validate(parse(body))
     _validate(parse([*body, "--compile_layers", "true", "--use_dora", "true"]))
+    # a recipe's scope (qdora-1b: body) applies where its layers compile and reads as auto elsewhere (no GPU
+    # here), the record keeping the recipe's value; qdora-3b keeps auto: DoRA's parts
+    qdora = ["--config", "recipes/qdora-1b.yaml"]
+    here = parse(qdora)
+    _validate(here)
+    assert (here.script.compile_scope, here.resolved["compile_scope"]) == ("auto", "body")
+    compiled = parse([*qdora, "--compile_layers", "true"])
+    assert layer_compile_scope(compiled) == "body" and compiled.resolved["compile_scope"] == "body"
+    assert (
+        layer_compile_scope(parse([*qdora, "--compile_layers", "true", "--compile_scope", "parts"]))
+        == "parts"
+    )
+    assert (
+        layer_compile_scope(parse(["--config", "recipes/qdora-3b.yaml", "--compile_layers", "true"]))
+        == "parts"
+    )
 
 
 def test_compile_scope_auto_compiles_lora_as_bodies_and_dora_as_parts(monkeypatch, tmp_path, caplog) -> None:
