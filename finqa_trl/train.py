@@ -328,11 +328,11 @@ class FinQAArguments:
             "forward of those layers, their dropout masks drawn once). The same operations, masks and "
             "gradients; more memory per token of each pass. Where the memory is there, a lever to time with "
             "smaller passes (micro_batch_tokens N): the biggest pass of the token budget sets the peak. One "
-            "process or DDP, with activation checkpointing on. 0 (the recipes'): every layer checkpointed. One "
-            "H200 (machine VV), 3B LoRA, fresh processes, the first half epoch: passes of at most 4,096 tokens "
-            "ran 0.49x the recipe, 0.52x with 5 of 28 layers kept (0.81 GiB below the recipe's worst step), "
-            "0.88x with all kept (twice its memory): at the recipe's memory the smaller passes cost more than "
-            "the recomputation saved (results/speed-notes.md, Next 30)."
+            "process or DDP, with activation checkpointing on. 0 (the recipes'): every layer checkpointed. "
+            "One H200 (machine VV), 3B LoRA, fresh processes, the first half epoch: passes of at most 4,096 "
+            "tokens ran 0.49x the recipe, 0.52x with 5 of 28 layers kept (0.81 GiB below the recipe's worst "
+            "step), 0.88x with all kept (twice its memory): at the recipe's memory the smaller passes cost "
+            "more than the recomputation saved (results/speed-notes.md, Next 30)."
         },
     )
     micro_batch_tokens: str = field(
