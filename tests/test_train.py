@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -1937,6 +1938,23 @@ def _tiny_lora_llama(layers: int = 2, dropout: float = 0.2) -> object:
     return model
 
 
+def _two_profiled_steps(model: Any, ids: Any) -> tuple[float, dict[str, Any], int]:
+    """Two steps (the second with the compiled graphs made), the same dropout seed each: the second's loss,
+    its gradients and the matmuls (aten::mm/addmm, which the compiled graphs call too) it ran."""
+    import torch
+    from torch.profiler import profile
+
+    for _ in range(2):
+        model.zero_grad()
+        torch.manual_seed(5)
+        with profile() as prof:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+    mms = sum(1 for e in prof.events() if e.name in ("aten::mm", "aten::addmm"))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, mms
+
+
 @pytest.mark.parametrize("compiled", [None, "parts", "body"], ids=["eager", "parts", "body"])
 def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(compiled: str | None) -> None:
     # Each MLP's down projection computes its adapters first and runs its frozen base layer without keeping
@@ -1948,7 +1966,6 @@ def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(
     # down weight's shape in the recomputation.
     import torch
     from torch._dynamo.utils import counters
-    from torch.profiler import profile
 
     from finqa_trl.modeling import compile_decoder_layers, lean_mlp_recompute
 
@@ -1962,14 +1979,7 @@ def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(
             assert lean_mlp_recompute(model) == 3
         if compiled:
             assert compile_decoder_layers(model, scope=compiled) == 3
-        for _ in range(2):  # the second step: the compiled graphs exist
-            model.zero_grad()
-            torch.manual_seed(5)
-            with profile() as prof:
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-        mms = sum(1 for e in prof.events() if e.name in ("aten::mm", "aten::addmm"))
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        result = _two_profiled_steps(model, ids)
         if compiled:  # the only break: the frozen down projection, run outside the graph
             breaks = list(counters["graph_break"])
             assert len(breaks) == (1 if lean else 0) and all("_lean_down" in b for b in breaks)
@@ -1977,7 +1987,7 @@ def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(
             # the frozen down projection outside it, the layer's up to the MLP, the MLP's up to the down
             # projection, and the layer's rest after it
             assert counters["stats"]["unique_graphs"] == (3 if compiled == "parts" or lean else 1)
-        return loss.item(), grads, mms
+        return result
 
     loss, grads, mms = step(lean=False)
     lean_loss, lean_grads, lean_mms = step(lean=True)
@@ -1996,7 +2006,6 @@ def test_uncheckpointed_layers_give_the_same_gradients_without_their_recomputati
     # every gradient are the checkpointed model's bit for bit; eager, and compiled as bodies with
     # lean_recompute (3B LoRA's recipe). Each layer left unchecked takes the same number of matmuls off.
     import torch
-    from torch.profiler import profile
 
     from finqa_trl.modeling import compile_decoder_layers, decoder_layers, lean_mlp_recompute
 
@@ -2011,15 +2020,7 @@ def test_uncheckpointed_layers_give_the_same_gradients_without_their_recomputati
         layers = decoder_layers(model)
         for layer in layers[len(layers) - uncheckpointed :]:
             layer.gradient_checkpointing = False
-        for _ in range(2):  # the second step: the compiled graphs exist
-            model.zero_grad()
-            torch.manual_seed(5)
-            with profile() as prof:
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-        mms = sum(1 for e in prof.events() if e.name in ("aten::mm", "aten::addmm"))
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return loss.item(), grads, mms
+        return _two_profiled_steps(model, ids)
 
     loss, grads, mms = step(0)
     for n in (2, 3):
