@@ -652,6 +652,9 @@ def bench_training(
             meter.watch(trainer)
             trainer.add_callback(meter.callback())
             trainer.train()
+            # the graphs made by the end of the timed window (warm-up included): the extra steps below run
+            # the longest examples in passes of their own shapes, which may compile more
+            window_graphs = counters["stats"]["unique_graphs"]
             from .modeling import peak_gpu_memory_gib
 
             res = {**meter.result(), "peak_gib": peak_gpu_memory_gib()}
@@ -667,6 +670,7 @@ def bench_training(
             # compiled layers (a GPU's recipe): more than 6 graphs means recompilation
             if counters["stats"]["unique_graphs"]:
                 res["compiled_graphs"] = counters["stats"]["unique_graphs"]
+                res["compiled_graphs_window"] = window_graphs
             res["micro_batch"] = trainer.args.per_device_train_batch_size
             res["grad_accum"] = trainer.args.gradient_accumulation_steps
             res["micro_batch_tokens"] = getattr(trainer, "micro_batch_tokens", None)  # recipes' budget

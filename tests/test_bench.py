@@ -375,6 +375,20 @@ def test_a_profiled_training_variant_keeps_its_timing_and_names_its_batch(tmp_pa
     assert "sorted by self_cpu_time_total" in text and "aten::" in text
 
 
+def test_a_compiled_variant_counts_its_graphs_at_the_end_of_the_window_and_after_the_extra_steps():
+    # The extra worst-step passes run the longest examples in passes of shapes the window may not have met,
+    # so a compile there must not read as one inside the timed window.
+    from finqa_trl.data import FIXTURE_DIR
+    from finqa_trl.modeling import SMOKE_MODEL, resolve_source
+
+    model = resolve_source(SMOKE_MODEL).path
+    r = bench.bench_training(
+        "recipe:no_tokens+compile", "lora", "tiny", model, FIXTURE_DIR, [], 4, 4, limit=8
+    )
+    assert "error" not in r and r["tokens_per_s"] > 0, r
+    assert 1 <= r["compiled_graphs_window"] <= r["compiled_graphs"]
+
+
 def test_cli_refuses_a_variant_that_only_starts_like_recipe_and_a_folder_without_splits(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--data_dir", str(tmp_path), "--tokenizer", str(tmp_path), "--variants", "recipex"])

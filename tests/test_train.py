@@ -1718,8 +1718,11 @@ def test_causal_attention_is_refused_where_rows_share_a_sequence_or_attention_is
             _validate(parse(["--config", "recipes/lora-1b.yaml", "--causal_attention", "true", *rows]))
 
 
-def test_compile_scope_layer_is_refused_where_it_would_do_nothing() -> None:
+def test_compile_scope_layer_is_refused_where_it_would_do_nothing(monkeypatch) -> None:
     from finqa_trl.train import UsageError, _validate, layer_compile_scope
+
+    # auto compiles nothing without a GPU that Triton compiles for: so here whatever machine runs the test
+    monkeypatch.setattr(modeling, "triton_gpu_ready", lambda: False)
 
     lora = ["--config", "recipes/lora-1b.yaml", "--compile_scope", "layer"]
     with pytest.raises(UsageError, match="--compile_scope layer applies where the layers are compiled"):
@@ -1997,13 +2000,13 @@ def test_lean_recompute_gives_the_same_gradients_with_one_matmul_less_per_layer(
     assert lean_mms == mms - 3
 
 
-@pytest.mark.parametrize("compiled", [None, "body"], ids=["eager", "body"])
+@pytest.mark.parametrize("compiled", [None, "parts", "body"], ids=["eager", "parts", "body"])
 def test_uncheckpointed_layers_give_the_same_gradients_without_their_recomputation(
     compiled: str | None,
 ) -> None:
     # The trainer turns the last N layers' checkpoints off (transformers' layers read the flag at each call):
     # those layers run once per pass, not again in the backward, with the same dropout masks, so the loss and
-    # every gradient are the checkpointed model's bit for bit; eager, and compiled as bodies with
+    # every gradient are the checkpointed model's bit for bit; eager, and compiled (parts or bodies) with
     # lean_recompute (3B LoRA's recipe). Each layer left unchecked takes the same number of matmuls off.
     import torch
 
@@ -2077,7 +2080,7 @@ def test_uncheckpointed_layers_train_the_smoke_recipe_to_the_same_losses_and_ref
         out = tmp_path / "refused"
         assert main(smoke_args(out, *extra)) == 2
         assert why in capsys.readouterr().err.strip().splitlines()[-1]
-        assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
+        assert not out.exists() or not any(out.iterdir())  # nothing written (the layer count: after loading)
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])

@@ -1,10 +1,11 @@
 """Bytes the autograd graph keeps per token for one decoder layer run without its activation checkpoint
-(speed-notes Next 30), on the CPU: a Llama-3.2-<shape>-shaped layer in bf16, LoRA r 16 on every linear
-layer (fp32 adapters, PEFT's input cast off, dropout 0.05), bf16 autocast, compiled as a body as the recipes
-compile it (with lean_recompute for `lean`). The saved tensors of a 512- and a 1,024-token pass are summed by
-storage, the weights left out; the difference over 512 tokens is what each further token costs.
-Run from the repository root, SHAPE 3b or 1b, lean or no:
-PYTHONPATH=. python results/uncheckpointed-layers-2026-11-28-h200/saved_bytes.py SHAPE lean
+(speed-notes Next 30), on the CPU: a Llama-3.2-<shape>-shaped layer in bf16, LoRA r 16 on every
+linear layer (fp32 adapters, PEFT's input cast off, dropout 0.05), bf16 autocast, compiled as a body
+as the recipes compile it (with lean_recompute for `lean`; `eager`: neither compiled nor lean). The
+saved tensors of a 512- and a 1,024-token pass are summed by storage, the weights left out; the
+difference over 512 tokens is what each further token costs.
+Run from the repository root, SHAPE 3b or 1b, MODE lean, no or eager:
+PYTHONPATH=. python results/uncheckpointed-layers-2026-11-28-h200/saved_bytes.py SHAPE MODE
 """
 
 import sys
@@ -16,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from finqa_trl.modeling import compile_decoder_layers, lean_mlp_recompute
 
 shape = sys.argv[1]
-lean = sys.argv[2] == "lean"
+mode = sys.argv[2]
+lean = mode == "lean"
 kw = (
     dict(
         hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8, head_dim=128
@@ -38,7 +40,8 @@ for mod in m.modules():
 m.train()
 if lean:
     lean_mlp_recompute(m)
-compile_decoder_layers(m, scope="body")
+if mode != "eager":
+    compile_decoder_layers(m, scope="body")
 params = {p.untyped_storage().data_ptr() for p in m.parameters()}
 layer = m.base_model.model.model.layers[0]
 
@@ -63,4 +66,4 @@ def measure(T):
 
 a, _ = measure(512)
 b, _ = measure(1024)
-print(shape, "lean" if lean else "", "compiled body KiB per token per layer:", (b - a) / 512 / 1024)
+print(shape, mode, "KiB per token per layer:", (b - a) / 512 / 1024)
