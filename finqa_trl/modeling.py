@@ -752,8 +752,9 @@ def _compile_layer_bodies(layers: list[Any], how: dict[str, Any]) -> None:
     lean_mlp_recompute's down projection, run outside the graph, splits the body into three graphs (the
     layer's up to the MLP, the MLP's up to the down projection, the layer's rest after it), and the
     recomputation still ends before it (the graph before it keeps the last tensor kept for the backward).
-    The swapped class has the original's name and qualified name, so pickling a layer (`torch.save` of the
-    whole model) fails; state dicts, and so saved adapters and checkpoints, are unaffected."""
+    The swapped class has the original's name and qualified name; a layer pickles (`torch.save` of the whole
+    model) as an instance of the original class, which loads eager. State dicts, and so saved adapters and
+    checkpoints, are unaffected."""
     import torch
 
     why = _body_blocker(layers)
@@ -773,9 +774,28 @@ def _compile_layer_bodies(layers: list[Any], how: dict[str, Any]) -> None:
                     "_compiled_body": True,
                     "__module__": cls.__module__,
                     "__qualname__": cls.__qualname__,
+                    "__reduce_ex__": _reduce_as(cls),
                 },
             )
         layer.__class__ = made[cls]
+
+
+def _reduce_as(cls: type) -> Any:
+    """A swapped layer's pickling (torch.save of a whole model): as an instance of `cls`, the class it was
+    swapped from. Pickle finds a class by module and qualified name, which name `cls`, not the swapped
+    subclass; the loaded layer runs eager (the compiled forward belongs to the swapped class)."""
+
+    def __reduce_ex__(self: Any, protocol: Any) -> Any:
+        # object's own reduction, but made by _new_instance of `cls` (pickle refuses copyreg.__newobj__ of a
+        # class other than the instance's)
+        _, _, *rest = object.__reduce_ex__(self, max(2, protocol))
+        return (_new_instance, (cls,), *rest)
+
+    return __reduce_ex__
+
+
+def _new_instance(cls: type) -> Any:
+    return cls.__new__(cls)
 
 
 def _weight_kind(base: Any) -> str | None:

@@ -1833,6 +1833,36 @@ def test_compile_decoder_layers_passes_the_compile_mode_to_every_part(monkeypatc
     assert seen == [("LlamaDecoderLayer", "{'mode': None}")] * 2
 
 
+def test_a_model_with_compiled_bodies_pickles_as_its_eager_self(tmp_path: Path) -> None:
+    # torch.save of the whole model: each swapped layer pickles as the class it was swapped from (pickle finds
+    # classes by name, which names the original), and loads eager with the same weights and outputs. (Without
+    # checkpointing: its input-grad hook, a local function, pickles with no layer swapped either.)
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from finqa_trl.modeling import compile_decoder_layers, decoder_layers
+
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, use_cache=False,
+    )  # fmt: skip
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear")).eval()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert compile_decoder_layers(model, scope="body") == 2
+    with torch.no_grad():
+        compiled = model(input_ids=ids).logits
+    assert all(type(layer) is not LlamaDecoderLayer for layer in decoder_layers(model))
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert all(type(layer) is LlamaDecoderLayer for layer in decoder_layers(loaded))
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys() and all(torch.equal(state[k], loaded_state[k]) for k in state)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, compiled)
+
+
 def test_compile_scope_body_shares_one_compiled_forward_and_refuses_layers_it_cannot_reach(
     monkeypatch,
 ) -> None:
