@@ -178,6 +178,9 @@ LEVERS: dict[str, list[str]] = {
     # pass fewer: modeling.lean_mlp_recompute); the 16-bit LoRA recipes' default since cc37261
     # (`recipe:no_lean` times without) but lora-1b's, off since machine TT (`lean` times it there and on
     # 4-bit bases, which auto leaves out)
+    # fp32 adapters of a bf16 base: A and B from bf16 copies refreshed before each forward, not autocast's
+    # cast at each use (one kernel fewer per use: modeling.shadow_adapter_weights); not timed yet
+    "weight_copies": ["--adapter_weight_copies", "true"],
     "lean": ["--lean_recompute", "true"],
     "no_lean": ["--lean_recompute", "false"],
 }

@@ -1016,6 +1016,79 @@ _DORA_BASE = "_finqa_dora_base"
 _PEFT_DORA_WEIGHT: Any = None  # PEFT's own dequantize_module_weight, for every base layer not marked
 
 
+_SHADOW_LINEAR: Any = None
+
+
+def _shadow_linear() -> Any:
+    """F.linear of an fp32 adapter weight under 16-bit autocast, computed from a 16-bit copy made before the
+    pass instead of autocast's cast at each use: the same matmuls on the same rounded values, and the same
+    weight gradient (the 16-bit product, then made fp32, as the cast's backward makes it)."""
+    global _SHADOW_LINEAR
+    if _SHADOW_LINEAR is None:
+        import torch
+
+        class ShadowLinear(torch.autograd.Function):
+            @staticmethod
+            def forward(
+                ctx: Any, x: torch.Tensor, weight: torch.Tensor, shadow: torch.Tensor
+            ) -> torch.Tensor:
+                ctx.save_for_backward(x, shadow)
+                ctx.weight_dtype = weight.dtype
+                return torch.nn.functional.linear(x.to(shadow.dtype), shadow)
+
+            @staticmethod
+            def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+                x, shadow = ctx.saved_tensors
+                x = x.to(shadow.dtype)
+                grad = grad.to(shadow.dtype)
+                grad_x = grad.matmul(shadow)
+                grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+                return grad_x, grad_w.to(ctx.weight_dtype), None
+
+        _SHADOW_LINEAR = ShadowLinear
+    return _SHADOW_LINEAR
+
+
+def _shadow_forward(self: Any, x: Any) -> Any:
+    return _shadow_linear().apply(x, self.weight, self.weight_shadow)
+
+
+def shadow_adapter_weights(model: Any, dtype: Any) -> int:
+    """Give each plain LoRA adapter's fp32 A and B (bias-free nn.Linear) a `dtype` copy, refreshed at the
+    start of every forward of `model` (one multi-tensor copy: the optimizer may have stepped since), and
+    compute the adapter with it. Under `dtype` autocast the adapter's matmuls are the same: autocast casts
+    the fp32 weight to `dtype` at every use (forward, a checkpoint's recomputation, backward), each cast one
+    more kernel to launch; a 3B LoRA step profiled on an H200 (results/speed-notes.md, Next 33) launched
+    about 37 such casts per layer and pass, of 232 kernels. The weights, their gradients, the optimizer and
+    saved adapters stay fp32; the copies are buffers outside the state dict. Not for DoRA (its forward reads
+    A and B itself). Returns the number of weights copied."""
+    import types
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    linears = []
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or any(module.use_dora.values()):
+            continue
+        for lin in (*module.lora_A.values(), *module.lora_B.values()):
+            if type(lin) is torch.nn.Linear and lin.bias is None and lin.weight.dtype == torch.float32:
+                linears.append(lin)
+    if not linears:
+        return 0
+    for lin in linears:
+        lin.register_buffer("weight_shadow", lin.weight.detach().to(dtype), persistent=False)
+        lin.forward = types.MethodType(_shadow_forward, lin)
+
+    def refresh(*_: Any) -> None:
+        # read at each call: .to(device) replaces buffers, and a resumed run loads other weights
+        with torch.no_grad():
+            torch._foreach_copy_([lin.weight_shadow for lin in linears], [lin.weight for lin in linears])
+
+    model.register_forward_pre_hook(refresh)
+    return len(linears)
+
+
 def _dora_base_weight(module: Any) -> Any:
     """PEFT's `dequantize_module_weight` for the base layers marked by `traceable_dora_weights`, without its
     checks of the weight's class (which dynamo cannot trace): the same tensor, the same dequantization."""

@@ -64,6 +64,7 @@ from .modeling import (
     prepare_4bit_for_training,
     resolve_source,
     saved_adapter_tensors,
+    shadow_adapter_weights,
     sync_special_tokens,
     use_causal_attention,
 )
@@ -155,6 +156,21 @@ class FinQAArguments:
             "bf16's resolution). Less precise trained weights; a speed lever to time, not a default. Refused "
             "where it would do nothing: 4-bit bases (already so), FSDP (accelerate upcasts trainable bf16 "
             "weights) and DeepSpeed (bf16 everywhere)."
+        },
+    )
+    adapter_weight_copies: bool = field(
+        default=False,
+        metadata={
+            "help": "fp32 LoRA adapters of a bf16 base under bf16 autocast (one process or DDP, plain LoRA): "
+            "compute each adapter's A and B from a bf16 copy made at the start of every forward of the model "
+            "(one multi-tensor copy) instead of autocast's cast of the fp32 weight at each use (forward, the "
+            "checkpoint's recomputation, backward: one more kernel to launch each time). The same matmuls "
+            "on the same rounded weights and the same fp32 weight gradients: eager on the CPU, the loss and "
+            "every gradient bit for bit over optimizer steps, dropout included (a test); compiled, inductor "
+            "may round otherwise. The weights, optimizer and saved adapters stay fp32; the copies are "
+            "buffers outside the state dict. A speed lever, off: a profiled 3B LoRA step on an H200 "
+            "launched about 37 such casts per layer and pass, of 232 kernels (results/speed-notes.md, Next "
+            "33 and 34); not timed yet. Not with lora_dropout_kernel."
         },
     )
     adapter_input_cast: str = field(
@@ -974,6 +990,8 @@ def _check_precision_options(run: Run) -> None:
                 "weights to fp32) or DeepSpeed (bf16 everywhere): drop it, or use DDP / one GPU"
             )
 
+    if s.adapter_weight_copies and (why := _weight_copies_blocker(run)):
+        raise UsageError(f"--adapter_weight_copies true {why}")
     if _auto_true_false(s, "adapter_input_cast") == "false":
         if not _input_cast_skippable(run):
             raise UsageError(
@@ -986,6 +1004,23 @@ def _check_precision_options(run: Run) -> None:
                 "--adapter_input_cast false is for one GPU or DDP: FSDP and DeepSpeed compute the adapters "
                 "in bf16 themselves"
             )
+
+
+def _weight_copies_blocker(run: Run) -> str | None:
+    """Why adapter_weight_copies cannot apply to this run (None: it can)."""
+    if not _input_cast_skippable(run):
+        return (
+            "applies to fp32 adapters of a bf16 base under bf16 mixed precision: here autocast casts no "
+            "adapter weight (no adapter, a 4-bit or non-bf16 base, --adapters_in_compute_dtype true, or no "
+            "bf16)"
+        )
+    if run.model.use_dora:
+        return "is for plain LoRA adapters: DoRA's forward reads A and B itself"
+    if _fsdp_or_deepspeed(run.training):
+        return "is for one GPU or DDP: FSDP and DeepSpeed compute the adapters in bf16 themselves"
+    if fuses_lora_dropout(run.script, run.training):
+        return "does not combine with lora_dropout_kernel, whose kernel reads A's weight itself"
+    return None
 
 
 def _input_cast_skippable(run: Run) -> bool:
@@ -1462,6 +1497,7 @@ class Prepared:
     fused_dropouts: int = 0  # LoRA adapters with their dropout inside A's matmul (lora_dropout_kernel)
     lean_mlps: int = 0  # MLPs whose down projection the recomputation leaves out (lean_recompute)
     compile_scope: str | None = None  # what of each layer compiled (parts, layer, body); None: nothing
+    weight_copies: int = 0  # fp32 adapter weights computed from bf16 copies (adapter_weight_copies)
 
 
 def prepare(run: Run) -> Prepared:
@@ -1606,6 +1642,15 @@ def prepare(run: Run) -> Prepared:
     if not script.cudnn_attention:
         # process-wide, as torch keeps it: the flash (or memory-efficient) kernel, which builds no plans
         torch.backends.cuda.enable_cudnn_sdp(False)
+    copies = 0
+    if script.adapter_weight_copies:  # before compiling: the compiled layers trace the adapters' new forward
+        copies = shadow_adapter_weights(trainer.model, torch.bfloat16)
+        if not copies:
+            raise UsageError(
+                "--adapter_weight_copies true: no adapter of this model applies (fp32, bias-free nn.Linear "
+                "A and B of a plain LoRA layer)"
+            )
+        logger.info("adapter_weight_copies: %d fp32 adapter weights computed from bf16 copies", copies)
     fused = 0
     if fuses_lora_dropout(script, training):  # before compiling: the compiled parts trace the fused adapters
         from .lora_dropout import fuse_lora_dropout
@@ -1669,7 +1714,9 @@ def prepare(run: Run) -> Prepared:
         _write_recipe(output_dir, run.resolved)
     state.wait_for_everyone()
 
-    return Prepared(run, trainer, resume, hub, compiled, fused, lean, scope if compiled else None)
+    return Prepared(
+        run, trainer, resume, hub, compiled, fused, lean, scope if compiled else None, weight_copies=copies
+    )
 
 
 def _launch(training: Any) -> dict[str, int]:
@@ -1757,6 +1804,7 @@ def train(run: Run) -> int:
     metrics["compile_scope"] = prepared.compile_scope  # auto resolved: what compiled (None: nothing)
     metrics["lora_dropout_kernel"] = prepared.fused_dropouts  # adapters fused (0: none, or not asked)
     metrics["lean_recompute"] = prepared.lean_mlps  # MLPs left out of the recomputation (0: none)
+    metrics["adapter_weight_copies"] = prepared.weight_copies  # adapter weights with bf16 copies (0: none)
     metrics["causal_attention"] = getattr(trainer.model.config, "_attn_implementation", None) == CAUSAL_SDPA
     metrics["defer_metrics"] = run.script.defer_metrics
     metrics["micro_batch_tokens"] = trainer.micro_batch_tokens  # None: fixed micro-batches

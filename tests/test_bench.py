@@ -37,6 +37,7 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
         "no_defer_metrics",
     }
     levers |= {"tokens", "no_tokens", "no_nan_filter", "fused_dropout", "no_fused_dropout", "lean", "no_lean"}
+    levers |= {"weight_copies"}
     assert set(expected) | levers == set(bench.LEVERS)
     base = train.parse(["--config", "recipes/lora-1b.yaml"]).training
     for name, (field, value) in expected.items():
@@ -62,6 +63,8 @@ def test_every_lever_is_a_valid_override_of_a_recipe(monkeypatch):
     assert train.parse([*lora, *bench.lever_args("recipe:no_tokens")]).script.micro_batch_tokens == "false"
     assert train.parse([*lora, *bench.lever_args("recipe:no_pad64")]).training.pad_to_multiple_of is None
     assert train.parse([*lora, *bench.lever_args("recipe:tokens12544")]).script.micro_batch_tokens == "12544"
+    assert not train.parse(lora).script.adapter_weight_copies  # a lever until timed
+    assert train.parse([*lora, *bench.lever_args("recipe:weight_copies")]).script.adapter_weight_copies
     kept = train.parse([*lora, *bench.lever_args("recipe:tokens4096+keep8")]).script
     assert (kept.micro_batch_tokens, kept.uncheckpointed_layers) == ("4096", 8)
     assert train.parse(lora).script.uncheckpointed_layers == 0  # every layer checkpointed by default

@@ -1170,6 +1170,115 @@ def test_adapter_input_cast_false_keeps_fp32_adapters_and_the_same_loss_and_grad
     assert all(torch.equal(results[True][1][n], g) for n, g in results[False][1].items())
 
 
+def _bf16_base_fp32_lora(dropout: float) -> Any:
+    """A tiny Llama as the 16-bit LoRA recipes train it: bf16 base, fp32 adapters (B not zero), PEFT's input
+    cast off, the non-reentrant checkpoint."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
+    model = get_peft_model(LlamaForCausalLM(cfg).to(torch.bfloat16), lora)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    return model.train()
+
+
+@pytest.mark.parametrize("compiled", [None, "body"], ids=["eager", "body"])
+def test_adapter_weight_copies_train_as_autocasts_cast_does(compiled: str | None) -> None:
+    # Three optimizer steps under bf16 autocast, each adapter computed from its bf16 copy (refreshed at each
+    # forward, so after each step) or from autocast's cast at each use. Eager: the same losses and gradients
+    # bit for bit, dropout included. Compiled as bodies inductor may round otherwise (no dropout: its masks
+    # come from the graph's own stream), so there the losses agree to bf16's precision. The copies stay out of
+    # the state dict.
+    import torch
+
+    from finqa_trl.modeling import compile_decoder_layers, shadow_adapter_weights
+
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def run(copies: bool) -> tuple[list[float], dict[str, torch.Tensor], list[str]]:
+        torch._dynamo.reset()
+        model = _bf16_base_fp32_lora(dropout=0.0 if compiled else 0.2)
+        if copies:
+            assert shadow_adapter_weights(model, torch.bfloat16) == 2 * 7 * 2
+        if compiled:
+            assert compile_decoder_layers(model, scope=compiled) == 2
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for step in range(3):
+            opt.zero_grad()
+            torch.manual_seed(5 + step)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            opt.step()
+        assert {g.dtype for g in grads.values()} == {torch.float32}
+        return losses, grads, list(model.state_dict())
+
+    losses, grads, keys = run(copies=False)
+    copied_losses, copied_grads, copied_keys = run(copies=True)
+    assert copied_keys == keys and len(grads) == 2 * 7 * 2
+    if compiled:
+        assert copied_losses == pytest.approx(losses, rel=1e-3)
+    else:
+        assert copied_losses == losses
+        assert all(torch.equal(grads[k], copied_grads[k]) for k in grads)
+
+
+def test_adapter_weight_copies_reach_the_trainers_model_and_refuse_where_nothing_is_cast(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import torch
+
+    from finqa_trl.train import prepare
+
+    results = {}
+    for copies in (False, True):
+        argv = ["--dtype", "bfloat16", *(["--adapter_weight_copies", "true"] if copies else [])]
+        run = parse(smoke_args(tmp_path / str(copies), *argv))
+        run.training.bf16 = True  # a bf16 GPU faked (as the input cast's test does): autocast below
+        _check_precision_options(run)
+        prepared = prepare(run)
+        assert prepared.weight_copies == (2 * 7 * 2 if copies else 0)
+        model = prepared.trainer.model
+        batch = next(iter(prepared.trainer.get_train_dataloader()))
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+        loss.backward()
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        results[copies] = loss.item(), {n: p.grad for n, p in trained.items()}
+    assert results[True][0] == results[False][0]
+    assert all(torch.equal(results[True][1][n], g) for n, g in results[False][1].items())
+    # refused in one line where autocast casts no adapter weight, for DoRA and under FSDP
+    assert main(smoke_args(tmp_path / "o", "--adapter_weight_copies", "true")) == 2  # no bf16 on the CPU
+    assert "--adapter_weight_copies true applies to fp32 adapters of a bf16 base" in one_line_error(capsys)
+    dora = parse(smoke_args(tmp_path / "d", "--dtype", "bfloat16", "--adapter_weight_copies", "true"))
+    dora.training.bf16, dora.model.use_dora = True, True
+    with pytest.raises(UsageError, match="is for plain LoRA adapters"):
+        _check_precision_options(dora)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    sharded = parse(smoke_args(tmp_path / "f", "--dtype", "bfloat16", "--adapter_weight_copies", "true"))
+    sharded.training.bf16 = True
+    with pytest.raises(UsageError, match="is for one GPU or DDP"):
+        _check_precision_options(sharded)
+
+
 @pytest.mark.parametrize("upcast, expected", [("true", "float32"), ("false", "bfloat16")])
 def test_kbit_fp32_upcast_decides_the_dtype_of_the_unquantized_weights(upcast, expected, tmp_path) -> None:
     # PEFT's k-bit preparation casts embeddings, norms and LM head to fp32 (hidden states then run in fp32);
