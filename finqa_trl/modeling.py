@@ -1057,9 +1057,10 @@ def shadow_adapter_weights(model: Any, dtype: Any) -> int:
     """Give each plain LoRA adapter's fp32 A and B (bias-free nn.Linear) a `dtype` copy, refreshed at the
     start of every forward of `model` (one multi-tensor copy: the optimizer may have stepped since), and
     compute the adapter with it. Under `dtype` autocast the adapter's matmuls are the same: autocast casts
-    the fp32 weight to `dtype` at every use (forward, a checkpoint's recomputation, backward), each cast one
-    more kernel to launch; a 3B LoRA step profiled on an H200 (results/speed-notes.md, Next 33) launched
-    about 37 such casts per layer and pass, of 232 kernels. The weights, their gradients, the optimizer and
+    the fp32 weight to `dtype` at every use in the forward and a checkpoint's recomputation, each cast one
+    more kernel to launch (a 3B LoRA step profiled on an H200 launched 37 cast kernels per layer and pass, of
+    232, the backward's casts of the weight gradients to fp32 among them, which stay: results/speed-notes.md,
+    Next 33 and 34). The weights, their gradients, the optimizer and
     saved adapters stay fp32; the copies are buffers outside the state dict. Not for DoRA (its forward reads
     A and B itself). Returns the number of weights copied."""
     import types

@@ -163,14 +163,13 @@ class FinQAArguments:
         metadata={
             "help": "fp32 LoRA adapters of a bf16 base under bf16 autocast (one process or DDP, plain LoRA): "
             "compute each adapter's A and B from a bf16 copy made at the start of every forward of the model "
-            "(one multi-tensor copy) instead of autocast's cast of the fp32 weight at each use (forward, the "
-            "checkpoint's recomputation, backward: one more kernel to launch each time). The same matmuls "
-            "on the same rounded weights and the same fp32 weight gradients: eager on the CPU, the loss and "
-            "every gradient bit for bit over optimizer steps, dropout included (a test); compiled, inductor "
-            "may round otherwise. The weights, optimizer and saved adapters stay fp32; the copies are "
-            "buffers outside the state dict. A speed lever, off: a profiled 3B LoRA step on an H200 "
-            "launched about 37 such casts per layer and pass, of 232 kernels (results/speed-notes.md, Next "
-            "33 and 34); not timed yet. Not with lora_dropout_kernel."
+            "(one multi-tensor copy) instead of autocast's cast of the fp32 weight at each use in the "
+            "forward and the checkpoint's recomputation (one more kernel to launch each time). The same "
+            "matmuls on the same rounded weights and the same fp32 weight gradients: eager on the CPU, the "
+            "loss and every gradient bit for bit over optimizer steps, dropout included (a test); compiled, "
+            "inductor may round otherwise. The weights, optimizer and saved adapters stay fp32; the copies "
+            "are buffers outside the state dict. A speed lever, off, not timed yet (results/speed-notes.md, "
+            "Next 34). Not with lora_dropout_kernel."
         },
     )
     adapter_input_cast: str = field(
