@@ -1032,30 +1032,49 @@ def _shadow_linear() -> Any:
             def forward(
                 ctx: Any, x: torch.Tensor, weight: torch.Tensor, shadow: torch.Tensor
             ) -> torch.Tensor:
-                ctx.save_for_backward(x, shadow)
-                ctx.weight_dtype = weight.dtype
-                return torch.nn.functional.linear(x.to(shadow.dtype), shadow)
+                xs = x.to(shadow.dtype)  # autocast's cast of an fp32 input (PEFT's input cast on): kept cast
+                ctx.save_for_backward(xs, shadow)
+                ctx.dtypes = x.dtype, weight.dtype
+                return torch.nn.functional.linear(xs, shadow)
 
             @staticmethod
             def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-                x, shadow = ctx.saved_tensors
-                x = x.to(shadow.dtype)
+                xs, shadow = ctx.saved_tensors
                 grad = grad.to(shadow.dtype)
-                grad_x = grad.matmul(shadow)
-                grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
-                return grad_x, grad_w.to(ctx.weight_dtype), None
+                grad_x = grad.matmul(shadow).to(ctx.dtypes[0])
+                grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(xs.reshape(-1, xs.shape[-1]))
+                return grad_x, grad_w.to(ctx.dtypes[1]), None
 
         _SHADOW_LINEAR = ShadowLinear
     return _SHADOW_LINEAR
 
 
 def _shadow_forward(self: Any, x: Any) -> Any:
-    return _shadow_linear().apply(x, self.weight, self.weight_shadow)
+    # the class made already (shadow_adapter_weights): a compiled layer tracing its definition would break
+    return _SHADOW_LINEAR.apply(x, self.weight, self.weight_shadow)
+
+
+def _decoder_stack(model: Any) -> Any:
+    """The module that runs the decoder layers (a Llama's LlamaModel): each forward of the model, generate's
+    included, runs it before any adapter of its layers."""
+    import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        for child in module.children():
+            if (
+                isinstance(child, torch.nn.ModuleList)
+                and len(child)
+                and all(isinstance(layer, GradientCheckpointingLayer) for layer in child)
+            ):
+                return module
+    return None
 
 
 def shadow_adapter_weights(model: Any, dtype: Any) -> int:
     """Give each plain LoRA adapter's fp32 A and B (bias-free nn.Linear) a `dtype` copy, refreshed at the
-    start of every forward of `model` (one multi-tensor copy: the optimizer may have stepped since), and
+    start of every forward of the model's decoder stack (one multi-tensor copy: the optimizer may have
+    stepped since; generate runs it too), and
     compute the adapter with it. Under `dtype` autocast the adapter's matmuls are the same: autocast casts
     the fp32 weight to `dtype` at every use in the forward and a checkpoint's recomputation, each cast one
     more kernel to launch (a 3B LoRA step profiled on an H200 launched 37 cast kernels per layer and pass, of
@@ -1077,16 +1096,24 @@ def shadow_adapter_weights(model: Any, dtype: Any) -> int:
                 linears.append(lin)
     if not linears:
         return 0
+    _shadow_linear()
     for lin in linears:
         lin.register_buffer("weight_shadow", lin.weight.detach().to(dtype), persistent=False)
         lin.forward = types.MethodType(_shadow_forward, lin)
+    # DDP broadcasts buffers from the first process before each forward (accelerate's default): these are
+    # made from the weights, which DDP keeps equal, and the refresh below overwrites them anyway
+    ignored = [name for name, _ in model.named_buffers() if name.endswith("weight_shadow")]
+    model._ddp_params_and_buffers_to_ignore = [
+        *getattr(model, "_ddp_params_and_buffers_to_ignore", []),
+        *ignored,
+    ]
 
     def refresh(*_: Any) -> None:
         # read at each call: .to(device) replaces buffers, and a resumed run loads other weights
         with torch.no_grad():
             torch._foreach_copy_([lin.weight_shadow for lin in linears], [lin.weight for lin in linears])
 
-    model.register_forward_pre_hook(refresh)
+    (_decoder_stack(model) or model).register_forward_pre_hook(refresh)
     return len(linears)
 
 

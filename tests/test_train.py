@@ -1170,9 +1170,9 @@ def test_adapter_input_cast_false_keeps_fp32_adapters_and_the_same_loss_and_grad
     assert all(torch.equal(results[True][1][n], g) for n, g in results[False][1].items())
 
 
-def _bf16_base_fp32_lora(dropout: float) -> Any:
+def _bf16_base_fp32_lora(dropout: float, input_cast: bool = False) -> Any:
     """A tiny Llama as the 16-bit LoRA recipes train it: bf16 base, fp32 adapters (B not zero), PEFT's input
-    cast off, the non-reentrant checkpoint."""
+    cast off (or on: its adapters then receive fp32 inputs), the non-reentrant checkpoint."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -1191,19 +1191,25 @@ def _bf16_base_fp32_lora(dropout: float) -> Any:
             torch.nn.init.normal_(p, std=0.05)
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = False
+            module.cast_input_dtype_enabled = input_cast
     model.activation_checkpointing_enable({"use_reentrant": False})
     return model.train()
 
 
-@pytest.mark.parametrize("compiled", [None, "body"], ids=["eager", "body"])
-def test_adapter_weight_copies_train_as_autocasts_cast_does(compiled: str | None) -> None:
+@pytest.mark.parametrize(
+    "compiled, input_cast",
+    [(None, False), (None, True), ("body", False)],
+    ids=["eager", "input_cast", "body"],
+)
+def test_adapter_weight_copies_train_as_autocasts_cast_does(compiled: str | None, input_cast: bool) -> None:
     # Three optimizer steps under bf16 autocast, each adapter computed from its bf16 copy (refreshed at each
     # forward, so after each step) or from autocast's cast at each use. Eager: the same losses and gradients
     # bit for bit, dropout included. Compiled as bodies inductor may round otherwise (no dropout: its masks
-    # come from the graph's own stream), so there the losses agree to bf16's precision. The copies stay out of
-    # the state dict.
+    # come from the graph's own stream), so there the losses agree to bf16's precision, with no graph break
+    # and one graph, as without the copies. The copies stay out of the state dict and out of DDP's buffer
+    # broadcasts; a call of the base model alone refreshes them too (generate's way).
     import torch
+    from torch._dynamo.utils import counters
 
     from finqa_trl.modeling import compile_decoder_layers, shadow_adapter_weights
 
@@ -1211,9 +1217,12 @@ def test_adapter_weight_copies_train_as_autocasts_cast_does(compiled: str | None
 
     def run(copies: bool) -> tuple[list[float], dict[str, torch.Tensor], list[str]]:
         torch._dynamo.reset()
-        model = _bf16_base_fp32_lora(dropout=0.0 if compiled else 0.2)
+        counters.clear()
+        model = _bf16_base_fp32_lora(dropout=0.0 if compiled else 0.2, input_cast=input_cast)
         if copies:
             assert shadow_adapter_weights(model, torch.bfloat16) == 2 * 7 * 2
+            shadows = [n for n, _ in model.named_buffers() if n.endswith("weight_shadow")]
+            assert len(shadows) == 2 * 7 * 2 and model._ddp_params_and_buffers_to_ignore == shadows
         if compiled:
             assert compile_decoder_layers(model, scope=compiled) == 2
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -1228,6 +1237,13 @@ def test_adapter_weight_copies_train_as_autocasts_cast_does(compiled: str | None
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
             opt.step()
         assert {g.dtype for g in grads.values()} == {torch.float32}
+        if compiled:
+            assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+        if copies:  # the last step changed the weights: the base model's own forward refreshes the copies
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                model.get_base_model()(input_ids=ids)
+            lin = model.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"]
+            assert torch.equal(lin.weight_shadow, lin.weight.detach().to(torch.bfloat16))
         return losses, grads, list(model.state_dict())
 
     losses, grads, keys = run(copies=False)

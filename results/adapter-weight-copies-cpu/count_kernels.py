@@ -42,5 +42,9 @@ def kernel_calls(copies: bool) -> collections.Counter:
 
 for copies in (False, True):
     calls = kernel_calls(copies)
-    casts = sum(n for name, n in calls.items() if name.startswith("cpp_fused__to_copy_t"))
-    print(f"copies={copies}: {sum(calls.values())} kernel calls, {casts} of them cpp_fused__to_copy_t")
+    weight_casts = sum(n for name, n in calls.items() if re.fullmatch(r"cpp_fused__to_copy\w*_t", name))
+    plain = calls["cpp_fused__to_copy"]
+    print(
+        f"copies={copies}: {sum(calls.values())} kernel calls; weight casts (names ending _to_copy..._t) "
+        f"{weight_casts}; plain _to_copy {plain}"
+    )
