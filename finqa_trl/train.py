@@ -165,9 +165,9 @@ class FinQAArguments:
             "compute each adapter's A and B from a bf16 copy made at the start of every forward of the model "
             "(one multi-tensor copy) instead of autocast's cast of the fp32 weight at each use in the "
             "forward and the checkpoint's recomputation (one more kernel to launch each time). The same "
-            "matmuls on the same rounded weights and the same fp32 weight gradients: eager on the CPU, the "
-            "loss and every gradient bit for bit over optimizer steps, dropout included (a test); compiled, "
-            "inductor may round otherwise. The weights, optimizer and saved adapters stay fp32; the copies "
+            "matmuls on the same rounded weights and the same fp32 weight gradients: on the CPU, eager and "
+            "compiled as bodies, the loss and every gradient bit for bit over optimizer steps, dropout "
+            "included (tests). The weights, optimizer and saved adapters stay fp32; the copies "
             "are buffers outside the state dict. A speed lever, off, not timed yet (results/speed-notes.md, "
             "Next 34). Not with lora_dropout_kernel."
         },
