@@ -1074,14 +1074,13 @@ def _decoder_stack(model: Any) -> Any:
 def shadow_adapter_weights(model: Any, dtype: Any) -> int:
     """Give each plain LoRA adapter's fp32 A and B (bias-free nn.Linear) a `dtype` copy, refreshed at the
     start of every forward of the model's decoder stack (one multi-tensor copy: the optimizer may have
-    stepped since; generate runs it too), and
-    compute the adapter with it. Under `dtype` autocast the adapter's matmuls are the same: autocast casts
-    the fp32 weight to `dtype` at every use in the forward and a checkpoint's recomputation, each cast one
-    more kernel to launch (a 3B LoRA step profiled on an H200 launched 37 cast kernels per layer and pass, of
-    232, the backward's casts of the weight gradients to fp32 among them, which stay: results/speed-notes.md,
-    Next 33 and 34). The weights, their gradients, the optimizer and
-    saved adapters stay fp32; the copies are buffers outside the state dict. Not for DoRA (its forward reads
-    A and B itself). Returns the number of weights copied."""
+    stepped since; generate runs it too), and compute the adapter with it. Under `dtype` autocast the
+    adapter's matmuls are the same: autocast casts the fp32 weight to `dtype` at every use in the forward
+    and a checkpoint's recomputation, each cast one more kernel to launch (a 3B LoRA step profiled on an
+    H200 launched 37 cast kernels per layer and pass, of 232, the backward's casts of the weight gradients
+    to fp32 among them, which stay: results/speed-notes.md, Next 33 and 34). The weights, their gradients,
+    the optimizer and saved adapters stay fp32; the copies are buffers outside the state dict. Not for
+    DoRA (its forward reads A and B itself). Returns the number of weights copied."""
     import types
 
     import torch
