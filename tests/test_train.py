@@ -1196,6 +1196,25 @@ def _bf16_base_fp32_lora(dropout: float, input_cast: bool = False) -> Any:
     return model.train()
 
 
+def _autocast_steps(model: Any, ids: Any, device: str = "cpu") -> tuple[list[float], dict[str, Any]]:
+    """Three AdamW steps under bf16 autocast, each with its own dropout seed: the losses, and the last step's
+    gradients (also scripts/gpu/check_weight_copies.py's, on a GPU)."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(3):
+        opt.zero_grad()
+        torch.manual_seed(5 + step)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+    return losses, grads
+
+
 @pytest.mark.parametrize(
     "compiled, input_cast",
     [(None, False), (None, True), ("body", False)],
@@ -1224,17 +1243,7 @@ def test_adapter_weight_copies_train_as_autocasts_cast_does(compiled: str | None
             assert len(shadows) == 2 * 7 * 2 and model._ddp_params_and_buffers_to_ignore == shadows
         if compiled:
             assert compile_decoder_layers(model, scope=compiled) == 2
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses = []
-        for step in range(3):
-            opt.zero_grad()
-            torch.manual_seed(5 + step)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            losses.append(loss.item())
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            opt.step()
+        losses, grads = _autocast_steps(model, ids)
         assert {g.dtype for g in grads.values()} == {torch.float32}
         if compiled:
             assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1

@@ -7,7 +7,7 @@ Run from the repository root: PYTHONPATH=.:tests python scripts/gpu/check_weight
 """
 
 import torch
-from test_train import _bf16_base_fp32_lora
+from test_train import _autocast_steps, _bf16_base_fp32_lora
 
 from finqa_trl.modeling import compile_decoder_layers, shadow_adapter_weights
 
@@ -22,17 +22,7 @@ def run(copies: bool, compiled: bool) -> tuple[list[float], dict[str, torch.Tens
     if compiled:
         compile_decoder_layers(model, scope="body")
     ids = torch.randint(0, 128, (4, 96), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(3):
-        opt.zero_grad()
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.item())
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        opt.step()
-    return losses, grads
+    return _autocast_steps(model, ids, DEVICE)
 
 
 print(
